@@ -1,0 +1,1 @@
+"""MobileBERT graph rewrites on the Relax module imported from torch.export."""

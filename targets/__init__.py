@@ -1,0 +1,1 @@
+"""Named targets, their build pipeline, schedules and export (cross-compilation)."""
