@@ -1,11 +1,56 @@
 """mbcompile: an ahead-of-time compiler for MobileBERT.
 
-Public API (imports of torch/transformers happen only inside ``compile``)::
+Public API::
 
     compiled = mbcompile.compile(model, seq_len=128, target="host")
     out = compiled(input_ids=ids, attention_mask=mask)
     compiled.save("model.mbc")
-    again = mbcompile.load("model.mbc")        # numpy + TVM only
+    again = mbcompile.load("model.mbc")        # numpy + TVM only: no torch, no transformers
+
+``compile`` imports torch and transformers when called; ``load`` never does.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ArtifactError,
+    InputError,
+    MbcompileError,
+    ModelError,
+    TargetError,
+    ToolchainError,
+)
+from .outputs import ModelOutput  # noqa: E402
+from .runtime import CompiledModel, load  # noqa: E402
+
+
+def compile(model, **kwargs) -> CompiledModel:  # noqa: A001
+    """Compile a Hugging Face MobileBERT; see :func:`mbcompile.compiler.compile`."""
+    from .compiler import compile as _compile
+
+    return _compile(model, **kwargs)
+
+
+def __getattr__(name: str):
+    if name == "Target":
+        from .targets.registry import Target
+
+        return Target
+    raise AttributeError(f"module 'mbcompile' has no attribute {name!r}")
+
+
+__all__ = [
+    "ArtifactError",
+    "CompiledModel",
+    "InputError",
+    "MbcompileError",
+    "ModelError",
+    "ModelOutput",
+    "Target",
+    "TargetError",
+    "ToolchainError",
+    "compile",
+    "load",
+]

@@ -1,0 +1,116 @@
+"""The compile driver: capture → MobileBERT passes → target pipeline → CompiledModel."""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+from . import __version__
+from .capture import capture
+from .runtime import CompiledModel, _Library
+from .stats import kernel_calls, module_stats
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+    import tvm
+
+    return {
+        "mbcompile": __version__,
+        "tvm": tvm.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_passes(mod, passes) -> tuple[Any, list[dict]]:
+    """Run MobileBERT passes in order; returns the module and one report row per pass."""
+    from mbcompile.passes import resolve_passes
+
+    rows = []
+    for p in resolve_passes(passes):
+        start = time.perf_counter()
+        mod, fired = p(mod)
+        rows.append(
+            {
+                "pass": p.name,
+                "fired": int(fired),
+                "seconds": round(time.perf_counter() - start, 3),
+                **module_stats(mod),
+            }
+        )
+    return mod, rows
+
+
+def compile(  # noqa: A001 - the public verb of the API
+    model,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    num_choices: int | None = None,
+    target="host",
+    passes="default",
+) -> CompiledModel:
+    """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
+
+    ``passes`` is ``"default"``, an explicit list of passes (instances, classes or names), or
+    ``()`` for none. Weights become compile-time constants of the compiled library.
+    """
+    import tvm
+
+    from mbcompile.targets import pipeline
+    from mbcompile.targets.export import export_library
+    from mbcompile.targets.registry import resolve_target
+
+    spec = resolve_target(target)
+    tvm_target = spec.tvm_target()
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    captured = capture(model, seq_len=seq_len, batch_size=batch_size, num_choices=num_choices)
+    timings["capture"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    mod = captured.mod
+    report: dict[str, Any] = {"imported": module_stats(mod)}
+    mod, report["passes"] = run_passes(mod, passes) if passes else (mod, [])
+    timings["passes"] = time.perf_counter() - start
+
+    fused: dict[str, int] = {}
+
+    @tvm.transform.module_pass(opt_level=0, name="mbcompile_build")
+    def _build(mod, _ctx):
+        with tvm_target:
+            mod = tvm.transform.Sequential(
+                pipeline.layout_passes(tvm_target) + pipeline.legalize_passes(tvm_target)
+            )(mod)
+            fused["kernel_calls"] = kernel_calls(mod)
+            return tvm.transform.Sequential(
+                pipeline.schedule_passes(tvm_target) + pipeline.lower_passes(tvm_target)
+            )(mod)
+
+    start = time.perf_counter()
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=_build)
+    timings["build"] = time.perf_counter() - start
+    report["final"] = {**module_stats(mod), **fused}
+
+    metadata = {
+        "model_class": captured.signature.model_class,
+        "head": captured.signature.head,
+        "config": captured.config,
+        "target": spec.to_dict(),
+        "tvm_target": str(tvm_target),
+        "versions": _versions(),
+        "report": report,
+        "compile_seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+
+    def _export(ex, path):
+        export_library(ex, spec, path)
+
+    return CompiledModel(
+        captured.signature, metadata, _Library(executable=executable, export=_export)
+    )

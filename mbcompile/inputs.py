@@ -1,0 +1,144 @@
+"""Check and prepare the inputs of a compiled model before anything runs.
+
+Every check names the input and what was expected. The compiled gathers do not check bounds, so
+token and type ids are range-checked here: unchecked, an out-of-range id would read out of bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InputError
+from .signature import Signature
+
+
+@dataclass
+class Prepared:
+    """Validated int64 inputs at the caller's shape, and whether to return torch tensors."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray
+    as_torch: bool
+
+
+def _is_torch(value) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _to_numpy(name: str, value) -> np.ndarray:
+    if _is_torch(value):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, (list, tuple)):
+        try:
+            return np.asarray(value)
+        except ValueError as err:
+            raise InputError(f"{name}: nested lists must be rectangular ({err})") from None
+    raise InputError(
+        f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}"
+    )
+
+
+def _check_integer(name: str, arr: np.ndarray, allow_bool: bool) -> None:
+    if arr.dtype.kind in "iu" or (allow_bool and arr.dtype.kind == "b"):
+        return
+    expected = "an integer or bool dtype" if allow_bool else "an integer dtype (int64 or int32)"
+    raise InputError(f"{name}: expected {expected}, got dtype {arr.dtype}")
+
+
+def prepare(
+    sig: Signature,
+    input_ids,
+    attention_mask=None,
+    token_type_ids=None,
+) -> Prepared:
+    """Validate the caller's inputs against ``sig`` and fill Hugging Face's defaults."""
+    if input_ids is None:
+        raise InputError("input_ids is required")
+    as_torch = _is_torch(input_ids)
+    ids = _to_numpy("input_ids", input_ids)
+    _check_integer("input_ids", ids, allow_bool=False)
+
+    rank = 3 if sig.num_choices is not None else 2
+    layout = "(batch, num_choices, seq)" if rank == 3 else "(batch, seq)"
+    if ids.ndim != rank:
+        hint = " (add a batch axis, e.g. ids[None])" if ids.ndim == rank - 1 else ""
+        raise InputError(
+            f"input_ids: expected rank {rank} {layout}, got shape {tuple(ids.shape)}{hint}"
+        )
+    if ids.shape[0] < 1 or ids.shape[-1] < 1:
+        raise InputError(f"input_ids: empty batch or sequence, shape {tuple(ids.shape)}")
+    if ids.shape[-1] > sig.seq_len:
+        raise InputError(
+            f"input_ids: sequence length {ids.shape[-1]} exceeds the compiled seq_len "
+            f"{sig.seq_len}; truncate the input or recompile with seq_len>={ids.shape[-1]}"
+        )
+    if rank == 3 and ids.shape[1] != sig.num_choices:
+        raise InputError(
+            f"input_ids: {ids.shape[1]} choices given, the model was compiled for "
+            f"num_choices={sig.num_choices}"
+        )
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= sig.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(
+            f"input_ids: token id {bad} is outside [0, {sig.vocab_size}) (vocab_size)"
+        )
+
+    if attention_mask is None:
+        mask = np.ones(ids.shape, dtype=np.int64)
+    else:
+        mask = _to_numpy("attention_mask", attention_mask)
+        if mask.shape != ids.shape:
+            raise InputError(
+                f"attention_mask: expected shape {tuple(ids.shape)} (that of input_ids), "
+                f"got {tuple(mask.shape)}"
+            )
+        if mask.dtype.kind == "f":
+            if not np.isin(mask, (0.0, 1.0)).all():
+                raise InputError("attention_mask: values must be 0 or 1")
+        else:
+            _check_integer("attention_mask", mask, allow_bool=True)
+        values = np.unique(mask)
+        if not np.isin(values, (0, 1)).all():
+            raise InputError(
+                f"attention_mask: values must be 0 or 1, got {values[~np.isin(values, (0, 1))][:5]}"
+            )
+
+    if token_type_ids is None:
+        types = np.zeros(ids.shape, dtype=np.int64)
+    else:
+        types = _to_numpy("token_type_ids", token_type_ids)
+        if types.shape != ids.shape:
+            raise InputError(
+                f"token_type_ids: expected shape {tuple(ids.shape)} (that of input_ids), "
+                f"got {tuple(types.shape)}"
+            )
+        _check_integer("token_type_ids", types, allow_bool=False)
+        lo, hi = int(types.min()), int(types.max())
+        if lo < 0 or hi >= sig.type_vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(
+                f"token_type_ids: type id {bad} is outside [0, {sig.type_vocab_size}) "
+                f"(type_vocab_size)"
+            )
+
+    return Prepared(
+        input_ids=ids.astype(np.int64, copy=False),
+        attention_mask=mask.astype(np.int64, copy=False),
+        token_type_ids=types.astype(np.int64, copy=False),
+        as_torch=as_torch,
+    )
+
+
+def pad_to(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Zero-pad ``arr`` at the end of each axis up to ``shape`` (pad token 0, mask 0, type 0)."""
+    if arr.shape == shape:
+        return np.ascontiguousarray(arr)
+    out = np.zeros(shape, dtype=arr.dtype)
+    out[tuple(slice(0, n) for n in arr.shape)] = arr
+    return out

@@ -1,0 +1,166 @@
+"""Run a compiled MobileBERT from Python: numpy or torch in, the same kind out.
+
+Needs numpy and TVM only; torch is imported only to return torch tensors to a caller who passed
+them (and so is already using torch).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import artifact
+from .errors import TargetError
+from .inputs import pad_to, prepare
+from .outputs import ModelOutput
+from .signature import Signature
+
+
+class _Library:
+    """The compiled library: a TVM Executable just built, or the bytes of a saved ``lib.so``."""
+
+    def __init__(self, executable=None, lib_bytes: bytes | None = None, export=None):
+        self._executable = executable
+        self._bytes = lib_bytes
+        self._export = export  # callable(executable, path): links the shared library
+        self._module = None
+
+    def to_bytes(self) -> bytes:
+        if self._bytes is None:
+            with tempfile.TemporaryDirectory(prefix="mbcompile-") as tmp:
+                path = os.path.join(tmp, artifact.LIB_MEMBER)
+                self._export(self._executable, path)
+                self._bytes = Path(path).read_bytes()
+        return self._bytes
+
+    def module(self):
+        """The runtime module, loaded once (only for libraries this machine can run)."""
+        if self._module is None:
+            if self._executable is not None:
+                self._module = self._executable
+            else:
+                import tvm
+
+                with tempfile.TemporaryDirectory(prefix="mbcompile-") as tmp:
+                    path = os.path.join(tmp, artifact.LIB_MEMBER)
+                    Path(path).write_bytes(self._bytes)
+                    self._module = tvm.runtime.load_module(path)
+        return self._module
+
+
+class CompiledModel:
+    """A compiled MobileBERT head, callable like the Hugging Face model it came from."""
+
+    def __init__(self, signature: Signature, metadata: dict, library: _Library):
+        self.signature = signature
+        self.metadata = metadata
+        self._library = library
+        self._vm = None
+
+    # -- running -------------------------------------------------------------------------------
+    def _runner(self):
+        if self._vm is None:
+            from mbcompile.targets.registry import Target, can_run_here
+
+            reason = can_run_here(Target.from_dict(self.metadata["target"]))
+            if reason is not None:
+                raise TargetError(f"cannot run here: {reason}")
+            import tvm
+
+            self._vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
+        return self._vm
+
+    def _run_static(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        vm = self._runner()
+        result = vm["main"](*(tvm.runtime.tensor(a) for a in arrays))
+        if isinstance(result, tvm.runtime.Tensor):
+            result = [result]
+        return [r.numpy() for r in result]
+
+    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        if kwargs:
+            unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+            if unsupported:
+                raise TypeError(
+                    f"unsupported inputs {unsupported}; a compiled model takes input_ids, "
+                    f"attention_mask and token_type_ids"
+                )
+        sig = self.signature
+        inp = prepare(sig, input_ids, attention_mask, token_type_ids)
+        batch = inp.input_ids.shape[0]
+        length = inp.input_ids.shape[-1]
+        static = sig.input_shape
+        chunk_shape = (sig.batch_size, *inp.input_ids.shape[1:])
+
+        chunks: list[list[np.ndarray]] = []
+        for start in range(0, batch, sig.batch_size):
+            stop = min(start + sig.batch_size, batch)
+            arrays = [
+                pad_to(pad_to(a[start:stop], (stop - start, *a.shape[1:])), chunk_shape)
+                for a in (inp.input_ids, inp.attention_mask, inp.token_type_ids)
+            ]
+            arrays = [pad_to(a, static) for a in arrays]
+            outs = self._run_static(arrays)
+            chunks.append([self._cut(o, spec, stop - start, length) for o, spec in zip(outs, sig.outputs)])
+
+        flat = [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks)]
+        return self._assemble(flat, inp.as_torch)
+
+    @staticmethod
+    def _cut(arr: np.ndarray, spec, batch: int, length: int) -> np.ndarray:
+        index: list[Any] = [slice(None)] * arr.ndim
+        index[0] = slice(0, batch)
+        for axis in spec.seq_axes:
+            index[axis] = slice(0, length)
+        return arr[tuple(index)]
+
+    def _assemble(self, flat: list[np.ndarray], as_torch: bool) -> ModelOutput:
+        if as_torch:
+            import torch
+
+            flat = [torch.from_numpy(np.ascontiguousarray(a)) for a in flat]
+        out = ModelOutput()
+        for spec, value in zip(self.signature.outputs, flat):
+            if spec.index is None:
+                out[spec.name] = value
+            else:
+                out[spec.name] = (*out.get(spec.name, ()), value)
+        return out
+
+    # -- saving and describing -----------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the artifact (one file, written atomically)."""
+        meta = dict(self.metadata)
+        meta["signature"] = self.signature.to_dict()
+        return artifact.write(path, meta, self._library.to_bytes())
+
+    def report(self) -> dict:
+        """What the compiler did: per-pass fire counts and the final module's statistics."""
+        return dict(self.metadata.get("report", {}))
+
+    @property
+    def target(self) -> str:
+        return self.metadata["target"]["name"]
+
+    def __repr__(self) -> str:
+        sig = self.signature
+        return (
+            f"CompiledModel({sig.model_class}, input shape {sig.input_shape}, "
+            f"target {self.target!r}, outputs {list(sig.output_names)})"
+        )
+
+
+def load(path: str | os.PathLike) -> CompiledModel:
+    """Load a saved artifact. Needs numpy and TVM only (no torch, no transformers)."""
+    art = artifact.read(path)
+    try:
+        signature = Signature.from_dict(art.metadata["signature"])
+    except (KeyError, TypeError) as err:
+        raise artifact.ArtifactError(f"{path}: metadata has no valid signature ({err})") from None
+    return CompiledModel(signature, art.metadata, _Library(lib_bytes=art.lib))

@@ -1,0 +1,70 @@
+"""What a compiled model takes and returns: plain data, saved in the artifact (no torch needed)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One tensor the compiled function returns.
+
+    ``name`` is the Hugging Face ModelOutput field; tuple fields (``hidden_states``,
+    ``attentions``) are flattened and carry their position in ``index``. ``seq_axes`` are the axes
+    whose length is the sequence length: they are cut back when a shorter input was padded.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    seq_axes: tuple[int, ...] = ()
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Static input and output description of one compiled MobileBERT."""
+
+    model_class: str
+    head: str
+    batch_size: int
+    seq_len: int
+    num_choices: int | None
+    vocab_size: int
+    type_vocab_size: int
+    outputs: tuple[OutputSpec, ...] = field(default_factory=tuple)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.num_choices is None:
+            return (self.batch_size, self.seq_len)
+        return (self.batch_size, self.num_choices, self.seq_len)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        """Field names in Hugging Face order, each once."""
+        names: list[str] = []
+        for out in self.outputs:
+            if out.name not in names:
+                names.append(out.name)
+        return tuple(names)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Signature:
+        outputs = tuple(
+            OutputSpec(
+                name=o["name"],
+                shape=tuple(o["shape"]),
+                dtype=o["dtype"],
+                seq_axes=tuple(o["seq_axes"]),
+                index=o.get("index"),
+            )
+            for o in data["outputs"]
+        )
+        fields = {k: v for k, v in data.items() if k != "outputs"}
+        return cls(outputs=outputs, **fields)

@@ -1,0 +1,187 @@
+"""Named targets: one table of data, validated at import.
+
+Each entry says which LLVM target TVM compiles for, which CPU features a machine needs to run the
+result, and how the shared library is linked (``export``). ``host`` is not in the table: it is
+resolved from this machine's CPU (TVM rejects ``mcpu=native``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field, replace
+
+from ..errors import TargetError  # noqa: TID252 - mbcompile.targets lives inside mbcompile
+
+ARCHES = ("x86_64", "aarch64")
+EXPORTS = ("host-cc", "aarch64-linux-gnu", "android-ndk")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A named compilation target.
+
+    ``llvm`` holds the TVM target fields besides ``kind`` and ``num-cores`` (``mtriple``,
+    ``mcpu``, ``mattr``); ``features`` are the CPU flags (as Linux's /proc/cpuinfo spells them)
+    that a machine must have to run code built for this target.
+    """
+
+    name: str
+    description: str
+    arch: str
+    llvm: dict = field(default_factory=dict)
+    features: tuple[str, ...] = ()
+    export: str = "host-cc"
+    num_cores: int | None = None
+
+    def tvm_target(self):
+        import tvm
+
+        spec = {"kind": "llvm", **self.llvm}
+        spec["num-cores"] = self.num_cores or os.cpu_count() or 1
+        return tvm.target.Target(spec)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "arch": self.arch,
+            "llvm": dict(self.llvm),
+            "features": list(self.features),
+            "export": self.export,
+            "num_cores": self.num_cores,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Target:
+        return cls(
+            name=data["name"],
+            description=data["description"],
+            arch=data["arch"],
+            llvm=dict(data["llvm"]),
+            features=tuple(data["features"]),
+            export=data["export"],
+            num_cores=data.get("num_cores"),
+        )
+
+
+_X86 = {"mtriple": "x86_64-linux-gnu"}
+_AARCH64 = {"mtriple": "aarch64-linux-gnu"}
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            name="x86-64",
+            description="x86-64 with AVX2 and FMA (Haswell and later, AMD Zen)",
+            arch="x86_64",
+            llvm={**_X86, "mcpu": "haswell"},
+            features=("avx2", "fma"),
+        ),
+        Target(
+            name="x86-64-avx512",
+            description="x86-64 with AVX-512 (Skylake-SP and later)",
+            arch="x86_64",
+            llvm={**_X86, "mcpu": "skylake-avx512"},
+            features=("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+        ),
+        Target(
+            name="aarch64",
+            description="64-bit ARM Linux with NEON (ARMv8-A)",
+            arch="aarch64",
+            llvm={**_AARCH64, "mcpu": "generic", "mattr": ["+neon"]},
+            features=("asimd",),
+            export="aarch64-linux-gnu",
+        ),
+    )
+}
+
+
+def _validate(table: dict[str, Target]) -> None:
+    for name, t in table.items():
+        if name != t.name:
+            raise AssertionError(f"target table key {name!r} != name {t.name!r}")
+        if t.arch not in ARCHES:
+            raise AssertionError(f"target {name!r}: arch {t.arch!r} not in {ARCHES}")
+        if t.export not in EXPORTS:
+            raise AssertionError(f"target {name!r}: export {t.export!r} not in {EXPORTS}")
+        if "mtriple" not in t.llvm or "mcpu" not in t.llvm:
+            raise AssertionError(f"target {name!r}: llvm needs mtriple and mcpu")
+
+
+_validate(TARGETS)
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def host_features() -> set[str]:
+    """CPU flags of this machine as /proc/cpuinfo lists them (empty set if unreadable)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_target() -> Target:
+    """This machine's CPU, with LLVM's name for it as ``mcpu``."""
+    import tvm
+
+    arch = host_arch()
+    if arch not in ARCHES:
+        raise TargetError(f"host architecture {arch!r} is not supported; supported: {ARCHES}")
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    triple = "x86_64-linux-gnu" if arch == "x86_64" else "aarch64-linux-gnu"
+    flags = host_features()
+    wanted = ("avx2", "fma", "avx512f") if arch == "x86_64" else ("asimd", "asimddp")
+    return Target(
+        name="host",
+        description=f"this machine ({arch}, LLVM cpu {cpu})",
+        arch=arch,
+        llvm={"mtriple": triple, "mcpu": cpu},
+        features=tuple(f for f in wanted if f in flags),
+    )
+
+
+def known_targets() -> list[str]:
+    return ["host", *TARGETS]
+
+
+def resolve_target(target: str | Target = "host", num_cores: int | None = None) -> Target:
+    """A Target from its name (or the Target itself); unknown names list the known ones."""
+    if isinstance(target, Target):
+        resolved = target
+    elif target == "host":
+        resolved = host_target()
+    elif isinstance(target, str) and target in TARGETS:
+        resolved = TARGETS[target]
+    else:
+        raise TargetError(f"Unknown target {target!r}; known: {known_targets()}")
+    if num_cores is not None:
+        resolved = replace(resolved, num_cores=num_cores)
+    return resolved
+
+
+def can_run_here(target: Target) -> str | None:
+    """None if this machine can run code built for ``target``, else the reason it cannot."""
+    arch = host_arch()
+    if target.arch != arch:
+        return (
+            f"the artifact was compiled for {target.arch} (target {target.name!r}) and this "
+            f"machine is {arch}; run it on a {target.arch} device, e.g. over TVM RPC with "
+            f"mbcompile.load(path, remote='HOST:PORT')"
+        )
+    missing = [f for f in target.features if f not in host_features()]
+    if missing:
+        return (
+            f"the artifact was compiled for target {target.name!r}, which needs CPU features "
+            f"{missing} that this machine lacks; recompile with target='host'"
+        )
+    return None
