@@ -6,7 +6,9 @@ them (and so is already using torch).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,27 @@ class _Library:
                 with tempfile.TemporaryDirectory(prefix="mbcompile-") as tmp:
                     path = os.path.join(tmp, artifact.LIB_MEMBER)
                     Path(path).write_bytes(self._bytes)
-                    self._module = tvm.runtime.load_module(path)
+                    with _without_scope_warnings():
+                        self._module = tvm.runtime.load_module(path)
         return self._module
+
+
+@contextlib.contextmanager
+def _without_scope_warnings():
+    """Drop the VM's "Scope Loaded" warning (one line per constant) from stderr while loading."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if "Warning: Scope Loaded" not in line:
+                    sys.stderr.write(line)
 
 
 class CompiledModel:

@@ -1,0 +1,231 @@
+"""The ``mbcompile`` command: parse into a dataclass, call the API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+
+from .errors import MbcompileError
+from .heads import HEADS
+
+
+@dataclass
+class CompileArgs:
+    checkpoint: str | None
+    config: str | None
+    head: str | None
+    random_init: bool
+    target: str
+    seq_len: int
+    batch_size: int
+    num_choices: int | None
+    passes: list[str] | None
+    explain: bool
+    output: str
+
+
+@dataclass
+class DemoArgs:
+    checkpoint: str | None
+    config: str
+    head: str
+    seq_len: int
+    target: str
+    repeats: int
+
+
+@dataclass
+class RunArgs:
+    artifact: str
+    ids: list[int] | None
+    repeats: int
+    extra: dict = field(default_factory=dict)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mbcompile", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a MobileBERT checkpoint or named config")
+    c.add_argument("checkpoint", nargs="?", help="local checkpoint folder (config.json + weights)")
+    c.add_argument("--config", help="named architecture instead of a checkpoint, e.g. mobilebert-uncased")
+    c.add_argument("--head", choices=list(HEADS), help="model head (default: from the checkpoint)")
+    c.add_argument("--random-init", action="store_true", help="random weights (with --config)")
+    c.add_argument("--target", default="host", help="target name (see `mbcompile targets`)")
+    c.add_argument("--seq-len", type=int, default=128)
+    c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("--num-choices", type=int, default=None, help="multiple-choice head only")
+    c.add_argument("--passes", default=None, help="comma-separated pass names, or 'none'")
+    c.add_argument("--explain", action="store_true", help="print what each pass changed")
+    c.add_argument("-o", "--output", required=True, help="artifact path, e.g. model.mbc")
+
+    i = sub.add_parser("info", help="describe a saved artifact")
+    i.add_argument("artifact")
+
+    r = sub.add_parser("run", help="run a saved artifact on token ids and time it")
+    r.add_argument("artifact")
+    r.add_argument("--ids", help="comma-separated token ids (default: random valid ids)")
+    r.add_argument("--repeats", type=int, default=5)
+
+    d = sub.add_parser("demo", help="compile mobilebert-uncased for this CPU, check, time")
+    d.add_argument("--checkpoint", default=None, help="use this checkpoint instead of random weights")
+    d.add_argument("--config", default="mobilebert-uncased")
+    d.add_argument("--head", default="base", choices=list(HEADS))
+    d.add_argument("--seq-len", type=int, default=128)
+    d.add_argument("--target", default="host")
+    d.add_argument("--repeats", type=int, default=5)
+
+    sub.add_parser("targets", help="list the named targets")
+    return p
+
+
+def _compile(args: CompileArgs) -> int:
+    import mbcompile
+    from mbcompile.models import load_checkpoint, random_model
+
+    if args.checkpoint and args.config:
+        raise SystemExit("give a checkpoint folder or --config, not both")
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, head=args.head)
+    elif args.config:
+        if not args.random_init:
+            raise SystemExit("--config builds an architecture without weights: add --random-init")
+        model = random_model(args.config, args.head or "base")
+    else:
+        raise SystemExit("give a checkpoint folder, or --config NAME --random-init")
+    passes = "default" if args.passes is None else args.passes
+    compiled = mbcompile.compile(
+        model,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        num_choices=args.num_choices,
+        target=args.target,
+        passes=passes,
+    )
+    path = compiled.save(args.output)
+    print(f"wrote {path}: {compiled}")
+    if args.explain:
+        print(format_report(compiled.report()))
+    return 0
+
+
+def format_report(report: dict) -> str:
+    rows = [("stage", "fired", "matmuls", "weight MB")]
+    imported = report.get("imported", {})
+    rows.append(("imported", "", str(imported.get("matmul_calls", "")), _mb(imported)))
+    for row in report.get("passes", []):
+        rows.append((row["pass"], str(row["fired"]), str(row["matmul_calls"]), _mb(row)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    final = report.get("final", {})
+    lines.append(
+        f"final module: {final.get('kernel_calls')} kernel calls, "
+        f"{final.get('matmul_calls')} matmul calls per forward, {_mb(final)} MB of weights"
+    )
+    return "\n".join(lines)
+
+
+def _mb(stats: dict) -> str:
+    return f"{stats['weight_bytes'] / 1e6:.1f}" if "weight_bytes" in stats else ""
+
+
+def _info(path: str) -> int:
+    from mbcompile import artifact
+
+    art = artifact.read(path)
+    meta = art.metadata
+    sig = meta["signature"]
+    shape = [sig["batch_size"], sig["seq_len"]]
+    if sig.get("num_choices"):
+        shape.insert(1, sig["num_choices"])
+    cfg = meta.get("config", {})
+    print(f"artifact:   {path} (format {meta['format_version']})")
+    print(f"model:      {meta['model_class']} (head {meta['head']})")
+    print(
+        f"config:     {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
+        f"vocab {cfg.get('vocab_size')}, {cfg.get('normalization_type')}, {cfg.get('hidden_act')}"
+    )
+    print(f"inputs:     input_ids, attention_mask, token_type_ids: int64 {tuple(shape)}")
+    for o in sig["outputs"]:
+        name = o["name"] if o.get("index") is None else f"{o['name']}[{o['index']}]"
+        print(f"output:     {name}: {o['dtype']} {tuple(o['shape'])}")
+    tgt = meta["target"]
+    print(f"target:     {tgt['name']} ({tgt['description']})")
+    print(f"library:    {len(art.lib) / 1e6:.1f} MB, sha256 {meta['members']['lib.so']['sha256'][:16]}…")
+    print("versions:   " + ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()))
+    return 0
+
+
+def _run(args: RunArgs) -> int:
+    import statistics
+    import time
+
+    import numpy as np
+
+    import mbcompile
+
+    compiled = mbcompile.load(args.artifact)
+    sig = compiled.signature
+    if args.ids:
+        ids = np.array([int(t) for t in args.ids.split(",")], dtype=np.int64)
+        ids = ids.reshape((1,) * (len(sig.input_shape) - 1) + ids.shape)
+        if sig.num_choices:
+            ids = np.repeat(ids, sig.num_choices, axis=1)
+    else:
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, sig.vocab_size, size=sig.input_shape, dtype=np.int64)
+    out = compiled(input_ids=ids)
+    for name, value in out.items():
+        if isinstance(value, tuple):
+            print(f"{name}: {len(value)} arrays of shape {value[0].shape}")
+        else:
+            print(f"{name}: shape {value.shape}, first values {np.ravel(value)[:4]}")
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        compiled(input_ids=ids)
+        times.append((time.perf_counter() - t) * 1e3)
+    print(f"latency: median {statistics.median(times):.2f} ms over {args.repeats} runs")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "compile":
+            passes = None
+            if ns.passes is not None:
+                passes = [] if ns.passes == "none" else [p for p in ns.passes.split(",") if p]
+            return _compile(
+                CompileArgs(
+                    ns.checkpoint, ns.config, ns.head, ns.random_init, ns.target, ns.seq_len,
+                    ns.batch_size, ns.num_choices, passes, ns.explain, ns.output,
+                )
+            )
+        if ns.command == "info":
+            return _info(ns.artifact)
+        if ns.command == "run":
+            return _run(RunArgs(ns.artifact, ns.ids, ns.repeats))
+        if ns.command == "demo":
+            from mbcompile.demo import run_demo
+
+            a = DemoArgs(ns.checkpoint, ns.config, ns.head, ns.seq_len, ns.target, ns.repeats)
+            run_demo(a.checkpoint, a.config, a.head, a.seq_len, a.target, a.repeats)
+            return 0
+        if ns.command == "targets":
+            from mbcompile.targets.registry import TARGETS
+
+            print("host: this machine's CPU (detected)")
+            for t in TARGETS.values():
+                print(f"{t.name}: {t.description}")
+            return 0
+    except MbcompileError as err:
+        print(f"mbcompile: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

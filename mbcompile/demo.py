@@ -1,0 +1,88 @@
+"""The main job on an embedded default: compile, check against PyTorch, time both."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class DemoResult:
+    max_abs_error: dict[str, float]
+    compiled_ms: list[float]
+    torch_ms: list[float]
+    compile_seconds: dict[str, float]
+
+
+def _max_abs(a, b) -> float:
+    if isinstance(a, tuple):
+        return max(_max_abs(x, y) for x, y in zip(a, b))
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+def run_demo(
+    checkpoint: str | None = None,
+    config: str = "mobilebert-uncased",
+    head: str = "base",
+    seq_len: int = 128,
+    target: str = "host",
+    repeats: int = 5,
+    tolerance: float = 1e-4,
+    log=print,
+) -> DemoResult:
+    import torch
+
+    import mbcompile
+    from mbcompile.capture import example_inputs
+    from mbcompile.models import load_checkpoint, random_model
+
+    if checkpoint:
+        model = load_checkpoint(checkpoint, head=None if head == "base" else head)
+        log(f"model: {type(model).__name__} from {checkpoint}")
+    else:
+        model = random_model(config, head)
+        log(f"model: {type(model).__name__}, {config} architecture, random weights (seed 0)")
+    threads = torch.get_num_threads()
+    log(
+        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "
+        f"torch threads {threads}"
+    )
+    start = time.perf_counter()
+    compiled = mbcompile.compile(model, seq_len=seq_len, target=target)
+    log(f"compiled for {compiled.target} in {time.perf_counter() - start:.1f} s: {compiled}")
+
+    ids, mask, types = example_inputs(model.config, compiled.signature.input_shape, seed=1)
+    mask[..., seq_len - seq_len // 4 :] = 0  # padding at the end
+    types[..., seq_len // 2 :] = 1  # two segments
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    out = compiled(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    errors = {name: _max_abs(out[name], ref[name]) for name in out.keys()}
+    for name, err in errors.items():
+        log(f"  {name}: max abs error vs PyTorch {err:.2e}")
+    worst = max(errors.values())
+    if not worst <= tolerance:
+        raise AssertionError(f"compiled outputs differ from PyTorch by {worst:.3e} > {tolerance}")
+
+    compiled_ms, torch_ms = [], []
+    for _ in range(repeats):  # interleaved
+        t = time.perf_counter()
+        compiled(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        compiled_ms.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        torch_ms.append((time.perf_counter() - t) * 1e3)
+    log(
+        f"latency, median of {repeats} interleaved runs (batch 1, seq {seq_len}): "
+        f"mbcompile {statistics.median(compiled_ms):.1f} ms "
+        f"[{min(compiled_ms):.1f}-{max(compiled_ms):.1f}], "
+        f"PyTorch eager {statistics.median(torch_ms):.1f} ms "
+        f"[{min(torch_ms):.1f}-{max(torch_ms):.1f}]"
+    )
+    return DemoResult(errors, compiled_ms, torch_ms, compiled.metadata["compile_seconds"])
