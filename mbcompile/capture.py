@@ -76,7 +76,9 @@ def example_inputs(config, shape: tuple[int, ...], seed: int = 0) -> tuple[torch
     return ids, torch.ones(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
 
 
-def _output_specs(wrapper, config, shape: tuple[int, ...]) -> tuple[OutputSpec, ...]:
+def _output_specs(
+    wrapper, config, shape: tuple[int, ...]
+) -> tuple[tuple[OutputSpec, ...], tuple[str, ...]]:
     """Names, shapes and sequence axes of the outputs, found by running eager at two lengths."""
     seq_len = shape[-1]
     other = seq_len - 1 if seq_len > 1 else seq_len + 1
@@ -101,7 +103,7 @@ def _output_specs(wrapper, config, shape: tuple[int, ...]) -> tuple[OutputSpec, 
                     index=i if grouped else None,
                 )
             )
-    return tuple(specs)
+    return tuple(specs), tuple(out.keys())
 
 
 def capture(
@@ -137,7 +139,7 @@ def capture(
     model.eval()
     try:
         wrapper = _FlatOutputs(model)
-        outputs = _output_specs(wrapper, config, shape)
+        outputs, fields = _output_specs(wrapper, config, shape)
         with torch.no_grad():
             exported = torch.export.export(wrapper, example_inputs(config, shape))
         mod = from_exported_program(exported)
@@ -153,5 +155,6 @@ def capture(
         vocab_size=config.vocab_size,
         type_vocab_size=config.type_vocab_size,
         outputs=outputs,
+        fields=fields,
     )
     return Captured(mod=mod, signature=signature, config=config.to_dict())

@@ -146,12 +146,12 @@ class CompiledModel:
             import torch
 
             flat = [torch.from_numpy(np.ascontiguousarray(a)) for a in flat]
-        out = ModelOutput()
+        out = ModelOutput((name, ()) for name in self.signature.fields)
         for spec, value in zip(self.signature.outputs, flat):
             if spec.index is None:
                 out[spec.name] = value
             else:
-                out[spec.name] = (*out.get(spec.name, ()), value)
+                out[spec.name] = (*out[spec.name], value)
         return out
 
     # -- saving and describing -----------------------------------------------------------------

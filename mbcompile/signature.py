@@ -35,6 +35,9 @@ class Signature:
     vocab_size: int
     type_vocab_size: int
     outputs: tuple[OutputSpec, ...] = field(default_factory=tuple)
+    # ModelOutput field names in order; a tuple field may hold no tensors (e.g. ``attentions``
+    # under SDPA attention), so it has no OutputSpec and comes back as ().
+    fields: tuple[str, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -44,12 +47,8 @@ class Signature:
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        """Field names in Hugging Face order, each once."""
-        names: list[str] = []
-        for out in self.outputs:
-            if out.name not in names:
-                names.append(out.name)
-        return tuple(names)
+        """Field names in Hugging Face order."""
+        return self.fields
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,5 +65,5 @@ class Signature:
             )
             for o in data["outputs"]
         )
-        fields = {k: v for k, v in data.items() if k != "outputs"}
-        return cls(outputs=outputs, **fields)
+        rest = {k: v for k, v in data.items() if k not in ("outputs", "fields")}
+        return cls(outputs=outputs, fields=tuple(data["fields"]), **rest)

@@ -53,8 +53,10 @@ def max_abs_errors(out, ref) -> dict[str, float]:
     errors = {}
     for name in ref.keys():
         a, b = out[name], ref[name]
+        if isinstance(b, tuple):
+            assert isinstance(a, tuple) and len(a) == len(b), (name, len(a), len(b))
         pairs = zip(a, b) if isinstance(b, tuple) else [(a, b)]
-        errs = []
+        errs = [0.0]
         for x, y in pairs:
             x = x.numpy() if isinstance(x, torch.Tensor) else x
             y = y.detach().numpy()

@@ -1,0 +1,48 @@
+"""Every MobileBertConfig variant that transformers honours compiles and equals PyTorch eager."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_matches_eager, make_model, random_inputs, tiny_config
+
+import mbcompile
+
+SEQ = 10
+
+# (id, head, config overrides): each variant on a head that exercises it.
+VARIANTS = [
+    ("layer_norm", "base", {"normalization_type": "layer_norm"}),
+    ("no_trigram", "masked-lm", {"trigram_input": False}),
+    ("no_bottleneck", "sequence-classification", {"use_bottleneck": False, "true_hidden_size": 64}),
+    ("bottleneck_attention", "question-answering", {"use_bottleneck_attention": True}),
+    ("kq_not_shared", "token-classification", {"key_query_shared_bottleneck": False, "use_bottleneck_attention": True}),
+    ("ffn_1", "pretraining", {"num_feedforward_networks": 1}),
+    ("ffn_2", "next-sentence", {"num_feedforward_networks": 2}),
+    ("ffn_3", "base", {"num_feedforward_networks": 3}),
+    ("gelu", "masked-lm", {"hidden_act": "gelu"}),
+    ("gelu_layer_norm_1_layer", "base", {"hidden_act": "gelu", "normalization_type": "layer_norm", "num_hidden_layers": 1}),
+    ("no_classifier_activation", "sequence-classification", {"classifier_activation": False, "num_labels": 5}),
+    ("odd_sizes", "token-classification", {
+        "hidden_size": 48, "embedding_size": 24, "intra_bottleneck_size": 40, "true_hidden_size": 40,
+        "num_attention_heads": 5, "intermediate_size": 37, "num_labels": 7, "vocab_size": 97,
+        "type_vocab_size": 3,
+    }),
+    ("three_layers_one_label", "sequence-classification", {"num_hidden_layers": 3, "num_labels": 1}),
+    ("multiple_choice_no_bottleneck_attention_gelu", "multiple-choice", {"hidden_act": "gelu", "use_bottleneck": False, "true_hidden_size": 64}),
+    ("hidden_states_and_attentions", "base", {"output_hidden_states": True, "output_attentions": True}),
+]
+
+
+@pytest.mark.parametrize("head, overrides", [v[1:] for v in VARIANTS], ids=[v[0] for v in VARIANTS])
+def test_config_variant_matches_eager(head, overrides):
+    config = tiny_config(**overrides)
+    model = make_model(head, config)
+    compiled = mbcompile.compile(
+        model, seq_len=SEQ, num_choices=2 if head == "multiple-choice" else None, passes=()
+    )
+    shape = (1, 2, SEQ) if head == "multiple-choice" else (1, SEQ)
+    ids, mask, types = random_inputs(config, shape, pad=3)
+    types[..., -1] = config.type_vocab_size - 1
+    assert_matches_eager(compiled, model, ids, mask, types)
+    ids, mask, types = random_inputs(config, shape[:-1] + (6,), seed=7)
+    assert_matches_eager(compiled, model, ids, mask, types)

@@ -1,0 +1,25 @@
+"""All eight heads at full size (google/mobilebert-uncased architecture, 24 layers), seq 128."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import assert_matches_eager, random_inputs
+
+import mbcompile
+from mbcompile.heads import HEADS
+from mbcompile.models import named_config, random_model
+
+SEQ = 128
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", list(HEADS))
+def test_full_size_head_matches_eager_at_seq_128(head):
+    config = named_config("mobilebert-uncased")
+    model = random_model(config, head)
+    compiled = mbcompile.compile(
+        model, seq_len=SEQ, num_choices=2 if head == "multiple-choice" else None
+    )
+    shape = (1, 2, SEQ) if head == "multiple-choice" else (1, SEQ)
+    ids, mask, types = random_inputs(config, shape, pad=28)
+    assert_matches_eager(compiled, model, ids, mask, types)

@@ -1,0 +1,42 @@
+"""Named targets: the table, host detection, errors, what can run here."""
+
+from __future__ import annotations
+
+import pytest
+import tvm
+
+from mbcompile import TargetError
+from mbcompile.targets.registry import TARGETS, can_run_here, host_arch, resolve_target
+
+
+def test_required_targets_are_named():
+    assert {"x86-64", "x86-64-avx512", "aarch64"} <= set(TARGETS)
+
+
+def test_unknown_target_error_lists_known_names():
+    with pytest.raises(TargetError) as info:
+        resolve_target("arm")
+    assert "Unknown target 'arm'" in str(info.value)
+    for name in ("host", "x86-64", "aarch64"):
+        assert name in str(info.value)
+
+
+def test_host_resolves_to_this_cpu_not_native():
+    host = resolve_target("host")
+    assert host.arch == host_arch()
+    assert host.llvm["mcpu"] not in ("", "native", "generic")
+    assert host.llvm["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+    assert can_run_here(host) is None
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_every_named_target_makes_a_valid_tvm_target(name):
+    target = resolve_target(name, num_cores=4).tvm_target()
+    assert str(target.kind) == "llvm"
+    assert int(target.attrs["num-cores"]) == 4
+
+
+def test_foreign_architecture_cannot_run_here():
+    other = "aarch64" if host_arch() == "x86_64" else "x86-64"
+    reason = can_run_here(TARGETS[other])
+    assert reason is not None and "remote" in reason
