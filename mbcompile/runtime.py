@@ -73,21 +73,19 @@ def _without_scope_warnings():
                     sys.stderr.write(line)
 
 
-class CompiledModel:
-    """A compiled MobileBERT head, callable like the Hugging Face model it came from."""
+class LocalProgram:
+    """Runs the compiled ``main`` on this machine's CPU with the Relax VM."""
 
-    def __init__(self, signature: Signature, metadata: dict, library: _Library):
-        self.signature = signature
-        self.metadata = metadata
+    def __init__(self, library: _Library, target: dict):
         self._library = library
+        self._target = target
         self._vm = None
 
-    # -- running -------------------------------------------------------------------------------
-    def _runner(self):
+    def _machine(self):
         if self._vm is None:
             from mbcompile.targets.registry import Target, can_run_here
 
-            reason = can_run_here(Target.from_dict(self.metadata["target"]))
+            reason = can_run_here(Target.from_dict(self._target))
             if reason is not None:
                 raise TargetError(f"cannot run here: {reason}")
             import tvm
@@ -95,14 +93,24 @@ class CompiledModel:
             self._vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
         return self._vm
 
-    def _run_static(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         import tvm
 
-        vm = self._runner()
-        result = vm["main"](*(tvm.runtime.tensor(a) for a in arrays))
+        result = self._machine()["main"](*(tvm.runtime.tensor(a) for a in arrays))
         if isinstance(result, tvm.runtime.Tensor):
             result = [result]
         return [r.numpy() for r in result]
+
+
+class CompiledModel:
+    """A compiled MobileBERT head, callable like the Hugging Face model it came from."""
+
+    def __init__(self, signature: Signature, metadata: dict, library: _Library, program=None):
+        self.signature = signature
+        self.metadata = metadata
+        self._library = library
+        # Anything with run(list of static-shape int64 arrays) -> list of output arrays.
+        self._program = program if program is not None else LocalProgram(library, metadata["target"])
 
     def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         if kwargs:
@@ -117,17 +125,15 @@ class CompiledModel:
         batch = inp.input_ids.shape[0]
         length = inp.input_ids.shape[-1]
         static = sig.input_shape
-        chunk_shape = (sig.batch_size, *inp.input_ids.shape[1:])
 
         chunks: list[list[np.ndarray]] = []
         for start in range(0, batch, sig.batch_size):
             stop = min(start + sig.batch_size, batch)
             arrays = [
-                pad_to(pad_to(a[start:stop], (stop - start, *a.shape[1:])), chunk_shape)
+                pad_to(a[start:stop], static)
                 for a in (inp.input_ids, inp.attention_mask, inp.token_type_ids)
             ]
-            arrays = [pad_to(a, static) for a in arrays]
-            outs = self._run_static(arrays)
+            outs = self._program.run(arrays)
             chunks.append([self._cut(o, spec, stop - start, length) for o, spec in zip(outs, sig.outputs)])
 
         flat = [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks)]
