@@ -19,6 +19,11 @@ from .heads import head_of_class
 from .signature import OutputSpec, Signature
 
 DEFAULT_NUM_CHOICES = 4
+# Heads whose vocabulary projection ``logits_for="masked"`` prunes, and the pruned output's name.
+MASKED_LOGITS = {"logits", "prediction_logits"}
+PRUNABLE_HEADS = ("masked-lm", "pretraining")
+# [MASK] in the uncased MobileBERT/BERT vocabulary; pass the tokenizer's mask_token_id otherwise.
+DEFAULT_MASK_TOKEN_ID = 103
 
 
 @dataclass
@@ -35,14 +40,43 @@ class _FlatOutputs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        out = self.model(
+    def outputs(self, input_ids, attention_mask, token_type_ids, *extra) -> dict:
+        return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             return_dict=True,
         )
-        return tuple(_flatten(out))
+
+    def forward(self, input_ids, attention_mask, token_type_ids, *extra):
+        return tuple(_flatten(self.outputs(input_ids, attention_mask, token_type_ids, *extra)))
+
+
+class _MaskedPositionsOnly(_FlatOutputs):
+    """MaskedLM / PreTraining with vocabulary logits at the given positions only.
+
+    ``masked_positions`` (batch, K) selects the encoder outputs the prediction head runs on: the
+    head is per-position, so ``head(seq)[b, p] == head(seq[b, p])``. Everything else is as HF's.
+    """
+
+    def outputs(self, input_ids, attention_mask, token_type_ids, masked_positions) -> dict:
+        model = self.model
+        base = model.mobilebert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+        )
+        seq = base.last_hidden_state
+        index = masked_positions.unsqueeze(-1).expand(-1, -1, seq.shape[-1])
+        picked = torch.gather(seq, 1, index)
+        logits = model.cls.predictions(picked)
+        if type(model).__name__ == "MobileBertForPreTraining":
+            return {
+                "prediction_logits": logits,
+                "seq_relationship_logits": model.cls.seq_relationship(base.pooler_output),
+            }
+        return {"logits": logits}
 
 
 def _flatten(out) -> list:
@@ -77,16 +111,14 @@ def example_inputs(config, shape: tuple[int, ...], seed: int = 0) -> tuple[torch
 
 
 def _output_specs(
-    wrapper, config, shape: tuple[int, ...]
+    wrapper, config, shape: tuple[int, ...], extra: tuple = ()
 ) -> tuple[tuple[OutputSpec, ...], tuple[str, ...]]:
     """Names, shapes and sequence axes of the outputs, found by running eager at two lengths."""
     seq_len = shape[-1]
     other = seq_len - 1 if seq_len > 1 else seq_len + 1
     with torch.no_grad():
-        out = wrapper.model(*example_inputs(config, shape), return_dict=True)
-        out_other = wrapper.model(
-            *example_inputs(config, shape[:-1] + (other,)), return_dict=True
-        )
+        out = wrapper.outputs(*example_inputs(config, shape), *extra)
+        out_other = wrapper.outputs(*example_inputs(config, shape[:-1] + (other,)), *extra)
     specs = []
     for (name, value), value_other in zip(out.items(), out_other.values()):
         grouped = isinstance(value, (tuple, list))
@@ -101,6 +133,7 @@ def _output_specs(
                     dtype=str(t.dtype).removeprefix("torch."),
                     seq_axes=seq_axes,
                     index=i if grouped else None,
+                    masked_axis=1 if extra and name in MASKED_LOGITS else None,
                 )
             )
     return tuple(specs), tuple(out.keys())
@@ -112,8 +145,16 @@ def capture(
     seq_len: int,
     batch_size: int = 1,
     num_choices: int | None = None,
+    logits_for: str = "all",
+    max_masked: int = 8,
+    mask_token_id: int | None = None,
 ) -> Captured:
-    """Export ``model`` at a static ``(batch, [choices,] seq)`` shape and import it into Relax."""
+    """Export ``model`` at a static ``(batch, [choices,] seq)`` shape and import it into Relax.
+
+    ``logits_for="masked"`` (MaskedLM and PreTraining heads): the compiled function takes a fourth
+    input, ``masked_positions`` (batch, ``max_masked``), and computes vocabulary logits at those
+    positions only; the runtime fills it from ``input_ids == mask_token_id``.
+    """
     head = check_model(model)
     config = model.config
     if not isinstance(seq_len, int) or seq_len < 1:
@@ -134,14 +175,31 @@ def capture(
         if num_choices is not None:
             raise ValueError(f"num_choices applies to the multiple-choice head only, not {head!r}")
         shape = (batch_size, seq_len)
+    if logits_for not in ("all", "masked"):
+        raise ValueError(f"logits_for must be 'all' or 'masked', got {logits_for!r}")
+    pruned = logits_for == "masked"
+    extra: tuple = ()
+    if pruned:
+        if head not in PRUNABLE_HEADS:
+            raise ValueError(
+                f"logits_for='masked' applies to the heads {PRUNABLE_HEADS}, not {head!r}"
+            )
+        if not isinstance(max_masked, int) or not 1 <= max_masked <= seq_len:
+            raise ValueError(f"max_masked must be an integer in [1, seq_len], got {max_masked!r}")
+        mask_token_id = DEFAULT_MASK_TOKEN_ID if mask_token_id is None else mask_token_id
+        if not 0 <= mask_token_id < config.vocab_size:
+            raise ValueError(
+                f"mask_token_id {mask_token_id} is outside [0, {config.vocab_size}) (vocab_size)"
+            )
+        extra = (torch.arange(max_masked).remainder(seq_len).repeat(batch_size, 1),)
 
     was_training = model.training
     model.eval()
     try:
-        wrapper = _FlatOutputs(model)
-        outputs, fields = _output_specs(wrapper, config, shape)
+        wrapper = _MaskedPositionsOnly(model) if pruned else _FlatOutputs(model)
+        outputs, fields = _output_specs(wrapper, config, shape, extra)
         with torch.no_grad():
-            exported = torch.export.export(wrapper, example_inputs(config, shape))
+            exported = torch.export.export(wrapper, (*example_inputs(config, shape), *extra))
         mod = from_exported_program(exported)
     finally:
         model.train(was_training)
@@ -155,6 +213,8 @@ def capture(
         vocab_size=config.vocab_size,
         type_vocab_size=config.type_vocab_size,
         outputs=outputs,
-        fields=fields,
+        fields=fields + (("masked_positions",) if pruned else ()),
+        max_masked=max_masked if pruned else None,
+        mask_token_id=mask_token_id if pruned else None,
     )
     return Captured(mod=mod, signature=signature, config=config.to_dict())

@@ -53,11 +53,19 @@ def compile(  # noqa: A001 - the public verb of the API
     num_choices: int | None = None,
     target="host",
     passes="default",
+    logits_for: str = "all",
+    max_masked: int = 8,
+    mask_token_id: int | None = None,
 ) -> CompiledModel:
     """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
 
     ``passes`` is ``"default"``, an explicit list of passes (instances, classes or names), or
     ``()`` for none. Weights become compile-time constants of the compiled library.
+
+    ``logits_for="masked"`` (MaskedLM, PreTraining): vocabulary logits only at the positions of
+    ``mask_token_id`` (default 103, [MASK] of the uncased vocabulary), at most ``max_masked`` per
+    sequence; the output gains ``masked_positions`` (batch, n; -1 where a row has fewer, whose
+    logits are NaN).
     """
     import tvm
 
@@ -70,7 +78,15 @@ def compile(  # noqa: A001 - the public verb of the API
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    captured = capture(model, seq_len=seq_len, batch_size=batch_size, num_choices=num_choices)
+    captured = capture(
+        model,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        num_choices=num_choices,
+        logits_for=logits_for,
+        max_masked=max_masked,
+        mask_token_id=mask_token_id,
+    )
     timings["capture"] = time.perf_counter() - start
 
     start = time.perf_counter()

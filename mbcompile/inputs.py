@@ -142,3 +142,38 @@ def pad_to(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     out = np.zeros(shape, dtype=arr.dtype)
     out[tuple(slice(0, n) for n in arr.shape)] = arr
     return out
+
+
+def find_masked_positions(sig: Signature, ids: np.ndarray, requested=None) -> np.ndarray:
+    """Positions whose vocabulary logits to compute, (batch, n) int64, -1 where a row has fewer.
+
+    By default the positions of ``sig.mask_token_id`` in each row; ``requested`` (batch, n) gives
+    them explicitly (-1 for none). At most ``sig.max_masked`` per row.
+    """
+    length = ids.shape[-1]
+    if requested is None:
+        rows = [np.flatnonzero(row == sig.mask_token_id) for row in ids]
+        n = max(len(r) for r in rows)
+        if n > sig.max_masked:
+            raise InputError(
+                f"input_ids: {n} masked tokens (id {sig.mask_token_id}) in one sequence, "
+                f"the model was compiled for at most max_masked={sig.max_masked}"
+            )
+        out = np.full((ids.shape[0], n), -1, dtype=np.int64)
+        for b, r in enumerate(rows):
+            out[b, : len(r)] = r
+        return out
+    pos = _to_numpy("masked_positions", requested)
+    _check_integer("masked_positions", pos, allow_bool=False)
+    if pos.ndim != 2 or pos.shape[0] != ids.shape[0]:
+        raise InputError(
+            f"masked_positions: expected shape ({ids.shape[0]}, n), got {tuple(pos.shape)}"
+        )
+    if pos.shape[1] > sig.max_masked:
+        raise InputError(
+            f"masked_positions: {pos.shape[1]} positions per row, the model was compiled for at "
+            f"most max_masked={sig.max_masked}"
+        )
+    if pos.size and (pos.min() < -1 or pos.max() >= length):
+        raise InputError(f"masked_positions: values must be in [0, {length}) or -1 for none")
+    return pos.astype(np.int64)

@@ -16,10 +16,38 @@ from typing import Any
 import numpy as np
 
 from . import artifact
-from .errors import TargetError
-from .inputs import pad_to, prepare
+from .errors import InputError, TargetError
+from .inputs import find_masked_positions, pad_to, prepare
 from .outputs import ModelOutput
 from .signature import Signature
+
+
+def _like_input(arr: np.ndarray, as_torch: bool):
+    if not as_torch:
+        return arr
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _cut(arr: np.ndarray, spec, batch: int, length: int, positions) -> np.ndarray:
+    """Drop batch padding, sequence padding and unused masked-position slots."""
+    index: list[Any] = [slice(None)] * arr.ndim
+    index[0] = slice(0, batch)
+    for axis in spec.seq_axes:
+        index[axis] = slice(0, length)
+    if spec.masked_axis is not None:
+        index[spec.masked_axis] = slice(0, positions.shape[1])
+    return arr[tuple(index)]
+
+
+def _blank_unused(arr: np.ndarray, spec, positions: np.ndarray) -> np.ndarray:
+    """NaN where a row has fewer masked tokens than the batch's largest count (position -1)."""
+    if spec.masked_axis is None or (positions >= 0).all():
+        return arr
+    arr = arr.copy()
+    arr[positions < 0] = np.nan
+    return arr
 
 
 class _Library:
@@ -112,46 +140,56 @@ class CompiledModel:
         # Anything with run(list of static-shape int64 arrays) -> list of output arrays.
         self._program = program if program is not None else LocalProgram(library, metadata["target"])
 
-    def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
-        if kwargs:
-            unsupported = sorted(k for k, v in kwargs.items() if v is not None)
-            if unsupported:
-                raise TypeError(
-                    f"unsupported inputs {unsupported}; a compiled model takes input_ids, "
-                    f"attention_mask and token_type_ids"
-                )
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        masked_positions=None,
+        **kwargs,
+    ) -> ModelOutput:
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise TypeError(
+                f"unsupported inputs {unsupported}; a compiled model takes input_ids, "
+                f"attention_mask and token_type_ids"
+            )
         sig = self.signature
         inp = prepare(sig, input_ids, attention_mask, token_type_ids)
+        positions = None
+        if sig.max_masked is not None:
+            positions = find_masked_positions(sig, inp.input_ids, masked_positions)
+        elif masked_positions is not None:
+            raise InputError(
+                "masked_positions: this model was compiled with logits at every position; "
+                "compile with logits_for='masked' to request positions"
+            )
         batch = inp.input_ids.shape[0]
         length = inp.input_ids.shape[-1]
-        static = sig.input_shape
 
         chunks: list[list[np.ndarray]] = []
         for start in range(0, batch, sig.batch_size):
             stop = min(start + sig.batch_size, batch)
             arrays = [
-                pad_to(a[start:stop], static)
+                pad_to(a[start:stop], sig.input_shape)
                 for a in (inp.input_ids, inp.attention_mask, inp.token_type_ids)
             ]
+            if positions is not None:
+                arrays.append(pad_to(np.maximum(positions[start:stop], 0), (sig.batch_size, sig.max_masked)))
             outs = self._program.run(arrays)
-            chunks.append([self._cut(o, spec, stop - start, length) for o, spec in zip(outs, sig.outputs)])
+            chunks.append([_cut(o, spec, stop - start, length, positions) for o, spec in zip(outs, sig.outputs)])
 
         flat = [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks)]
-        return self._assemble(flat, inp.as_torch)
-
-    @staticmethod
-    def _cut(arr: np.ndarray, spec, batch: int, length: int) -> np.ndarray:
-        index: list[Any] = [slice(None)] * arr.ndim
-        index[0] = slice(0, batch)
-        for axis in spec.seq_axes:
-            index[axis] = slice(0, length)
-        return arr[tuple(index)]
+        if positions is not None:
+            flat = [_blank_unused(a, spec, positions) for a, spec in zip(flat, sig.outputs)]
+        out = self._assemble(flat, inp.as_torch)
+        if positions is not None:
+            out["masked_positions"] = _like_input(positions, inp.as_torch)
+        return out
 
     def _assemble(self, flat: list[np.ndarray], as_torch: bool) -> ModelOutput:
-        if as_torch:
-            import torch
-
-            flat = [torch.from_numpy(np.ascontiguousarray(a)) for a in flat]
+        flat = [_like_input(a, as_torch) for a in flat]
         out = ModelOutput((name, ()) for name in self.signature.fields)
         for spec, value in zip(self.signature.outputs, flat):
             if spec.index is None:

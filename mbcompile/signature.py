@@ -21,6 +21,8 @@ class OutputSpec:
     dtype: str
     seq_axes: tuple[int, ...] = ()
     index: int | None = None
+    # With logits_for="masked": the axis of the masked positions (cut to the batch's largest count).
+    masked_axis: int | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class Signature:
     # ModelOutput field names in order; a tuple field may hold no tensors (e.g. ``attentions``
     # under SDPA attention), so it has no OutputSpec and comes back as ().
     fields: tuple[str, ...] = ()
+    # logits_for="masked": vocabulary logits only at (up to max_masked) positions of mask_token_id.
+    max_masked: int | None = None
+    mask_token_id: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -62,6 +67,7 @@ class Signature:
                 dtype=o["dtype"],
                 seq_axes=tuple(o["seq_axes"]),
                 index=o.get("index"),
+                masked_axis=o.get("masked_axis"),
             )
             for o in data["outputs"]
         )
