@@ -17,10 +17,38 @@ def _calls(func) -> list:
     return calls
 
 
+def _attention_calls(mod) -> list:
+    """``call_tir`` calls of fused attention kernels (marked by FuseAttention) in ``main``."""
+    from mbcompile.passes.attention_kernel import KIND, KIND_ATTR
+
+    found = []
+    for c in _calls(mod["main"]):
+        if getattr(c.op, "name", None) == "relax.call_tir":
+            attrs = mod[c.args[0]].attrs
+            if attrs is not None and attrs.get(KIND_ATTR) == KIND:
+                found.append(c)
+    return found
+
+
 def matmul_calls(mod) -> int:
     """``R.matmul`` calls in ``main`` (a fused attention counts as one)."""
     names = [getattr(c.op, "name", None) for c in _calls(mod["main"])]
-    return sum(1 for n in names if n in _MATMUL_OPS)
+    return sum(1 for n in names if n in _MATMUL_OPS) + len(_attention_calls(mod))
+
+
+def matmul_flops(mod) -> int:
+    """Multiply-add FLOPs (2·M·N·K per output) of the ``R.matmul`` calls in ``main``."""
+    total = 0
+    for call in _calls(mod["main"]):
+        if getattr(call.op, "name", None) != "relax.matmul":
+            continue
+        a_shape = [int(d) for d in call.args[0].ty.shape]
+        out_shape = [int(d) for d in call.ty.shape]
+        total += 2 * int(np.prod(out_shape)) * a_shape[-1]
+    for call in _attention_calls(mod):  # q·kᵀ and p·v
+        q, kt, v = ([int(d) for d in a.ty.shape] for a in call.args[1].fields[:3])
+        total += 2 * q[0] * q[1] * kt[2] * (q[2] + v[2])
+    return total
 
 
 def kernel_calls(mod) -> int:
@@ -42,4 +70,8 @@ def weight_bytes(mod) -> int:
 
 
 def module_stats(mod) -> dict[str, int]:
-    return {"matmul_calls": matmul_calls(mod), "weight_bytes": weight_bytes(mod)}
+    return {
+        "matmul_calls": matmul_calls(mod),
+        "matmul_flops": matmul_flops(mod),
+        "weight_bytes": weight_bytes(mod),
+    }

@@ -1,0 +1,1 @@
+"""Benchmarks of mbcompile against the peers (PyTorch eager, torch.compile, ONNX Runtime)."""

@@ -1,0 +1,113 @@
+"""python -m bench: mbcompile against PyTorch eager, torch.compile and ONNX Runtime, side by side.
+
+Each (model, seq, threads) cell runs in its own process (thread counts fixed before any runtime
+starts); inside it every backend is timed once per round, in a shuffled order, for ``--rounds``
+rounds: medians, min–max, ratios against ONNX Runtime fp32 measured in the same process, effective
+GFLOP/s against torch.mm's measured roof, max abs difference against PyTorch eager.
+Writes bench/results/latest.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _run_cell(head: str, seq: int, threads: int, args) -> dict:
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "bench.worker", "--head", head, "--seq", str(seq),
+           "--threads", str(threads), "--rounds", str(args.rounds), "--backends", args.backends,
+           "--variants", args.variants if head == "base" else args.mlm_variants]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
+                          stdout=subprocess.PIPE, text=True, check=True)
+    lines = proc.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        print(line, flush=True)
+    return json.loads(lines[-1])
+
+
+def _table(cells: list[dict]) -> str:
+    out = ["| model | seq | threads | backend | median ms | min–max ms | vs ORT fp32 | GFLOP/s (% of torch.mm roof) | max abs diff vs torch |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        rows = cell["rows"]
+        ort = next((r for r in rows if r["backend"] == "ONNX Runtime fp32"), None)
+        full_flops = next((r["matmul_flops"] for r in rows if r["backend"] == "mbcompile"
+                           and r.get("matmul_flops")), None)
+        roof = cell["roof_gflops"]["1024x1024x1024"]
+        for r in sorted(rows, key=lambda r: r["median_ms"]):
+            flops = r.get("matmul_flops") or full_flops
+            gf = f"{flops / r['median_ms'] / 1e6:.0f} ({100 * flops / r['median_ms'] / 1e6 / roof:.0f}%)" if flops else ""
+            ratio = f"{ort['median_ms'] / r['median_ms']:.2f}×" if ort else ""
+            model = "MobileBertModel" if r["head"] == "base" else "MobileBertForMaskedLM"
+            out.append(f"| {model} | {r['seq']} | {r['threads']} | {r['backend']} | {r['median_ms']:.1f} | "
+                       f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {ratio} | {gf} | {r['max_abs_diff_vs_torch']:.1e} |")
+    return "\n".join(out)
+
+
+def _chart(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cells), figsize=(4.5 * len(cells), 4), squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        rows = sorted(cell["rows"], key=lambda r: r["median_ms"])
+        ax.barh([r["backend"] for r in rows], [r["median_ms"] for r in rows],
+                xerr=[[r["median_ms"] - r["min_ms"] for r in rows], [r["max_ms"] - r["median_ms"] for r in rows]])
+        r0 = rows[0]
+        ax.set_title(f"{r0['head']} seq {r0['seq']}, {r0['threads']} thr")
+        ax.set_xlabel("ms (median, min–max)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--heads", default="base,masked-lm")
+    p.add_argument("--seq", default="128,384")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--backends", default="all",
+                   help="comma list of peers (PyTorch eager always runs as the reference)")
+    p.add_argument("--variants", default="default,no-passes",
+                   help="mbcompile variants for MobileBertModel: default, no-passes")
+    p.add_argument("--mlm-variants", default="default,fill-mask",
+                   help="mbcompile variants for MaskedLM: default, no-passes, fill-mask")
+    p.add_argument("--out", default=str(RESULTS / "latest"))
+    args = p.parse_args()
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    cells = []
+    for head in args.heads.split(","):
+        for seq in (int(s) for s in args.seq.split(",")):
+            for threads in (int(t) for t in args.threads.split(",")):
+                cells.append(_run_cell(head, seq, threads, args))
+    machine = cells[0]["machine"]
+    header = (f"Measured {started} on {machine['cpu']}, {machine['cores']} cores, fp32, batch 1; "
+              f"{args.rounds} interleaved rounds per cell; torch.mm roof "
+              + ", ".join(f"{c['rows'][0]['threads']} thr {c['roof_gflops']['1024x1024x1024']:.0f} GFLOP/s"
+                          for c in cells[: len(args.threads.split(','))]) + ".")
+    table = _table(cells)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"started": started, "cells": cells}, indent=2))
+    out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
+    _chart(cells, out.with_suffix(".png"))
+    print(header)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The backends under test, each built once and then called with the same inputs.
+
+Every backend is a function ``run(ids, mask, types) -> list[np.ndarray]`` returning the outputs
+(first output first) so that results can be checked against PyTorch eager in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+Runner = Callable[[np.ndarray, np.ndarray, np.ndarray], list]
+
+
+class _Flat(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            return_dict=True,
+        )
+        return tuple(v for v in out.values() if isinstance(v, torch.Tensor))
+
+
+def _numpy(outs) -> list[np.ndarray]:
+    return [o.detach().numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in outs]
+
+
+def torch_eager(model) -> Runner:
+    flat = _Flat(model).eval()
+
+    def run(ids, mask, types):
+        with torch.inference_mode():
+            return _numpy(flat(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)))
+
+    return run
+
+
+def torch_compile(model) -> Runner:
+    compiled = torch.compile(_Flat(model).eval())
+
+    def run(ids, mask, types):
+        with torch.inference_mode():
+            return _numpy(compiled(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(types)))
+
+    return run
+
+
+def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str | None = None) -> Runner:
+    import onnxruntime as ort
+
+    workdir = workdir or tempfile.mkdtemp(prefix="mbcompile-bench-")
+    path = os.path.join(workdir, "model.onnx")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    with torch.no_grad():
+        torch.onnx.export(
+            _Flat(model).eval(), tuple(torch.from_numpy(a) for a in example), path,
+            input_names=names, dynamo=False, opset_version=17,
+        )
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        qpath = os.path.join(workdir, "model.int8.onnx")
+        quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+        path = qpath
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(ids, mask, types):
+        return session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+
+    return run
+
+
+def mbcompiled(compiled) -> Runner:
+    def run(ids, mask, types):
+        out = compiled(ids, mask, types)
+        return [v for v in out.values() if isinstance(v, np.ndarray)]
+
+    return run

@@ -1,0 +1,164 @@
+"""One benchmark process at one thread count: build every backend, time them interleaved.
+
+Run by ``python -m bench`` with TVM_NUM_THREADS / OMP_NUM_THREADS already set, so that every
+runtime starts with the same thread count. Prints one JSON document on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import mbcompile
+from mbcompile.models import random_model
+
+from . import peers
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+def _roof(threads: int) -> dict:
+    """torch.mm GFLOP/s on a large square and on MobileBERT's hot shapes, this thread count."""
+    shapes = {"1024x1024x1024": (1024, 1024, 1024), "128x512x128": (128, 512, 128),
+              "128x128x512": (128, 128, 512)}
+    out = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            torch.mm(a, b)
+        reps = max(3, int(2e9 / (2 * m * n * k)))
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(reps):
+                torch.mm(a, b)
+            times.append((time.perf_counter() - t) / reps)
+        out[name] = 2 * m * n * k / statistics.median(times) / 1e9
+    return out
+
+
+def _compiled(model, head: str, seq: int, variant: str, log) -> tuple:
+    """Compile (or load from bench/.cache) one mbcompile variant; returns (compiled, seconds)."""
+    CACHE.mkdir(exist_ok=True)
+    key = f"{head}-s{seq}-{variant}-{mbcompile.__version__}.mbc"
+    path = CACHE / key
+    kwargs = {"seq_len": seq}
+    if variant == "no-passes":
+        kwargs["passes"] = ()
+    if variant == "fill-mask":
+        kwargs.update(logits_for="masked", max_masked=1)
+    if path.exists() and os.environ.get("MBCOMPILE_BENCH_RECOMPILE") != "1":
+        compiled = mbcompile.load(path)
+        return compiled, compiled.metadata.get("compile_seconds", {})
+    log(f"compiling {key} ...")
+    compiled = mbcompile.compile(model, **kwargs)
+    compiled.save(path)
+    return compiled, compiled.metadata.get("compile_seconds", {})
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--head", required=True)
+    p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--backends", default="all")
+    p.add_argument("--variants", default="default")
+    args = p.parse_args()
+
+    def log(msg):
+        print(f"[{args.head} seq {args.seq} t{args.threads}] {msg}", flush=True)
+
+    torch.set_num_threads(args.threads)
+    model = random_model("mobilebert-uncased", args.head)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, model.config.vocab_size, size=(1, args.seq)).astype(np.int64)
+    mask_pos = args.seq // 3
+    mask = np.ones_like(ids)
+    types = np.zeros_like(ids)
+    types[:, args.seq // 2 :] = 1
+
+    runners, extra = {}, {}
+    wanted = None if args.backends == "all" else set(args.backends.split(","))
+    for variant in args.variants.split(","):
+        name = "mbcompile" if variant == "default" else f"mbcompile {variant}"
+        compiled, seconds = _compiled(model, args.head, args.seq, variant, log)
+        extra[name] = {"compile_seconds": seconds,
+                       "matmul_flops": compiled.report().get("final", {}).get("matmul_flops")}
+        if variant == "fill-mask":
+            fm_ids = ids.copy()
+            fm_ids[0, mask_pos] = compiled.signature.mask_token_id
+            runners[name] = (lambda c=compiled, x=fm_ids: (lambda i, m, t: [c(x, m, t)[0][0, 0]]))()
+        else:
+            runners[name] = peers.mbcompiled(compiled)
+    eager = peers.torch_eager(model)
+    builders = {
+        "PyTorch eager": lambda: eager,
+        "torch.compile": lambda: peers.torch_compile(model),
+        "ONNX Runtime fp32": lambda: peers.onnxruntime(model, (ids, mask, types), args.threads),
+        "ONNX Runtime int8 (reference)": lambda: peers.onnxruntime(
+            model, (ids, mask, types), args.threads, int8=True),
+    }
+    for name, build in builders.items():
+        if wanted is None or name in wanted or name == "PyTorch eager":
+            log(f"building {name}")
+            runners[name] = build()
+
+    reference = eager(ids, mask, types)
+    fm_ids = ids.copy()
+    diffs = {}
+    for name, run in runners.items():
+        for _ in range(2):  # warm-up (torch.compile compiles here)
+            outs = run(ids, mask, types)
+        if name.endswith("fill-mask"):
+            fm_ids[0, mask_pos] = 103
+            ref_logits = eager(fm_ids, mask, types)[0][0, mask_pos]
+            diffs[name] = float(np.abs(outs[0] - ref_logits).max())
+        else:
+            diffs[name] = float(np.abs(np.asarray(outs[0], np.float64) - reference[0]).max())
+
+    times = {name: [] for name in runners}
+    order = list(runners)
+    for r in range(args.rounds):
+        random.Random(r).shuffle(order)
+        for name in order:
+            t = time.perf_counter()
+            runners[name](ids, mask, types)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    roof = _roof(args.threads)
+
+    rows = []
+    for name, ts in times.items():
+        rows.append({
+            "backend": name, "head": args.head, "seq": args.seq, "threads": args.threads,
+            "median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
+            "max_abs_diff_vs_torch": diffs[name], **extra.get(name, {}),
+        })
+    print(json.dumps({
+        "rows": rows, "roof_gflops": roof,
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+    }))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

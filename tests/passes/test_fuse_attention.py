@@ -1,0 +1,155 @@
+"""FuseAttention: scores, mask, guarded softmax and the value product become one kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tester import Tester, tiny_model
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+
+from mbcompile.passes import FoldNoNorm
+from mbcompile.passes.attention_kernel import attention_kernel
+from mbcompile.passes.fuse_attention import FuseAttention
+from mbcompile.stats import matmul_calls
+
+NEG_INF = float("-inf")
+
+
+@I.ir_module
+class Guarded:
+    """Two heads of size 3 over 4 positions, exported as scaled_dot_product_attention is."""
+
+    @R.function
+    def main(
+        q: R.Tensor((2, 4, 3), "float32"),
+        kt: R.Tensor((2, 3, 4), "float32"),
+        v: R.Tensor((2, 4, 3), "float32"),
+        bias: R.Tensor((1, 1, 4, 4), "float32"),
+    ) -> R.Tensor((2, 4, 3), "float32"):
+        with R.dataflow():
+            s = R.matmul(q, kt, out_dtype="float32")
+            s1 = R.reshape(s, R.shape([1, 2, 4, 4]))
+            s2 = R.add(s1, bias)
+            p = R.nn.softmax(s2, axis=-1)
+            e = R.equal(s2, R.const(NEG_INF, "float32"))
+            n = R.logical_not(e)
+            i = R.astype(n, dtype="int8")
+            mx = R.max(i, axis=[-1], keepdims=True)
+            b = R.astype(mx, dtype="bool")
+            g = R.logical_not(b)
+            z = R.full_like(p, R.const(0.0, "float32"), dtype=None)
+            w = R.where(g, z, p)
+            w1 = R.reshape(w, R.shape([2, 4, 4]))
+            o = R.matmul(w1, v, out_dtype="float32")
+            R.output(o)
+        return o
+
+
+def _expected() -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((2, 4, 3), "float32"))
+    kt = relax.Var("kt", relax.TensorType((2, 3, 4), "float32"))
+    v = relax.Var("v", relax.TensorType((2, 4, 3), "float32"))
+    bias = relax.Var("bias", relax.TensorType((1, 1, 4, 4), "float32"))
+    kernel = attention_kernel(2, 4, 4, 3, 3, 2, (1, 1, 4, 4))
+    gvar = bb.add_func(kernel, "fused_attention_2x4x4x3x3_h2_b1x1x4x4")
+    with bb.function("main", [q, kt, v, bias]):
+        with bb.dataflow():
+            out = bb.emit_output(
+                relax.call_tir(gvar, [q, kt, v, bias], relax.TensorType((2, 4, 3), "float32"))
+            )
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _args(mask_row: bool = True) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    q, kt, v = (rng.standard_normal(s).astype("float32") for s in ((2, 4, 3), (2, 3, 4), (2, 4, 3)))
+    bias = np.zeros((1, 1, 4, 4), "float32")
+    bias[..., 3] = NEG_INF  # one masked key everywhere
+    if mask_row:
+        bias[0, 0, 2, :] = NEG_INF  # and one query row with every key masked
+    return [q, kt, v, bias]
+
+
+def test_guarded_attention_becomes_one_kernel_call():
+    t = Tester(Guarded).run_passes([FuseAttention()]).check_fired("FuseAttention", 1)
+    t.check_structurally_equal(_expected())
+    assert matmul_calls(t.mod) == 1
+
+
+def test_fused_kernel_equals_unfused_including_a_fully_masked_row():
+    t = Tester(Guarded).run_passes([FuseAttention()]).check_fired("FuseAttention", 1)
+    t.check_matches_unpassed(args=_args(mask_row=True))
+
+
+def test_module_without_attention_is_unchanged():
+    Tester(Guarded).run_passes([FoldNoNorm()]).check_unchanged()
+    t = Tester.from_model(tiny_model("MobileBertModel"))
+    before = t.mod
+    t.run_passes([FoldNoNorm(), FuseAttention(), FuseAttention()])
+    assert t.mod is not before
+
+
+def test_probabilities_with_another_user_are_not_fused():
+    @I.ir_module
+    class ProbsReturned:
+        @R.function
+        def main(
+            q: R.Tensor((2, 4, 3), "float32"),
+            kt: R.Tensor((2, 3, 4), "float32"),
+            v: R.Tensor((2, 4, 3), "float32"),
+            bias: R.Tensor((1, 1, 4, 4), "float32"),
+        ):
+            with R.dataflow():
+                s = R.matmul(q, kt, out_dtype="float32")
+                s1 = R.reshape(s, R.shape([1, 2, 4, 4]))
+                s2 = R.add(s1, bias)
+                p = R.nn.softmax(s2, axis=-1)
+                e = R.equal(s2, R.const(NEG_INF, "float32"))
+                n = R.logical_not(e)
+                i = R.astype(n, dtype="int8")
+                mx = R.max(i, axis=[-1], keepdims=True)
+                b = R.astype(mx, dtype="bool")
+                g = R.logical_not(b)
+                z = R.full_like(p, R.const(0.0, "float32"), dtype=None)
+                w = R.where(g, z, p)
+                w1 = R.reshape(w, R.shape([2, 4, 4]))
+                o = R.matmul(w1, v, out_dtype="float32")
+                out = (o, w)  # the probabilities are an output too (output_attentions)
+                R.output(out)
+            return out
+
+    t = Tester(ProbsReturned).run_passes([FuseAttention()]).check_unchanged()
+    assert any("another user" in r for r in t.refusals("FuseAttention"))
+
+
+@pytest.mark.parametrize("heads, seq, dim, bias_shape", [(2, 7, 5, (2, 1, 1, 7)), (3, 16, 8, (1, 3, 16, 16))])
+def test_kernel_matches_numpy_for_odd_shapes_and_broadcast_biases(heads, seq, dim, bias_shape):
+    batch = max(bias_shape[0], 1)
+    bh = batch * heads
+    kernel = attention_kernel(bh, seq, seq, dim, dim, heads, bias_shape)
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), target=target)
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((bh, seq, dim)).astype("float32") * 3
+    kt = rng.standard_normal((bh, dim, seq)).astype("float32") * 3
+    v = rng.standard_normal((bh, seq, dim)).astype("float32")
+    bias = rng.standard_normal(bias_shape).astype("float32")
+    bias[..., -2:] = NEG_INF
+    out = tvm.runtime.tensor(np.zeros((bh, seq, dim), "float32"))
+    lib["main"](*(tvm.runtime.tensor(a) for a in (q, kt, v, bias)), out)
+    full = np.broadcast_to(bias, (batch, heads, seq, seq)).reshape(bh, seq, seq)
+    scores = q.astype(np.float64) @ kt + full
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    assert np.abs(out.numpy() - probs @ v).max() <= 1e-5
+
+
+def test_tiny_mobilebert_attention_is_fused_and_equals_eager():
+    t = Tester.from_model(tiny_model("MobileBertModel", num_hidden_layers=2))
+    t.run_passes([FuseAttention()]).check_fired("FuseAttention", 2).check_not(["relax.nn.softmax"])
+    t.check_matches_eager()
