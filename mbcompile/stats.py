@@ -6,9 +6,6 @@ import numpy as np
 import tvm
 from tvm import relax
 
-_MATMUL_OPS = ("relax.matmul", "relax.nn.attention", "relax.nn.attention_bias")
-
-
 def _calls(func) -> list:
     calls = []
     relax.analysis.post_order_visit(
@@ -32,8 +29,9 @@ def _attention_calls(mod) -> list:
 
 def matmul_calls(mod) -> int:
     """``R.matmul`` calls in ``main`` (a fused attention counts as one)."""
-    names = [getattr(c.op, "name", None) for c in _calls(mod["main"])]
-    return sum(1 for n in names if n in _MATMUL_OPS) + len(_attention_calls(mod))
+    from mbcompile.passes import count_matmuls
+
+    return count_matmuls(mod)
 
 
 def matmul_flops(mod) -> int:

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, tiny_config
+from helpers import make_model, tiny_config
 
 import mbcompile
 from mbcompile.cli import main

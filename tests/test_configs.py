@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_matches_eager, make_model, random_inputs, tiny_config
+from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
 
 import mbcompile
 

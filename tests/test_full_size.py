@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import assert_matches_eager, random_inputs
+from helpers import assert_matches_eager, random_inputs
 
 import mbcompile
 from mbcompile.heads import HEADS

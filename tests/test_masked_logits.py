@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, tiny_config
+from helpers import make_model, tiny_config
 
 import mbcompile
 from mbcompile import InputError

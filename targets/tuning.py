@@ -1,0 +1,246 @@
+"""MetaSchedule tuning and its databases, kept apart: ``tune`` writes one, ``compile`` applies it.
+
+A database is a folder holding MetaSchedule's ``JSONDatabase`` files and ``manifest.json``, which
+names the LLVM target (triple, cpu, attributes) and the TVM version it was tuned with. Applying a
+database made for another target or TVM version is refused: its schedules may not even run here.
+
+MetaSchedule registers every tensor intrinsic (CUDA's, ROCm's, Hexagon's …) when a tuning context
+starts, which takes about a minute on 2 cores; :func:`meta_schedule` registers the CPU ones only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from ..errors import TargetError  # noqa: TID252
+
+MANIFEST = "manifest.json"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+# Fields of the LLVM target a tuned schedule depends on.
+TARGET_KEYS = ("mtriple", "mcpu", "mattr")
+
+
+def meta_schedule():
+    """``tvm.s_tir.meta_schedule`` with only the CPU tensor intrinsics registered."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        import tvm.s_tir
+
+        package = types.ModuleType(name)
+        package.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+        package.__package__ = name
+        sys.modules[name] = package
+        tvm.s_tir.tensor_intrin = package
+        for sub in ("x86", "arm_cpu"):
+            setattr(package, sub, importlib.import_module(f"{name}.{sub}"))
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms
+
+
+def target_key(target: tvm.target.Target) -> dict:
+    """What a database must agree on with the target it is applied to."""
+    attrs = target.attrs
+    key = {"kind": str(target.kind.name), "tvm": tvm.__version__}
+    for field in TARGET_KEYS:
+        value = attrs.get(field)
+        if value is not None and not isinstance(value, str):
+            value = sorted(str(v) for v in value)
+        key[field] = value if value is None or isinstance(value, list) else str(value)
+    return key
+
+
+@dataclass
+class Database:
+    """A tuning database folder and its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, target: tvm.target.Target) -> Database:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        manifest_file = path / MANIFEST
+        if manifest_file.exists():
+            db = cls.open(path)
+            db.check(target)
+            return db
+        manifest = {"format": "mbcompile-tuning-db", "target": target_key(target),
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        manifest_file.write_text(json.dumps(manifest, indent=2))
+        return cls(path, manifest)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Database:
+        path = Path(path)
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
+            raise TargetError(f"{path}: not an mbcompile tuning database (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as err:
+            raise TargetError(f"{path}: corrupt {MANIFEST} ({err})") from None
+        if manifest.get("format") != "mbcompile-tuning-db":
+            raise TargetError(f"{path}: not an mbcompile tuning database")
+        return cls(path, manifest)
+
+    def mismatch(self, target: tvm.target.Target) -> str | None:
+        """Why this database does not fit ``target`` (None if it does)."""
+        want, have = target_key(target), self.manifest["target"]
+        diffs = [f"{k}: database {have.get(k)!r}, target {want.get(k)!r}"
+                 for k in want if have.get(k) != want.get(k)]
+        return "; ".join(diffs) or None
+
+    def check(self, target: tvm.target.Target) -> None:
+        why = self.mismatch(target)
+        if why is not None:
+            raise TargetError(
+                f"tuning database {self.path} was made for another target or TVM version "
+                f"({why}); tune again for this target with `mbcompile tune`"
+            )
+
+    def ms_database(self):
+        ms = meta_schedule()
+        return ms.database.JSONDatabase(
+            path_workload=str(self.path / WORKLOADS),
+            path_tuning_record=str(self.path / RECORDS),
+            module_equality="structural",
+        )
+
+    def records(self) -> int:
+        file = self.path / RECORDS
+        return sum(1 for line in file.open() if line.strip()) if file.exists() else 0
+
+
+def apply_database_pass(db: Database) -> tvm.transform.Pass:
+    """Replace every PrimFunc the database has a record for by its best tuned schedule."""
+    ms_db = db.ms_database()
+
+    @tvm.transform.module_pass(opt_level=0, name="mbcompile_apply_tuning_db")
+    def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with ms_db:
+            return tvm.relax.transform.MetaScheduleApplyDatabase()(mod)
+
+    return _apply
+
+
+class Stop(Exception):
+    """Raised from the progress callback when the time budget is spent."""
+
+
+def _progress_callback(ms, total: int, deadline: float | None, log):
+    """A MeasureCallback printing trials done, ETA and the best latency per task."""
+
+    @ms.utils.derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self) -> None:
+            self.done = 0
+            self.start = time.monotonic()
+            self.best: dict[int, float] = {}
+
+        def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
+            for result in runner_results:
+                if result.run_secs:
+                    secs = [float(s) for s in result.run_secs]
+                    best = sum(secs) / len(secs)
+                    if best < self.best.get(task_id, float("inf")):
+                        self.best[task_id] = best
+            self.done += len(candidates)
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / self.done * max(total - self.done, 0)
+            best = self.best.get(task_id)
+            best_text = f"{best * 1e6:.1f} us" if best is not None else "none valid yet"
+            log(
+                f"tune: {self.done}/{total} trials, {elapsed:.0f} s elapsed, ETA {eta:.0f} s; "
+                f"task {task_id} best {best_text}"
+            )
+            if deadline is not None and time.monotonic() > deadline:
+                raise Stop()
+
+    return Progress()
+
+
+def tune_module(
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    db: Database,
+    *,
+    trials: int,
+    minutes: float | None = None,
+    trials_per_batch: int = 16,
+    cost_model: str = "random",
+    runner=None,
+    builder=None,
+    log=print,
+) -> dict:
+    """Tune the PrimFuncs of a legalized, fused module (deduplicated tasks) into ``db``.
+
+    ``trials`` is the budget per task; a task that already has records in ``db`` gets only what
+    is left of it (so an interrupted run resumes). Ctrl-C or the ``minutes`` budget stop early;
+    every measured record is already in the database then.
+    """
+    ms = meta_schedule()
+    db.check(target)
+    extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
+    extracted = [t for t in extracted if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)]
+    ms_db = db.ms_database()
+    contexts, weights, skipped = [], [], 0
+    for task in extracted:
+        done = len(ms_db.get_top_k(ms_db.commit_workload(task.dispatched[0]), trials)) if ms_db.has_workload(task.dispatched[0]) else 0
+        if done >= trials:
+            skipped += 1
+            continue
+        contexts.append(
+            ms.TuneContext(
+                mod=task.dispatched[0],
+                target=target,
+                space_generator="post-order-apply",
+                search_strategy="evolutionary",
+                task_name=task.task_name,
+                num_threads="physical",
+            )
+        )
+        weights.append(float(task.weight))
+    summary = {"tasks": len(extracted), "already_tuned": skipped, "tuned": len(contexts)}
+    if not contexts:
+        log(f"tune: all {len(extracted)} tasks already have {trials} trials in {db.path}")
+        return summary
+    total = trials * len(contexts)
+    deadline = time.monotonic() + minutes * 60 if minutes else None
+    log(f"tune: {len(extracted)} distinct kernels, {len(contexts)} to tune, {trials} trials each")
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [
+        _progress_callback(ms, total, deadline, log)
+    ]
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(db.path),
+            max_trials_global=total,
+            max_trials_per_task=trials,
+            num_trials_per_iter=trials_per_batch,
+            builder=builder or "local",
+            runner=runner or "local",
+            database=ms_db,
+            cost_model=cost_model,
+            measure_callbacks=callbacks,
+        )
+    except Stop:
+        log("tune: time budget spent; the database holds every trial measured so far")
+        summary["stopped"] = "time budget"
+    except KeyboardInterrupt:
+        log(f"tune: interrupted; {db.path} is valid; run the same command again to resume")
+        summary["stopped"] = "interrupted"
+    summary["records"] = db.records()
+    return summary

@@ -1,0 +1,84 @@
+"""Test helpers: tiny seeded MobileBERT models, valid random inputs, comparison with eager.
+
+(A module of its own, not conftest.py: every tests/ folder may have a conftest, and pytest
+imports them all under the one name ``conftest``.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TOL = 1e-4  # max abs error against PyTorch eager, fp32
+
+# A small architecture of MobileBERT's shape family: fast to capture and build.
+TINY = dict(
+    vocab_size=211,
+    hidden_size=64,
+    embedding_size=32,
+    intra_bottleneck_size=32,
+    true_hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_config(**overrides):
+    from transformers import MobileBertConfig
+
+    return MobileBertConfig(**{**TINY, **overrides})
+
+
+def make_model(head: str, config, seed: int = 0):
+    from mbcompile.models import random_model
+
+    return random_model(config, head, seed=seed)
+
+
+def random_inputs(config, shape, *, pad: int = 0, segments: bool = True, seed: int = 1):
+    """Token ids in range, a mask with ``pad`` padded positions at the end, two segments."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, shape, generator=gen)
+    mask = torch.ones(shape, dtype=torch.long)
+    if pad:
+        mask[..., shape[-1] - pad :] = 0
+    types = torch.zeros(shape, dtype=torch.long)
+    if segments:
+        types[..., shape[-1] // 2 :] = 1
+    return ids, mask, types
+
+
+def max_abs_errors(out, ref) -> dict[str, float]:
+    """Per-field max abs error between a compiled output and HF's ModelOutput (same names)."""
+    assert list(out.keys()) == [k for k in ref.keys()], (list(out.keys()), list(ref.keys()))
+    errors = {}
+    for name in ref.keys():
+        a, b = out[name], ref[name]
+        if isinstance(b, tuple):
+            assert isinstance(a, tuple) and len(a) == len(b), (name, len(a), len(b))
+        pairs = zip(a, b) if isinstance(b, tuple) else [(a, b)]
+        errs = [0.0]
+        for x, y in pairs:
+            x = x.numpy() if isinstance(x, torch.Tensor) else x
+            y = y.detach().numpy()
+            assert x.shape == y.shape, (name, x.shape, y.shape)
+            errs.append(float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()))
+        errors[name] = max(errs)
+    return errors
+
+
+def assert_matches_eager(compiled, model, ids, mask=None, types=None, tol: float = TOL):
+    kwargs = {"input_ids": ids}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    if types is not None:
+        kwargs["token_type_ids"] = types
+    with torch.no_grad():
+        ref = model(**kwargs)
+    out = compiled(**kwargs)
+    errors = max_abs_errors(out, ref)
+    worst = max(errors.values())
+    assert worst <= tol, f"max abs error {worst:.3e} > {tol}: {errors}"
+    return out

@@ -1,0 +1,285 @@
+"""Tests for mbcompile.targets.schedules: each rule against the unscheduled kernel, rules that
+must not match, weight packing, and small MobileBERTs through the whole pipeline vs PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+import tvm_ffi
+from tvm import relax, te, tirx, topi
+from tvm.script import relax as R
+from tvm.target import codegen
+
+from mbcompile.targets.pipeline import (
+    build_pipeline,
+    layout_passes,
+    legalize_passes,
+    lower_passes,
+)
+from mbcompile.targets.schedules import (
+    BatchMatmul,
+    DensePacked,
+    Elementwise,
+    PackDenseWeights,
+    RowReduction,
+    ScheduleKernels,
+    default_rules,
+)
+from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight
+
+HOST = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+AARCH64 = tvm.target.Target(
+    {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "num-cores": 4}
+)
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _random_args(func: tirx.PrimFunc, rng: np.random.Generator) -> list[np.ndarray]:
+    args = []
+    for param in func.params:
+        shape = [int(d) for d in param.shape]
+        dtype = str(param.dtype)
+        if dtype.startswith("float"):
+            args.append(rng.standard_normal(shape).astype(dtype))
+        else:  # indices and masks: zero is in range for every gather
+            args.append(np.zeros(shape, dtype))
+    return args
+
+
+def _run(func: tirx.PrimFunc, args: list[np.ndarray]) -> np.ndarray:
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+    tensors = [tvm.runtime.tensor(a) for a in args]
+    ex.mod["main"](*tensors)
+    return tensors[-1].numpy()
+
+
+def assert_rule_schedules_and_preserves(rule, func: tirx.PrimFunc, atol: float = 1e-5) -> None:
+    """``rule`` matches ``func`` and the scheduled kernel computes what the original does."""
+    sch = rule.apply(func, HOST, False)
+    assert sch is not None, f"{type(rule).__name__} did not match"
+    scheduled = sch.mod["main"]
+    assert not tvm_ffi.structural_equal(scheduled, func)
+    args = _random_args(func, np.random.default_rng(0))
+    np.testing.assert_allclose(_run(scheduled, args), _run(func, args), atol=atol, rtol=1e-5)
+
+
+def packed_dense_with_bias(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
+    x = te.placeholder((m, k), name="x")
+    wp = te.placeholder((-(-n // block), k, block), name="wp")
+    bias = te.placeholder((n,), name="bias")
+    y = dense_packed(x, wp, n)
+    out = te.compute((m, n), lambda i, j: tvm.te.max(y[i, j] + bias[j], 0.0), name="relu")
+    return te.create_prim_func([x, wp, bias, out])
+
+
+def batch_matmul_scaled(batch: int, m: int, k: int, n: int) -> tirx.PrimFunc:
+    a = te.placeholder((batch, m, k), name="a")
+    b = te.placeholder((batch, k, n), name="b")
+    r = te.reduce_axis((0, k), name="r")
+    c = te.compute((batch, m, n), lambda q, i, j: te.sum(a[q, i, r] * b[q, r, j], axis=r), name="c")
+    out = te.compute((batch, m, n), lambda q, i, j: c[q, i, j] * 0.125, name="scale")
+    return te.create_prim_func([a, b, out])
+
+
+# --------------------------------------------------------------------------- rules vs unscheduled
+
+
+@pytest.mark.parametrize("m, k, n", [(128, 64, 32), (7, 13, 37), (1, 16, 3)])
+def test_packed_dense_with_fused_epilogue_equals_the_unscheduled_kernel(m, k, n):
+    assert_rule_schedules_and_preserves(DensePacked(), packed_dense_with_bias(m, k, n, 16))
+
+
+@pytest.mark.parametrize("batch, m, k, n", [(4, 32, 8, 32), (2, 7, 5, 7), (1, 6, 12, 24)])
+def test_batch_matmul_with_fused_epilogue_equals_the_unscheduled_kernel(batch, m, k, n):
+    assert_rule_schedules_and_preserves(BatchMatmul(), batch_matmul_scaled(batch, m, k, n))
+
+
+def test_masked_softmax_equals_the_unscheduled_kernel():
+    x = te.placeholder((1, 2, 16, 16), name="x")
+    mask = te.placeholder((1, 1, 1, 16), name="mask")
+    scores = te.compute(x.shape, lambda b, h, i, j: x[b, h, i, j] + mask[b, 0, 0, j], name="add")
+    out = topi.nn.softmax(scores, axis=-1)
+    assert_rule_schedules_and_preserves(RowReduction(), te.create_prim_func([x, mask, out]))
+
+
+def test_layer_norm_equals_the_unscheduled_kernel():
+    x = te.placeholder((2, 7, 24), name="x")
+    gamma = te.placeholder((24,), name="gamma")
+    beta = te.placeholder((24,), name="beta")
+    out = topi.nn.layer_norm(x, gamma, beta, axis=[2], epsilon=1e-12)
+    assert_rule_schedules_and_preserves(RowReduction(), te.create_prim_func([x, gamma, beta, out]))
+
+
+def test_transpose_gather_and_elementwise_chain_equals_the_unscheduled_kernel():
+    table = te.placeholder((10, 64), name="table")
+    ids = te.placeholder((128,), name="ids", dtype="int32")
+    rows = topi.take(table, ids, axis=0)
+    heads = topi.transpose(topi.reshape(rows, (128, 4, 16)), (1, 0, 2))
+    out = te.compute(heads.shape, lambda h, s, d: heads[h, s, d] * 2.0 + 1.0, name="affine")
+    assert_rule_schedules_and_preserves(Elementwise(), te.create_prim_func([table, ids, out]))
+
+
+# --------------------------------------------------------------------------- rules that bail
+
+
+def test_matmul_rules_leave_an_elementwise_function_unchanged():
+    x = te.placeholder((8, 8), name="x")
+    func = te.create_prim_func([x, te.compute((8, 8), lambda i, j: x[i, j] + 1.0, name="y")])
+    for rule in (DensePacked(), BatchMatmul(), RowReduction()):
+        assert rule.apply(func, HOST, False) is None
+
+
+def test_batch_matmul_bails_on_a_transposed_right_operand_and_on_a_ragged_wide_n():
+    a = te.placeholder((16, 8), name="a")
+    bt = te.placeholder((16, 8), name="bt")
+    r = te.reduce_axis((0, 8), name="r")
+    nt = te.compute((16, 16), lambda i, j: te.sum(a[i, r] * bt[j, r], axis=r), name="nt")
+    assert BatchMatmul().apply(te.create_prim_func([a, bt, nt]), HOST, False) is None
+    assert BatchMatmul().apply(batch_matmul_scaled(1, 8, 8, 37), AVX2, False) is None
+
+
+def test_schedule_kernels_leaves_what_no_rule_matches_as_it_was_and_reports_it():
+    x = te.placeholder((8, 8), name="x")
+    func = te.create_prim_func([x, te.compute((8, 8), lambda i, j: x[i, j] + 1.0, name="y")])
+    mod = tvm.IRModule({"add_one": func})
+    schedule = ScheduleKernels(HOST, [DensePacked(), BatchMatmul()])
+    after = schedule(mod)
+    tvm.ir.assert_structural_equal(after["add_one"], func)
+    assert schedule.last_report == {"unscheduled": 1, "failed": []}
+
+
+def test_pack_weight_blocks_columns_and_zero_pads_the_last_panel():
+    w = np.arange(6 * 5, dtype="float32").reshape(6, 5)
+    packed = pack_weight(w, 4)
+    assert packed.shape == (2, 6, 4)
+    np.testing.assert_array_equal(packed[1, :, 0], w[:, 4])
+    np.testing.assert_array_equal(packed[1, :, 1:], 0)
+
+
+def test_pack_dense_weights_packs_a_constant_weight_and_not_a_runtime_one():
+    w = relax.const(np.ones((16, 24), "float32"))
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((4, 16), "float32"), y: R.Tensor((16, 24), "float32")):
+            with R.dataflow():
+                a = R.matmul(x, w)
+                b = R.matmul(x, y)
+                out = R.add(a, b)
+                R.output(out)
+            return out
+
+    pack = PackDenseWeights(HOST)
+    after = pack(Module)
+    assert pack.last_count == 1
+    calls = after.script()
+    assert calls.count("R.matmul") == 1 and "dense_packed" in calls
+
+
+# --------------------------------------------------------------------------- whole pipeline
+
+SMALL = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    embedding_size=32,
+    intra_bottleneck_size=32,
+    num_attention_heads=2,
+    intermediate_size=37,
+    true_hidden_size=32,
+    vocab_size=100,
+)
+
+
+def _export(model: torch.nn.Module, batch: int, seq: int, vocab: int):
+    from tvm.relax.frontend.torch import from_exported_program
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, a, b, c):
+            out = self.m(input_ids=a, attention_mask=b, token_type_ids=c, return_dict=True)
+            return tuple(out.values())
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, -2:] = 0  # padded tail on the last sequence exercises the masked softmax
+    types = torch.zeros(batch, seq, dtype=torch.long)
+    wrapped = Wrap(model.eval())
+    with torch.no_grad():
+        program = torch.export.export(wrapped, (ids, mask, types))
+        expected = [t.numpy() for t in wrapped(ids, mask, types)]
+    return from_exported_program(program), (ids, mask, types), expected
+
+
+def _compile_reporting(mod: tvm.IRModule, target: tvm.target.Target):
+    schedule = ScheduleKernels(target, default_rules(target))
+    with target:
+        mod = tvm.transform.Sequential(layout_passes(target) + legalize_passes(target))(mod)
+        mod = schedule(mod)
+    lower = tvm.transform.Sequential(lower_passes(target))
+    ex = tvm.compile(mod, target=target, relax_pipeline=lower)
+    return ex, schedule.last_report
+
+
+@pytest.mark.parametrize(
+    "model_cls, overrides, batch, seq",
+    [
+        (
+            "MobileBertForMaskedLM",
+            dict(normalization_type="layer_norm", hidden_act="gelu"),
+            2,
+            7,
+        ),
+        ("MobileBertModel", dict(), 1, 13),
+        ("MobileBertModel", dict(), 1, 37),
+    ],
+)
+def test_small_mobilebert_compiled_with_the_pipeline_equals_pytorch(
+    model_cls, overrides, batch, seq
+):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileBertConfig(**SMALL, **overrides)
+    model = getattr(transformers, model_cls)(config)
+    mod, inputs, expected = _export(model, batch, seq, config.vocab_size)
+    ex, report = _compile_reporting(mod, HOST)
+    assert report["failed"] == [] and "unscheduled" not in report
+    assert report["DensePacked"] >= 5 and report["BatchMatmul"] >= 1
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    outputs = vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs])
+    for got, want in zip(outputs, expected):
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-4, rtol=0)
+
+
+def test_one_default_width_layer_at_seq_128_equals_pytorch():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.MobileBertModel(transformers.MobileBertConfig(num_hidden_layers=1))
+    mod, inputs, expected = _export(model, 1, 128, 30522)
+    ex = tvm.compile(mod, target=HOST, relax_pipeline=build_pipeline(HOST))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    outputs = vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in inputs])
+    for got, want in zip(outputs, expected):
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("target", [AARCH64, AVX512], ids=["aarch64-neon", "x86-avx512"])
+def test_small_mobilebert_compiles_for_other_targets_with_every_kernel_scheduled(target):
+    import transformers
+
+    config = transformers.MobileBertConfig(**SMALL)
+    mod, _, _ = _export(transformers.MobileBertModel(config), 1, 7, config.vocab_size)
+    _, report = _compile_reporting(mod, target)
+    assert report["failed"] == [] and "unscheduled" not in report
