@@ -16,9 +16,15 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from mbcompile.targets.schedules import PackDenseWeights, ScheduleKernels, default_rules
+
 
 def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    return []
+    return [
+        PackDenseWeights(target),  # matmul by a constant → packed-weight call_tir
+        # softmax / exp / erf / tanh → polynomial forms that vectorise (libm's are scalar calls)
+        relax.transform.FastMathTransform(),
+    ]
 
 
 def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
@@ -34,7 +40,7 @@ def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
 
 def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    return []
+    return [ScheduleKernels(target, default_rules(target))]
 
 
 def lower_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+from tvm.ir.utils import derived_object
 
 from ..errors import TargetError  # noqa: TID252
 
@@ -142,7 +143,7 @@ class Stop(Exception):
 def _progress_callback(ms, total: int, deadline: float | None, log):
     """A MeasureCallback printing trials done, ETA and the best latency per task."""
 
-    @ms.utils.derived_object
+    @derived_object
     class Progress(ms.measure_callback.PyMeasureCallback):
         def __init__(self) -> None:
             self.done = 0

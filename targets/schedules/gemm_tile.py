@@ -1,0 +1,268 @@
+"""Recognise a matmul block and schedule it as a register-tiled CPU micro-kernel.
+
+Shared by ``dense.py`` (constant weight pre-packed by ``pack_weights.py``) and
+``batch_matmul.py`` (both operands computed at run time).
+
+A matmul block, matched on its body and indices (never on names)::
+
+    C[b..., i, j] += A[b..., i, k] * B(b..., k, j)      one reduction iter k, init 0
+
+where ``B(b..., k, j)`` is either row-major ``B[b..., k, j]`` or packed ``B[j // nb, k, j % nb]``.
+
+The schedule::
+
+    for b, jo, io in parallel (fused):             # jo outer: a K×nb panel of B stays in L1
+        acc[mi, nb] = 0                            # vector registers
+        for ko:  for ki (unrolled):  for ii (unrolled):  for ji (vectorised):
+            acc[ii, ji] += A[i, k] * B[k, j]
+        out[i, j] = epilogue(acc[ii, ji], ...)     # fused bias / NoNorm / activation / residual
+
+``mi × nb`` accumulators fill about half the vector registers (4×16 fp32 with AVX2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.ir.expr import TensorLoad
+
+from .block_info import is_spatial, top_level_blocks
+from .target_info import CPUInfo
+
+
+@dataclass
+class Gemm:
+    """Roles of one matmul block's iters and operands."""
+
+    block: s_tir.schedule.SBlockRV
+    batch: list[s_tir.schedule.LoopRV]
+    i: s_tir.schedule.LoopRV
+    j: s_tir.schedule.LoopRV
+    k: s_tir.schedule.LoopRV
+    m: int
+    n: int
+    k_extent: int
+    dtype: str
+    packed_block: int | None  # nb when B is packed as [N/nb, K, nb]
+
+
+def _var(expr) -> tirx.Var | None:
+    return expr if isinstance(expr, tirx.Var) else None
+
+
+def _int(expr) -> int | None:
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _is_packed_index(indices, j: tirx.Var, k: tirx.Var, nb: int) -> bool:
+    if len(indices) != 3 or _var(indices[1]) is None or not indices[1].same_as(k):
+        return False
+    div, mod = indices[0], indices[2]
+    return (
+        isinstance(div, tirx.FloorDiv)
+        and isinstance(mod, tirx.FloorMod)
+        and div.a.same_as(j)
+        and mod.a.same_as(j)
+        and _int(div.b) == nb
+        and _int(mod.b) == nb
+    )
+
+
+def _uses(indices, var: tirx.Var) -> bool:
+    return any(
+        v.same_as(var) for index in indices for v in tirx.analysis.undefined_vars(index, [])
+    )
+
+
+def match_gemm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> Gemm | None:
+    """The matmul roles of ``block``, or None when it is not ``C[.., i, j] += A·B``."""
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    iters = list(stmt.iter_vars)
+    if len(loops) != len(iters) or len(iters) < 3:
+        return None
+    kinds = [iv.iter_type for iv in iters]
+    if kinds[-1] != tirx.IterVar.CommReduce or any(
+        kind != tirx.IterVar.DataPar for kind in kinds[:-1]
+    ):
+        return None
+    extents = [_int(iv.dom.extent) for iv in iters]
+    if any(e is None for e in extents) or any(_int(iv.dom.min) != 0 for iv in iters):
+        return None
+    # Trivial binding: iter t is bound to loop t.
+    realize_loops = [sch.get(loop) for loop in loops]
+    if [_int(loop.extent) for loop in realize_loops] != extents:
+        return None
+    spatial = [iv.var for iv in iters[:-1]]
+    k = iters[-1].var
+    i, j = spatial[-2], spatial[-1]
+
+    body = stmt.body
+    if not isinstance(body, tirx.BufferStore) or stmt.init is None:
+        return None
+    if len(body.indices) != len(spatial) or not all(
+        a.same_as(b) for a, b in zip(body.indices, spatial)
+    ):
+        return None
+    init = stmt.init
+    if not isinstance(init, tirx.BufferStore) or not isinstance(
+        init.value, (tirx.FloatImm, tirx.IntImm)
+    ):
+        return None
+    if float(init.value.value) != 0.0:
+        return None
+    value = body.value
+    if not isinstance(value, tirx.Add):
+        return None
+    acc, prod = value.a, value.b
+    if isinstance(prod, TensorLoad) and isinstance(acc, tirx.Mul):
+        acc, prod = prod, acc
+    if not (
+        isinstance(acc, TensorLoad)
+        and acc.source.same_as(body.buffer)
+        and all(a.same_as(b) for a, b in zip(acc.indices, body.indices))
+        and isinstance(prod, tirx.Mul)
+        and isinstance(prod.a, TensorLoad)
+        and isinstance(prod.b, TensorLoad)
+    ):
+        return None
+    dtype = str(body.buffer.dtype)
+    if not dtype.startswith("float") or any(
+        str(x.source.dtype) != dtype for x in (prod.a, prod.b)
+    ):
+        return None
+
+    lhs, rhs = prod.a, prod.b
+    if _uses(lhs.indices, j):
+        lhs, rhs = rhs, lhs
+    a_idx, b_idx = list(lhs.indices), list(rhs.indices)
+    # A[..., i, k]: k innermost, i next, no j.
+    if len(a_idx) < 2 or not a_idx[-1].same_as(k) or not a_idx[-2].same_as(i):
+        return None
+    if _uses(a_idx[:-2], j) or _uses(a_idx[:-2], k) or _uses(a_idx[:-2], i):
+        return None
+    packed_block = None
+    b_shape = [_int(d) for d in rhs.source.shape]
+    if b_shape and b_shape[-1] is not None and _is_packed_index(b_idx, j, k, b_shape[-1]):
+        packed_block = b_shape[-1]
+    elif len(b_idx) >= 2 and b_idx[-1].same_as(j) and b_idx[-2].same_as(k):
+        if _uses(b_idx[:-2], i) or _uses(b_idx[:-2], j) or _uses(b_idx[:-2], k):
+            return None
+    else:
+        return None
+    return Gemm(
+        block=block,
+        batch=list(loops[:-3]),
+        i=loops[-3],
+        j=loops[-2],
+        k=loops[-1],
+        m=extents[-3],
+        n=extents[-2],
+        k_extent=extents[-1],
+        dtype=dtype,
+        packed_block=packed_block,
+    )
+
+
+def find_gemm(sch: s_tir.Schedule) -> tuple[Gemm, list, list] | None:
+    """The one matmul block of a PrimFunc, with the spatial blocks before and after it.
+
+    None unless the function is exactly: spatial blocks, one matmul, spatial blocks.
+    """
+    blocks = top_level_blocks(sch)
+    if blocks is None:
+        return None
+    reductions = [n for n, block in enumerate(blocks) if not is_spatial(sch, block)]
+    if len(reductions) != 1:
+        return None
+    at = reductions[0]
+    gemm = match_gemm(sch, blocks[at])
+    if gemm is None:
+        return None
+    return gemm, blocks[:at], blocks[at + 1 :]
+
+
+def register_tile(info: CPUInfo, dtype: str) -> tuple[int, int]:
+    """(rows, columns) of the accumulator tile: half the vector registers."""
+    lanes = info.lanes(dtype)
+    rows = 8 if info.num_vector_registers >= 32 else 4
+    return rows, 2 * lanes
+
+
+def largest_divisor(n: int, preferred: int, floor: int = 1) -> int | None:
+    """The largest of preferred, preferred/2, ... ≥ floor that divides n."""
+    size = preferred
+    while size >= floor:
+        if n % size == 0:
+            return size
+        size //= 2
+    return None
+
+
+def schedule_gemm(
+    sch: s_tir.Schedule,
+    gemm: Gemm,
+    consumers: list,
+    info: CPUInfo,
+    tile_n: int,
+) -> None:
+    """Tile ``gemm`` into registers and fuse its (already single) epilogue block into the tile.
+
+    ``consumers`` is [] (the matmul writes the output) or [epilogue]. Raises ScheduleError
+    when a primitive refuses; the rules then leave the function unscheduled.
+    """
+    rows, _ = register_tile(info, gemm.dtype)
+    tile_m = largest_divisor(gemm.m, rows)
+    unroll_k = largest_divisor(gemm.k_extent, 4)
+    lanes = info.lanes(gemm.dtype)
+
+    io, ii = sch.split(gemm.i, [None, tile_m])
+    jo, ji = sch.split(gemm.j, [None, tile_n])
+    ko, ki = sch.split(gemm.k, [None, unroll_k])
+    sch.reorder(*gemm.batch, jo, io, ko, ki, ii, ji)
+    outer = sch.fuse(*gemm.batch, jo, io)
+    sch.parallel(outer)
+
+    if consumers:
+        (epilogue,) = consumers
+        sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
+        sch.set_scope(gemm.block, 0, "local")
+        writer = epilogue
+    else:
+        writer = sch.cache_write(gemm.block, 0, "local")
+        sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
+    _vectorize_tile(sch, writer, lanes)
+
+    sch.unroll(ki)
+    sch.unroll(ii)
+    sch.vectorize(ji)
+    sch.decompose_reduction(gemm.block, ko)
+
+
+def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+    """Vectorise the innermost loop of a tile's writer and unroll the ones above it."""
+    loops = sch.get_loops(block)
+    inner = loops[-1]
+    extent = _int(sch.get(inner).extent)
+    if extent is not None and extent > 1:
+        if extent % lanes == 0 or extent < lanes:
+            sch.vectorize(inner)
+        else:
+            _, vec = sch.split(inner, [None, lanes])
+            sch.vectorize(vec)
+    for loop in loops[1:-1]:
+        if _int(sch.get(loop).extent) not in (None, 1):
+            sch.unroll(loop)
+
+
+def inline_around(sch: s_tir.Schedule, producers: list, consumers: list) -> list:
+    """Inline spatial producers into the matmul and all but the last consumer into the last.
+
+    Returns the remaining epilogue ([] or [block]). Raises ScheduleError if one refuses.
+    """
+    for block in producers:
+        sch.compute_inline(block)
+    for block in consumers[:-1]:
+        sch.compute_inline(block)
+    return consumers[-1:]

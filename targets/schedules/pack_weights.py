@@ -1,0 +1,181 @@
+"""Pre-pack constant matmul weights into a blocked layout the dense schedule streams.
+
+    matmul(x[..., K], W[K, N])  →  call_tir(dense_packed, x, Wp[⌈N/nb⌉, K, nb])
+
+``Wp[jo, k, ji] = W[k, jo·nb + ji]``, zero beyond column N, so one register tile of the dense
+schedule (``dense.py``) reads one contiguous ``K × nb`` panel. ``nb`` is two SIMD vectors.
+The new PrimFunc computes the product over the padded width (``dense_pad``) and crops it
+(``crop``); it carries ``op_pattern = kOutEWiseFusable`` so FuseOps still fuses bias, NoNorm,
+activation and residual epilogues into it, exactly as into a legalized ``R.matmul``.
+
+The weight may be a constant expression the importer wrote: ``permute_dims(W)`` (``nn.Linear``),
+``concat`` of such (the MaskedLM decoder), ``broadcast_to`` over batch axes (a batched input);
+it is evaluated here with numpy (Relax ``FoldConstant`` compiles a kernel per weight: ~1 s per
+layer).
+
+Bails (leaves the matmul as is) unless: the weight evaluates to a 2-D constant, both operands
+are the same float dtype with no other ``out_dtype``, and the activation has a static shape.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+from tvm import relax, te
+
+from .target_info import cpu_info
+
+logger = logging.getLogger(__name__)
+
+OP_PATTERN_OUT_EWISE_FUSABLE = 4  # tvm/relax/analysis: OpPatternKind::kOutEWiseFusable
+
+
+def packed_block_width(target: tvm.target.Target, dtype: str, n: int) -> int:
+    """Columns per packed panel: two vectors, or fewer lanes' worth for a narrow N."""
+    lanes = cpu_info(target).lanes(dtype)
+    return min(2 * lanes, -(-n // lanes) * lanes)
+
+
+def pack_weight(weight: np.ndarray, block: int) -> np.ndarray:
+    """``[K, N]`` → ``[⌈N/block⌉, K, block]``, zero-padded columns."""
+    k, n = weight.shape
+    n_outer = -(-n // block)
+    padded = np.zeros((k, n_outer * block), dtype=weight.dtype)
+    padded[:, :n] = weight
+    return np.ascontiguousarray(padded.reshape(k, n_outer, block).transpose(1, 0, 2))
+
+
+def dense_packed(x: te.Tensor, wp: te.Tensor, n: int) -> te.Tensor:
+    """``x[..., K] · W[K, N]`` with W given packed as ``wp[⌈N/nb⌉, K, nb]``."""
+    *batch, k_extent = x.shape
+    n_outer, _, block = wp.shape
+    k = te.reduce_axis((0, k_extent), name="k")
+    padded = te.compute(
+        (*batch, n_outer * block),
+        lambda *idx: te.sum(
+            x[(*idx[:-1], k)] * wp[idx[-1] // block, k, idx[-1] % block], axis=k
+        ),
+        name="dense_pad",
+    )
+    return te.compute((*batch, n), lambda *idx: padded(*idx), name="crop")
+
+
+def constant_value(expr: relax.Expr, lookup) -> np.ndarray | None:
+    """The value of a constant weight expression, or None if it is not one we evaluate.
+
+    ``lookup`` maps a bound variable to its value expression (or None).
+    """
+    if isinstance(expr, relax.Var):
+        bound = lookup(expr)
+        return None if bound is None else constant_value(bound, lookup)
+    if isinstance(expr, tvm.ir.expr.GenericConst):
+        return expr.value.numpy()
+    if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
+        return None
+    if expr.op.name == "relax.permute_dims":
+        value = constant_value(expr.args[0], lookup)
+        axes = expr.attrs.axes
+        if value is None:
+            return None
+        return np.transpose(value, None if axes is None else [int(a) for a in axes])
+    if expr.op.name == "relax.concat":
+        fields = expr.args[0]
+        if isinstance(fields, relax.Var):
+            fields = lookup(fields)
+        if not isinstance(fields, relax.Tuple):
+            return None
+        values = [constant_value(f, lookup) for f in fields.fields]
+        if any(v is None for v in values):
+            return None
+        return np.concatenate(values, axis=int(expr.attrs.axis))
+    return None
+
+
+def matmul_weight(weight: relax.Expr, lookup) -> np.ndarray | None:
+    """The 2-D constant a matmul multiplies by, seeing through a ``broadcast_to`` over batch."""
+    if isinstance(weight, relax.Var):
+        bound = lookup(weight)
+        weight = weight if bound is None else bound
+    if (
+        isinstance(weight, relax.Call)
+        and isinstance(weight.op, tvm.ir.Op)
+        and weight.op.name == "relax.broadcast_to"
+    ):
+        inner = constant_value(weight.args[0], lookup)
+        if inner is not None and inner.ndim == 2:
+            return inner
+    return constant_value(weight, lookup)
+
+
+def why_not_packable(call: relax.Call, weight: np.ndarray | None) -> str | None:
+    """None when ``call``, a matmul whose second operand evaluates to ``weight``, can be packed."""
+    if weight is None:
+        return "weight is not a constant expression"
+    x_type = call.args[0].ty
+    if not isinstance(x_type, relax.TensorType) or not isinstance(x_type.shape, relax.ShapeExpr):
+        return "activation has no known shape"
+    if not all(isinstance(d, tvm.tirx.IntImm) for d in x_type.shape.values):
+        return "activation shape is not static"
+    if weight.ndim != 2 or x_type.ndim < 1:
+        return f"ranks {x_type.ndim}·{weight.ndim} are not [..., K]·[K, N]"
+    if int(x_type.shape.values[-1]) != weight.shape[0]:
+        return "contraction extents differ"
+    x_dtype, w_dtype = str(x_type.dtype), str(weight.dtype)
+    if x_dtype != w_dtype or not x_dtype.startswith(("float", "bfloat")):
+        return f"dtypes {x_dtype}·{w_dtype} are not one float type"
+    out_dtype = str(call.attrs.out_dtype or "")
+    if out_dtype not in ("", "void", x_dtype):
+        return f"out_dtype {out_dtype} differs from the operands"
+    return None
+
+
+@relax.expr_functor.mutator
+class _Packer(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+        super().__init__(mod)
+        self.target = target
+        self.packed = 0
+        self._matmul = tvm.ir.Op.get("relax.matmul")
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if call.op != self._matmul:
+            return call
+        w = matmul_weight(call.args[1], self.lookup_binding)
+        why = why_not_packable(call, w)
+        if why is not None:
+            logger.debug("PackDenseWeights: not packing %s: %s", call.op, why)
+            return call
+        block = packed_block_width(self.target, str(w.dtype), w.shape[1])
+        self.packed += 1
+        return self.builder_.call_te(
+            dense_packed,
+            call.args[0],
+            relax.const(pack_weight(w, block)),
+            n=w.shape[1],
+            primfunc_name_hint="dense_packed",
+            primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")
+class PackDenseWeights:
+    """Rewrite every matmul by a constant weight into a packed-weight ``call_tir``.
+
+    ``last_count`` holds how many matmuls the last run packed.
+    """
+
+    def __init__(self, target: tvm.target.Target):
+        self.target = target
+        self.last_count = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        packer = _Packer(mod, self.target)
+        for gvar, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                packer.builder_.update_func(gvar, packer.visit_expr(func))
+        self.last_count = packer.packed
+        logger.info("PackDenseWeights: packed %d matmul weights", packer.packed)
+        return relax.transform.DeadCodeElimination()(packer.builder_.get())
