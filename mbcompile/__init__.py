@@ -33,6 +33,13 @@ def compile(model, **kwargs) -> CompiledModel:  # noqa: A001
     return _compile(model, **kwargs)
 
 
+def tune(model, **kwargs) -> dict:
+    """Tune a model's kernels with MetaSchedule; see :func:`mbcompile.tuner.tune`."""
+    from .tuner import tune as _tune
+
+    return _tune(model, **kwargs)
+
+
 def __getattr__(name: str):
     if name == "Target":
         from .targets.registry import Target
@@ -53,4 +60,5 @@ __all__ = [
     "ToolchainError",
     "compile",
     "load",
+    "tune",
 ]

@@ -24,6 +24,21 @@ class CompileArgs:
     passes: list[str] | None
     explain: bool
     output: str
+    tuning_db: str = "default"
+
+
+@dataclass
+class TuneArgs:
+    checkpoint: str | None
+    config: str | None
+    head: str | None
+    target: str
+    seq_len: int
+    batch_size: int
+    trials: int
+    minutes: float | None
+    max_tasks: int | None
+    work_dir: str
 
 
 @dataclass
@@ -41,7 +56,17 @@ class RunArgs:
     artifact: str
     ids: list[int] | None
     repeats: int
+    remote: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class EmulatorArgs:
+    action: str  # "build" or "serve"
+    force: bool = False
+    port: int = 9090
+    mode: str = "auto"
+    load_library: str | None = None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +84,21 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--num-choices", type=int, default=None, help="multiple-choice head only")
     c.add_argument("--passes", default=None, help="comma-separated pass names, or 'none'")
     c.add_argument("--explain", action="store_true", help="print what each pass changed")
+    c.add_argument("--tuning-db", default="default",
+                   help="tuning database folder from `mbcompile tune`, 'default' or 'none'")
     c.add_argument("-o", "--output", required=True, help="artifact path, e.g. model.mbc")
+
+    t = sub.add_parser("tune", help="tune the kernels with MetaSchedule into a database folder")
+    t.add_argument("checkpoint", nargs="?", help="local checkpoint folder")
+    t.add_argument("--config", help="named architecture instead of a checkpoint")
+    t.add_argument("--head", choices=list(HEADS))
+    t.add_argument("--target", default="host")
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--trials", type=int, default=64, help="trials per distinct kernel")
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
+    t.add_argument("--max-tasks", type=int, default=None, help="tune only the N costliest kernels")
+    t.add_argument("-o", "--work-dir", required=True, help="database folder (resumable)")
 
     i = sub.add_parser("info", help="describe a saved artifact")
     i.add_argument("artifact")
@@ -68,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--ids", help="comma-separated token ids (default: random valid ids)")
     r.add_argument("--repeats", type=int, default=5)
+    r.add_argument(
+        "--remote", metavar="HOST:PORT", default=None,
+        help="run on the device behind this TVM RPC server (e.g. `mbcompile emulator serve`)",
+    )
 
     d = sub.add_parser("demo", help="compile mobilebert-uncased for this CPU, check, time")
     d.add_argument("--checkpoint", default=None, help="use this checkpoint instead of random weights")
@@ -78,23 +121,44 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=5)
 
     sub.add_parser("targets", help="list the named targets")
+
+    e = sub.add_parser("emulator", help="the emulated aarch64 device (qemu user mode)")
+    esub = e.add_subparsers(dest="emulator_command", required=True)
+    eb = esub.add_parser("build", help="build it (cached in .cache/emulator; rebuilt on change)")
+    eb.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    es = esub.add_parser("serve", help="run a TVM RPC server inside it on 127.0.0.1")
+    es.add_argument("--port", type=int, default=9090)
+    es.add_argument(
+        "--mode", choices=["auto", "stock", "in-process"], default="auto",
+        help="stock: TVM's server (needs binfmt_misc, registered if root); in-process: no "
+        "child Python; auto: stock if possible",
+    )
+    es.add_argument(
+        "--load-library", default=None,
+        help="extra library for the server, e.g. the device's tvm/lib/libtvm_runtime_extra.so "
+        "(MetaSchedule over RPC)",
+    )
     return p
+
+
+def _model(checkpoint: str | None, config: str | None, head: str | None, random_init: bool):
+    from mbcompile.models import load_checkpoint, random_model
+
+    if checkpoint and config:
+        raise SystemExit("give a checkpoint folder or --config, not both")
+    if checkpoint:
+        return load_checkpoint(checkpoint, head=head)
+    if config:
+        if not random_init:
+            raise SystemExit("--config builds an architecture without weights: add --random-init")
+        return random_model(config, head or "base")
+    raise SystemExit("give a checkpoint folder, or --config NAME --random-init")
 
 
 def _compile(args: CompileArgs) -> int:
     import mbcompile
-    from mbcompile.models import load_checkpoint, random_model
 
-    if args.checkpoint and args.config:
-        raise SystemExit("give a checkpoint folder or --config, not both")
-    if args.checkpoint:
-        model = load_checkpoint(args.checkpoint, head=args.head)
-    elif args.config:
-        if not args.random_init:
-            raise SystemExit("--config builds an architecture without weights: add --random-init")
-        model = random_model(args.config, args.head or "base")
-    else:
-        raise SystemExit("give a checkpoint folder, or --config NAME --random-init")
+    model = _model(args.checkpoint, args.config, args.head, args.random_init)
     passes = "default" if args.passes is None else args.passes
     compiled = mbcompile.compile(
         model,
@@ -103,11 +167,27 @@ def _compile(args: CompileArgs) -> int:
         num_choices=args.num_choices,
         target=args.target,
         passes=passes,
+        tuning_db=None if args.tuning_db == "none" else args.tuning_db,
     )
     path = compiled.save(args.output)
     print(f"wrote {path}: {compiled}")
     if args.explain:
         print(format_report(compiled.report()))
+    return 0
+
+
+def _tune(args: TuneArgs) -> int:
+    import mbcompile
+
+    # A named config is an architecture: tuning needs no trained weights.
+    model = _model(args.checkpoint, args.config, args.head, random_init=True)
+    summary = mbcompile.tune(
+        model, work_dir=args.work_dir, target=args.target, seq_len=args.seq_len,
+        batch_size=args.batch_size, trials=args.trials, minutes=args.minutes,
+        max_tasks=args.max_tasks, log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(json.dumps(summary))
+    print(f"apply it with: mbcompile compile ... --tuning-db {args.work_dir}")
     return 0
 
 
@@ -166,7 +246,7 @@ def _run(args: RunArgs) -> int:
 
     import mbcompile
 
-    compiled = mbcompile.load(args.artifact)
+    compiled = mbcompile.load(args.artifact, remote=args.remote)
     sig = compiled.signature
     if args.ids:
         ids = np.array([int(t) for t in args.ids.split(",")], dtype=np.int64)
@@ -188,7 +268,42 @@ def _run(args: RunArgs) -> int:
         compiled(input_ids=ids)
         times.append((time.perf_counter() - t) * 1e3)
     print(f"latency: median {statistics.median(times):.2f} ms over {args.repeats} runs")
+    if args.remote:
+        _print_device_time(compiled, ids, args.repeats)
     return 0
+
+
+def _print_device_time(compiled, ids, repeats: int) -> None:
+    """Time ``main`` on the remote device itself (TVM's time_evaluator: no network, no upload)."""
+    import numpy as np
+
+    from mbcompile.inputs import pad_to
+
+    sig = compiled.signature
+    program = compiled._program
+    ids = pad_to(np.asarray(ids, dtype=np.int64)[: sig.batch_size], sig.input_shape)
+    arrays = [ids, np.ones_like(ids), np.zeros_like(ids)]
+    if sig.max_masked is not None:
+        arrays.append(np.zeros((sig.batch_size, sig.max_masked), np.int64))
+    seconds = sorted(program.time(arrays, repeat=max(1, repeats)))
+    median = seconds[len(seconds) // 2] * 1e3
+    print(f"device time: median {median:.2f} ms per run on {program.address} (time_evaluator)")
+    program.close()
+
+
+def _emulator(args: EmulatorArgs) -> int:
+    from mbcompile.targets import emulator
+
+    if args.action == "build":
+        device = emulator.build(force=args.force)
+        stamp = device.stamp
+        print(
+            f"device: {device.root} ({stamp.get('bytes', 0) / 1e6:.0f} MB, built "
+            f"{stamp.get('built')} in {stamp.get('build_seconds')} s)"
+        )
+        print("python: " + " ".join(device.python()) + f"  (with QEMU_LD_PREFIX={device.root})")
+        return 0
+    return emulator.serve(args.port, mode=args.mode, load_library=args.load_library)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,13 +316,27 @@ def main(argv: list[str] | None = None) -> int:
             return _compile(
                 CompileArgs(
                     ns.checkpoint, ns.config, ns.head, ns.random_init, ns.target, ns.seq_len,
-                    ns.batch_size, ns.num_choices, passes, ns.explain, ns.output,
+                    ns.batch_size, ns.num_choices, passes, ns.explain, ns.output, ns.tuning_db,
+                )
+            )
+        if ns.command == "tune":
+            return _tune(
+                TuneArgs(
+                    ns.checkpoint, ns.config, ns.head, ns.target, ns.seq_len, ns.batch_size,
+                    ns.trials, ns.minutes, ns.max_tasks, ns.work_dir,
                 )
             )
         if ns.command == "info":
             return _info(ns.artifact)
         if ns.command == "run":
-            return _run(RunArgs(ns.artifact, ns.ids, ns.repeats))
+            return _run(RunArgs(ns.artifact, ns.ids, ns.repeats, ns.remote))
+        if ns.command == "emulator":
+            a = EmulatorArgs(ns.emulator_command)
+            if ns.emulator_command == "build":
+                a.force = ns.force
+            else:
+                a.port, a.mode, a.load_library = ns.port, ns.mode, ns.load_library
+            return _emulator(a)
         if ns.command == "demo":
             from mbcompile.demo import run_demo
 

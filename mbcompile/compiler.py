@@ -45,38 +45,27 @@ def run_passes(mod, passes) -> tuple[Any, list[dict]]:
     return mod, rows
 
 
-def compile(  # noqa: A001 - the public verb of the API
+def prepare(
     model,
     *,
+    target="host",
     seq_len: int = 128,
     batch_size: int = 1,
     num_choices: int | None = None,
-    target="host",
     passes="default",
     logits_for: str = "all",
     max_masked: int = 8,
     mask_token_id: int | None = None,
-) -> CompiledModel:
-    """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
+):
+    """Capture ``model`` and run the MobileBERT passes: what ``compile`` and ``tune`` share.
 
-    ``passes`` is ``"default"``, an explicit list of passes (instances, classes or names), or
-    ``()`` for none. Weights become compile-time constants of the compiled library.
-
-    ``logits_for="masked"`` (MaskedLM, PreTraining): vocabulary logits only at the positions of
-    ``mask_token_id`` (default 103, [MASK] of the uncased vocabulary), at most ``max_masked`` per
-    sequence; the output gains ``masked_positions`` (batch, n; -1 where a row has fewer, whose
-    logits are NaN).
+    Returns (target spec, TVM target, Captured, Relax module after the passes, report, timings).
     """
-    import tvm
-
-    from mbcompile.targets import pipeline
-    from mbcompile.targets.export import export_library
     from mbcompile.targets.registry import resolve_target
 
     spec = resolve_target(target)
     tvm_target = spec.tvm_target()
     timings: dict[str, float] = {}
-
     start = time.perf_counter()
     captured = capture(
         model,
@@ -88,28 +77,67 @@ def compile(  # noqa: A001 - the public verb of the API
         mask_token_id=mask_token_id,
     )
     timings["capture"] = time.perf_counter() - start
-
     start = time.perf_counter()
     mod = captured.mod
     report: dict[str, Any] = {"imported": module_stats(mod)}
     mod, report["passes"] = run_passes(mod, passes) if passes else (mod, [])
     timings["passes"] = time.perf_counter() - start
+    return spec, tvm_target, captured, mod, report, timings
 
+
+def compile(  # noqa: A001 - the public verb of the API
+    model,
+    *,
+    seq_len: int = 128,
+    batch_size: int = 1,
+    num_choices: int | None = None,
+    target="host",
+    passes="default",
+    logits_for: str = "all",
+    max_masked: int = 8,
+    mask_token_id: int | None = None,
+    tuning_db="default",
+) -> CompiledModel:
+    """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
+
+    ``passes`` is ``"default"``, an explicit list of passes (instances, classes or names), or
+    ``()`` for none. Weights become compile-time constants of the compiled library.
+
+    ``logits_for="masked"`` (MaskedLM, PreTraining): vocabulary logits only at the positions of
+    ``mask_token_id`` (default 103, [MASK] of the uncased vocabulary), at most ``max_masked`` per
+    sequence; the output gains ``masked_positions`` (batch, n; -1 where a row has fewer, whose
+    logits are NaN).
+
+    ``tuning_db``: a folder written by ``mbcompile.tune`` (refused if made for another target or
+    TVM version), ``"default"`` (the database shipped in targets/databases/ for this target, if
+    any) or None (the untuned schedules only).
+    """
+    import tvm
+
+    from mbcompile.targets.export import export_library
+    from mbcompile.targets.pipeline import build_pipeline
+    from mbcompile.targets.tuning import resolve_database
+
+    spec, tvm_target, captured, mod, report, timings = prepare(
+        model,
+        target=target,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        num_choices=num_choices,
+        passes=passes,
+        logits_for=logits_for,
+        max_masked=max_masked,
+        mask_token_id=mask_token_id,
+    )
+    database = resolve_database(tuning_db, tvm_target)
     fused: dict[str, int] = {}
 
-    @tvm.transform.module_pass(opt_level=0, name="mbcompile_build")
-    def _build(mod, _ctx):
-        with tvm_target:
-            mod = tvm.transform.Sequential(
-                pipeline.layout_passes(tvm_target) + pipeline.legalize_passes(tvm_target)
-            )(mod)
-            fused["kernel_calls"] = kernel_calls(mod)
-            return tvm.transform.Sequential(
-                pipeline.schedule_passes(tvm_target) + pipeline.lower_passes(tvm_target)
-            )(mod)
+    def on_fused(fused_mod):
+        fused["kernel_calls"] = kernel_calls(fused_mod)
 
     start = time.perf_counter()
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=_build)
+    pipeline = build_pipeline(tvm_target, database=database, on_fused=on_fused)
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     timings["build"] = time.perf_counter() - start
     report["final"] = {**module_stats(mod), **fused}
 
@@ -119,6 +147,7 @@ def compile(  # noqa: A001 - the public verb of the API
         "config": captured.config,
         "target": spec.to_dict(),
         "tvm_target": str(tvm_target),
+        "tuning_db": None if database is None else str(database.path),
         "versions": _versions(),
         "report": report,
         "compile_seconds": {k: round(v, 2) for k, v in timings.items()},

@@ -221,11 +221,20 @@ class CompiledModel:
         )
 
 
-def load(path: str | os.PathLike) -> CompiledModel:
-    """Load a saved artifact. Needs numpy and TVM only (no torch, no transformers)."""
+def load(path: str | os.PathLike, remote: str | None = None) -> CompiledModel:
+    """Load a saved artifact. Needs numpy and TVM only (no torch, no transformers).
+
+    ``remote="HOST:PORT"`` runs it on the device behind that TVM RPC server instead of here
+    (the library is uploaded once; same inputs and outputs as a local run).
+    """
     art = artifact.read(path)
     try:
         signature = Signature.from_dict(art.metadata["signature"])
     except (KeyError, TypeError) as err:
         raise artifact.ArtifactError(f"{path}: metadata has no valid signature ({err})") from None
-    return CompiledModel(signature, art.metadata, _Library(lib_bytes=art.lib))
+    program = None
+    if remote is not None:
+        from .remote import RemoteProgram
+
+        program = RemoteProgram(art.lib, remote, target=art.metadata.get("target"))
+    return CompiledModel(signature, art.metadata, _Library(lib_bytes=art.lib), program=program)

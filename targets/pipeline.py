@@ -12,6 +12,8 @@ Graph rewrites that know MobileBERT (``mbcompile.passes``) run before stage 1.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
@@ -47,18 +49,37 @@ def lower_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     return cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
 
 
-def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """One module pass running the four stages under ``target``."""
+def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Stages 1–2 only: the legalized, fused module whose PrimFuncs are the tuning tasks."""
+    with target:
+        return tvm.transform.Sequential(layout_passes(target) + legalize_passes(target))(mod)
+
+
+def build_pipeline(
+    target: tvm.target.Target,
+    *,
+    database=None,
+    on_fused: Callable[[tvm.IRModule], None] | None = None,
+) -> tvm.transform.Pass:
+    """One module pass running the four stages under ``target``.
+
+    ``database`` (a ``targets.tuning.Database``) replaces the kernels it has tuned records for
+    before stage 3 schedules the rest; ``on_fused`` sees the module after stage 2 (for reports).
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="mbcompile_cpu_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        mod = fused_module(mod, target)
+        if on_fused is not None:
+            on_fused(mod)
         with target:
-            seq = tvm.transform.Sequential(
-                layout_passes(target)
-                + legalize_passes(target)
-                + schedule_passes(target)
-                + lower_passes(target)
-            )
-            return seq(mod)
+            tuned = []
+            if database is not None:
+                from .tuning import apply_database_pass
+
+                tuned = [apply_database_pass(database)]
+            return tvm.transform.Sequential(
+                tuned + schedule_passes(target) + lower_passes(target)
+            )(mod)
 
     return _pipeline

@@ -49,6 +49,11 @@ def meta_schedule():
     return ms
 
 
+def worker_initializer() -> None:
+    """For MetaSchedule's builder and runner worker processes: CPU intrinsics only."""
+    meta_schedule()
+
+
 def target_key(target: tvm.target.Target) -> dict:
     """What a database must agree on with the target it is applied to."""
     attrs = target.attrs
@@ -124,6 +129,24 @@ class Database:
         return sum(1 for line in file.open() if line.strip()) if file.exists() else 0
 
 
+SHIPPED = Path(__file__).resolve().parent / "databases"
+
+
+def resolve_database(spec, target: tvm.target.Target) -> Database | None:
+    """The database ``compile(tuning_db=spec)`` applies: a folder, "default" or None."""
+    if spec is None:
+        return None
+    if isinstance(spec, str) and spec == "default":
+        for manifest in sorted(SHIPPED.glob(f"*/{MANIFEST}")):
+            db = Database.open(manifest.parent)
+            if db.mismatch(target) is None:
+                return db
+        return None
+    db = spec if isinstance(spec, Database) else Database.open(spec)
+    db.check(target)
+    return db
+
+
 def apply_database_pass(db: Database) -> tvm.transform.Pass:
     """Replace every PrimFunc the database has a record for by its best tuned schedule."""
     ms_db = db.ms_database()
@@ -172,6 +195,27 @@ def _progress_callback(ms, total: int, deadline: float | None, log):
     return Progress()
 
 
+def _hand_schedule_space(ms, target: tvm.target.Target):
+    """A design space holding the schedule the no-tuning path applies (targets/schedules/), so
+    that the best tuned record is never worse than compiling without a database."""
+    from .schedules import default_rules
+
+    rules = default_rules(target)
+
+    def schedule(sch):
+        func = sch.mod["main"]
+        for rule in rules:
+            try:
+                out = rule.apply(func, target, False)
+            except Exception:  # noqa: BLE001 - a rule that cannot schedule this task
+                out = None
+            if out is not None:
+                return out[0] if isinstance(out, list) else out
+        return sch
+
+    return ms.space_generator.ScheduleFn(schedule, sch_rules=[], postprocs=[], mutator_probs={})
+
+
 def tune_module(
     mod: tvm.IRModule,
     target: tvm.target.Target,
@@ -179,6 +223,7 @@ def tune_module(
     *,
     trials: int,
     minutes: float | None = None,
+    max_tasks: int | None = None,
     trials_per_batch: int = 16,
     cost_model: str = "random",
     runner=None,
@@ -189,16 +234,27 @@ def tune_module(
 
     ``trials`` is the budget per task; a task that already has records in ``db`` gets only what
     is left of it (so an interrupted run resumes). Ctrl-C or the ``minutes`` budget stop early;
-    every measured record is already in the database then.
+    every measured record is already in the database then. ``max_tasks`` keeps the tasks with
+    the most FLOPs per forward (kernel FLOPs × calls), for a short budget.
     """
     ms = meta_schedule()
     db.check(target)
     extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
-    extracted = [t for t in extracted if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)]
+    extracted = [
+        t for t in extracted if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)
+    ]
+    if max_tasks is not None:
+        from tvm.s_tir.analysis import estimate_tir_flops
+
+        extracted.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
+        extracted = extracted[:max_tasks]
     ms_db = db.ms_database()
     contexts, weights, skipped = [], [], 0
     for task in extracted:
-        done = len(ms_db.get_top_k(ms_db.commit_workload(task.dispatched[0]), trials)) if ms_db.has_workload(task.dispatched[0]) else 0
+        task_mod = task.dispatched[0]
+        done = 0
+        if ms_db.has_workload(task_mod):
+            done = len(ms_db.get_top_k(ms_db.commit_workload(task_mod), trials))
         if done >= trials:
             skipped += 1
             continue
@@ -206,7 +262,9 @@ def tune_module(
             ms.TuneContext(
                 mod=task.dispatched[0],
                 target=target,
-                space_generator="post-order-apply",
+                space_generator=ms.space_generator.SpaceGeneratorUnion(
+                    [_hand_schedule_space(ms, target), ms.space_generator.PostOrderApply()]
+                ),
                 search_strategy="evolutionary",
                 task_name=task.task_name,
                 num_threads="physical",
@@ -231,8 +289,8 @@ def tune_module(
             max_trials_global=total,
             max_trials_per_task=trials,
             num_trials_per_iter=trials_per_batch,
-            builder=builder or "local",
-            runner=runner or "local",
+            builder=builder or ms.builder.LocalBuilder(initializer=worker_initializer),
+            runner=runner or ms.runner.LocalRunner(initializer=worker_initializer),
             database=ms_db,
             cost_model=cost_model,
             measure_callbacks=callbacks,

@@ -1,0 +1,81 @@
+"""MetaSchedule tuning: a resumable database keyed by target, applied by compile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import tvm
+from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
+
+import mbcompile
+from mbcompile import TargetError
+from mbcompile.targets.registry import resolve_target
+from mbcompile.targets.tuning import MANIFEST, Database, resolve_database
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny model's two costliest kernels tuned for two trials each."""
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    work_dir = tmp_path_factory.mktemp("tuned") / "db"
+    lines: list[str] = []
+    summary = mbcompile.tune(
+        model, work_dir=work_dir, seq_len=16, trials=2, max_tasks=2, log=lines.append
+    )
+    return model, work_dir, summary, lines
+
+
+def test_tuning_measures_the_costliest_kernels_and_reports_progress(tuned):
+    _, work_dir, summary, lines = tuned
+    assert summary["tuned"] == 2 and summary["records"] >= 2
+    assert any("ETA" in line and "best" in line for line in lines)
+    manifest = json.loads((work_dir / MANIFEST).read_text())
+    assert manifest["target"]["tvm"] == tvm.__version__
+    assert manifest["target"]["mcpu"] == resolve_target("host").llvm["mcpu"]
+
+
+def test_tuning_again_resumes_instead_of_starting_over(tuned):
+    model, work_dir, summary, _ = tuned
+    again = mbcompile.tune(model, work_dir=work_dir, seq_len=16, trials=2, max_tasks=2, log=print)
+    assert again["already_tuned"] == 2 and again["tuned"] == 0
+
+
+def test_compile_applies_the_database_and_stays_exact(tuned):
+    model, work_dir, _, _ = tuned
+    compiled = mbcompile.compile(model, seq_len=16, tuning_db=work_dir)
+    assert compiled.metadata["tuning_db"] == str(work_dir)
+    ids, mask, types = random_inputs(model.config, (1, 16), pad=3)
+    assert_matches_eager(compiled, model, ids, mask, types)
+
+
+def test_database_for_another_target_is_refused(tmp_path):
+    other = resolve_target("x86-64-avx512").tvm_target()
+    Database.create(tmp_path / "avx512", other)
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    with pytest.raises(TargetError, match="another target or TVM version.*mcpu"):
+        mbcompile.compile(model, seq_len=8, tuning_db=tmp_path / "avx512")
+
+
+def test_folder_without_manifest_is_not_a_database(tmp_path):
+    with pytest.raises(TargetError, match="not an mbcompile tuning database"):
+        resolve_database(tmp_path, resolve_target("host").tvm_target())
+
+
+def test_default_database_is_skipped_when_no_shipped_one_matches():
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "btver2"})
+    assert resolve_database("default", target) is None
+
+
+def test_meta_schedule_starts_without_the_gpu_intrinsics():
+    code = (
+        "import sys, time; t = time.time()\n"
+        "from mbcompile.targets.tuning import meta_schedule\n"
+        "ms = meta_schedule(); ms.TuneContext\n"
+        "assert 'tvm.s_tir.tensor_intrin.cuda' not in sys.modules\n"
+        "print(time.time() - t)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 30
