@@ -83,3 +83,18 @@ def test_console_script_is_installed():
         [sys.executable, "-m", "mbcompile.cli", "targets"], capture_output=True, text=True, check=True
     )
     assert "x86-64-avx512" in result.stdout
+
+
+def test_explain_prints_each_pass_and_the_final_module(tmp_path, capsys):
+    out = tmp_path / "base.mbc"
+    code = main(
+        ["compile", "--config", "mobilebert-tiny", "--random-init", "--seq-len", "8", "-o", str(out),
+         "--explain"]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    for name in ("imported", "FoldNoNorm", "MergeSharedInputLinears", "FuseAttention"):
+        assert name in text
+    assert "final module:" in text and "kernel calls" in text
+    report = mbcompile.load(out).report()
+    assert report["final"]["matmul_calls"] < report["imported"]["matmul_calls"]
