@@ -80,7 +80,8 @@ def prepare(
     start = time.perf_counter()
     mod = captured.mod
     report: dict[str, Any] = {"imported": module_stats(mod)}
-    mod, report["passes"] = run_passes(mod, passes) if passes else (mod, [])
+    with tvm_target:  # passes that emit kernels (FuseAttention) size them for the target
+        mod, report["passes"] = run_passes(mod, passes) if passes else (mod, [])
     timings["passes"] = time.perf_counter() - start
     return spec, tvm_target, captured, mod, report, timings
 

@@ -1,0 +1,119 @@
+"""The fused attention kernel against float64 numpy: shapes, vector widths, broadcasts, masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from mbcompile.passes.attention_kernel import KIND, KIND_ATTR, attention_kernel, vector_lanes
+
+NEG_INF = float("-inf")
+TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+
+
+def _run(kernel: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape) -> np.ndarray:
+    mod = tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=TARGET)
+    out = tvm.runtime.tensor(np.zeros(out_shape, "float32"))
+    lib["main"](*(tvm.runtime.tensor(a) for a in args), out)
+    return out.numpy()
+
+
+def _reference(q, kt, v, bias, heads) -> np.ndarray:
+    """Guarded softmax attention in float64: rows with every key at -inf give zeros."""
+    bh, seq_q, seq_k = q.shape[0], q.shape[1], kt.shape[2]
+    full = np.broadcast_to(bias, (bh // heads, heads, seq_q, seq_k)).reshape(bh, seq_q, seq_k)
+    scores = q.astype(np.float64) @ kt + full
+    top = scores.max(-1, keepdims=True)
+    masked = np.isneginf(top)
+    probs = np.exp(scores - np.where(masked, 0, top))
+    probs = np.where(masked, 0, probs / np.where(masked, 1, probs.sum(-1, keepdims=True)))
+    return probs @ v
+
+
+def _check(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, *, lanes=None, mask=None, scale=2.0):
+    """Scores of standard deviation ``scale² · √dim``; at 20 and more, float32's rounding of the
+    scores alone (any kernel's) exceeds 1e-5 in the output."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((bh, seq_q, dim)).astype("float32") * scale
+    kt = rng.standard_normal((bh, dim, seq_k)).astype("float32") * scale
+    v = rng.standard_normal((bh, seq_k, dim_v)).astype("float32")
+    bias = rng.standard_normal(bias_shape).astype("float32")
+    if mask is not None:
+        mask(bias)
+    kernel = attention_kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes=lanes)
+    out = _run(kernel, q, kt, v, bias, out_shape=(bh, seq_q, dim_v))
+    expected = _reference(q, kt, v, bias, heads)
+    assert np.abs(out - expected).max() <= 1e-5
+    return out
+
+
+def test_mobilebert_shape_equals_numpy():
+    def mask_last_keys(bias):
+        bias[..., -5:] = NEG_INF
+
+    _check(4, 128, 128, 32, 32, 4, (1, 1, 1, 128), mask=mask_last_keys, scale=1.0)
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+@pytest.mark.parametrize(
+    "bh, seq_q, seq_k, dim, dim_v, heads, bias_shape",
+    [
+        (4, 7, 7, 5, 5, 2, (2, 1, 1, 7)),  # nothing fills a vector; bias per batch
+        (3, 16, 16, 8, 8, 3, (1, 3, 16, 16)),  # bias per head and query
+        (2, 13, 37, 9, 40, 2, (1, 1, 13, 1)),  # seq_q ≠ seq_k, tails everywhere, bias per query
+        (1, 1, 3, 2, 3, 1, (1, 1, 1, 1)),  # one query row, scalar bias
+    ],
+)
+def test_odd_shapes_and_broadcast_biases_equal_numpy_at_every_vector_width(
+    bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes
+):
+    _check(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes=lanes)
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_partially_and_fully_masked_rows_give_softmax_and_zeros(lanes):
+    def mask(bias):
+        bias[0, 0, :, 3:9] = NEG_INF  # some keys of every row
+        bias[0, 0, 2, :] = NEG_INF  # every key of row 2 (heads 0)
+        bias[1, :, 10, :] = NEG_INF  # every key of row 10 (batch 1, all heads)
+
+    out = _check(6, 11, 19, 6, 6, 3, (2, 3, 11, 19), lanes=lanes, mask=mask)
+    assert not out[0, 2].any() and not out[3:, 10].any()
+    assert out[1, 2].any()
+
+
+def test_every_key_masked_gives_zeros_not_nan():
+    def mask_all(bias):
+        bias[...] = NEG_INF
+
+    out = _check(2, 9, 9, 4, 4, 2, (1, 1, 1, 9), mask=mask_all)
+    assert not out.any()
+
+
+def test_large_scores_do_not_overflow():
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 8, 4)).astype("float32") * 30  # scores in the thousands
+    kt = rng.standard_normal((2, 4, 8)).astype("float32") * 30
+    v = rng.standard_normal((2, 8, 4)).astype("float32")
+    bias = np.zeros((1, 1, 1, 8), "float32")
+    out = _run(attention_kernel(2, 8, 8, 4, 4, 2, bias.shape), q, kt, v, bias, out_shape=(2, 8, 4))
+    assert np.abs(out - _reference(q, kt, v, bias, 2)).max() <= 1e-5
+
+
+def test_kernel_is_marked_scheduled_and_as_attention():
+    kernel = attention_kernel(4, 128, 128, 32, 32, 4, (1, 1, 1, 128))
+    assert kernel.attrs[KIND_ATTR] == KIND
+    assert bool(kernel.attrs["tirx.is_scheduled"])
+
+
+def test_vector_width_follows_the_target():
+    def lanes(spec):
+        return vector_lanes(tvm.target.Target(spec))
+
+    assert lanes({"kind": "llvm", "mcpu": "znver3"}) == 8
+    assert lanes({"kind": "llvm", "mcpu": "skylake-avx512"}) == 16
+    assert lanes({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) == 4
+    with tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}):
+        assert vector_lanes() == 8
+    assert vector_lanes() == 8  # no target set
