@@ -65,3 +65,25 @@ def test_numpy_in_gives_numpy_out_and_names_follow_hf(compiled_head):
     assert getattr(out, list(ref.keys())[0]) is first
     torch_out = compiled(ids, mask, types)
     assert isinstance(torch_out[0], torch.Tensor)
+
+
+@pytest.mark.parametrize("not_mobilebert", ["linear", "bert"])
+def test_a_model_that_is_not_mobilebert_is_refused(not_mobilebert):
+    from transformers import BertConfig, BertModel
+
+    from mbcompile import ModelError
+
+    model = (
+        torch.nn.Linear(4, 4)
+        if not_mobilebert == "linear"
+        else BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=37, vocab_size=50))
+    )
+    with pytest.raises(ModelError, match="expected a transformers MobileBERT model"):
+        mbcompile.compile(model, seq_len=8)
+
+
+def test_sequence_longer_than_the_position_table_is_refused_at_compile_time():
+    model = make_model("base", tiny_config())
+    with pytest.raises(ValueError, match="seq_len=65 exceeds the model's max_position_embeddings=64"):
+        mbcompile.compile(model, seq_len=65)
