@@ -20,6 +20,7 @@ import torch
 
 import mbcompile
 from mbcompile.models import random_model
+from mbcompile.targets.registry import host_cpu_name
 
 from . import peers
 
@@ -145,19 +146,9 @@ def main() -> None:
         })
     print(json.dumps({
         "rows": rows, "roof_gflops": roof,
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpu": host_cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
     }))
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

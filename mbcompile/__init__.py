@@ -45,6 +45,10 @@ def __getattr__(name: str):
         from .targets.registry import Target
 
         return Target
+    if name == "RemoteError":
+        from .remote import RemoteError
+
+        return RemoteError
     raise AttributeError(f"module 'mbcompile' has no attribute {name!r}")
 
 
@@ -55,6 +59,7 @@ __all__ = [
     "MbcompileError",
     "ModelError",
     "ModelOutput",
+    "RemoteError",
     "Target",
     "TargetError",
     "ToolchainError",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,11 +46,10 @@ def run_demo(
     else:
         model = random_model(config, head)
         log(f"model: {type(model).__name__}, {config} architecture, random weights (seed 0)")
+    from mbcompile.targets.registry import host_cpu_name
+
     threads = torch.get_num_threads()
-    log(
-        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores; "
-        f"torch threads {threads}"
-    )
+    log(f"machine: {host_cpu_name()}, {os.cpu_count()} cores; PyTorch threads {threads}")
     start = time.perf_counter()
     compiled = mbcompile.compile(model, seq_len=seq_len, target=target)
     log(f"compiled for {compiled.target} in {time.perf_counter() - start:.1f} s: {compiled}")

@@ -67,6 +67,20 @@ class Target:
 
 _X86 = {"mtriple": "x86_64-linux-gnu"}
 _AARCH64 = {"mtriple": "aarch64-linux-gnu"}
+_ANDROID = {"mtriple": "aarch64-linux-android"}
+
+# CPU flags a target may require, as /proc/cpuinfo spells them ("flags" on x86, "Features" on
+# aarch64: asimd = NEON, asimddp = the ARMv8.2 dot-product instructions SDOT/UDOT).
+FEATURES = {
+    "x86_64": ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+    "aarch64": ("asimd", "asimddp"),
+}
+# How each export links, and for which architecture and LLVM triple (OS) it can.
+EXPORT_TRIPLES = {
+    "host-cc": ("x86_64-linux-gnu", "aarch64-linux-gnu"),
+    "aarch64-linux-gnu": ("aarch64-linux-gnu",),
+    "android-ndk": ("aarch64-linux-android",),
+}
 
 TARGETS: dict[str, Target] = {
     t.name: t
@@ -93,6 +107,31 @@ TARGETS: dict[str, Target] = {
             features=("asimd",),
             export="aarch64-linux-gnu",
         ),
+        Target(
+            name="aarch64-dotprod",
+            description="64-bit ARM Linux, ARMv8.2-A with dot product (Cortex-A55/A76 and later)",
+            arch="aarch64",
+            llvm={**_AARCH64, "mcpu": "generic", "mattr": ["+v8.2a", "+neon", "+dotprod"]},
+            features=("asimd", "asimddp"),
+            export="aarch64-linux-gnu",
+        ),
+        Target(
+            name="android-arm64",
+            description="Android phones (arm64-v8a), tuned for Cortex-A76 big cores (dotprod)",
+            arch="aarch64",
+            llvm={**_ANDROID, "mcpu": "cortex-a76", "mattr": ["+neon"]},
+            features=("asimd", "asimddp"),
+            export="android-ndk",
+        ),
+        Target(
+            name="raspberry-pi-4",
+            description="Raspberry Pi 4 Model B, 64-bit OS (4x Cortex-A72, ARMv8-A NEON)",
+            arch="aarch64",
+            llvm={**_AARCH64, "mcpu": "cortex-a72", "mattr": ["+neon"]},
+            features=("asimd",),
+            export="aarch64-linux-gnu",
+            num_cores=4,
+        ),
     )
 }
 
@@ -107,6 +146,21 @@ def _validate(table: dict[str, Target]) -> None:
             raise AssertionError(f"target {name!r}: export {t.export!r} not in {EXPORTS}")
         if "mtriple" not in t.llvm or "mcpu" not in t.llvm:
             raise AssertionError(f"target {name!r}: llvm needs mtriple and mcpu")
+        if not t.llvm["mtriple"].startswith(t.arch):
+            raise AssertionError(f"target {name!r}: mtriple {t.llvm['mtriple']!r} is not {t.arch}")
+        if t.llvm["mtriple"] not in EXPORT_TRIPLES[t.export]:
+            raise AssertionError(
+                f"target {name!r}: export {t.export!r} links for {EXPORT_TRIPLES[t.export]}, "
+                f"not {t.llvm['mtriple']!r}"
+            )
+        unknown = [f for f in t.features if f not in FEATURES[t.arch]]
+        if unknown:
+            raise AssertionError(
+                f"target {name!r}: features {unknown} not in {t.arch}'s {FEATURES[t.arch]} "
+                f"(spell them as /proc/cpuinfo does)"
+            )
+        if "+dotprod" in t.llvm.get("mattr", ()) and "asimddp" not in t.features:
+            raise AssertionError(f"target {name!r}: +dotprod code needs feature 'asimddp'")
 
 
 _validate(TARGETS)
@@ -128,6 +182,18 @@ def host_features() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def host_cpu_name() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it (for reports and benchmarks)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def host_target() -> Target:

@@ -1,0 +1,197 @@
+"""Running over TVM RPC: ``mbcompile.load(path, remote=...)``, ``mbcompile run --remote``, the
+errors for bad addresses, and the emulated device's RPC server in both of its modes.
+
+Remote runs go to the emulated aarch64 device on 127.0.0.1 (``slow``: built on first use, skipped
+with the reason where qemu-user-static or mmdebstrap is missing).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
+
+import mbcompile
+from mbcompile import artifact
+from mbcompile.cli import main
+from mbcompile.remote import RemoteError, RemoteProgram, parse_address
+from mbcompile.targets import emulator
+from mbcompile.targets.registry import host_arch
+
+SEQ = 16
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- addresses and errors (no device needed) -------------------------------------------------
+
+
+def test_address_is_host_and_port():
+    assert parse_address("127.0.0.1:9090") == ("127.0.0.1", 9090)
+    assert parse_address("[::1]:9090") == ("::1", 9090)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:", ":9090", "127.0.0.1:rpc", "h:0"])
+def test_malformed_remote_address_is_named(address, tiny_qa_artifact):
+    with pytest.raises(RemoteError, match="bad remote address") as info:
+        mbcompile.load(tiny_qa_artifact, remote=address)
+    assert repr(address) in str(info.value)
+    assert isinstance(info.value, mbcompile.MbcompileError)
+
+
+def test_nothing_listening_fails_fast_and_names_the_address(tiny_qa_artifact):
+    address = f"127.0.0.1:{_free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(RemoteError, match="cannot reach remote") as info:
+        mbcompile.load(tiny_qa_artifact, remote=address)
+    assert time.perf_counter() - start < 5
+    assert address in str(info.value) and "mbcompile emulator serve" in str(info.value)
+
+
+def test_peer_that_never_answers_times_out_instead_of_hanging():
+    with socket.socket() as silent:  # accepts connections (backlog) but never speaks TVM RPC
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.perf_counter()
+        with pytest.raises(RemoteError, match="did not complete the TVM RPC handshake"):
+            RemoteProgram(b"", address, timeout=2)
+        assert time.perf_counter() - start < 10
+
+
+def test_cli_run_with_unreachable_remote_exits_2_naming_it(tiny_qa_artifact, capsys):
+    address = f"127.0.0.1:{_free_port()}"
+    assert main(["run", str(tiny_qa_artifact), "--remote", address]) == 2
+    assert address in capsys.readouterr().err
+
+
+def test_cli_parses_the_emulator_commands():
+    from mbcompile.cli import _parser
+
+    ns = _parser().parse_args(["emulator", "serve", "--port", "9191", "--mode", "in-process"])
+    assert (ns.emulator_command, ns.port, ns.mode) == ("serve", 9191, "in-process")
+    assert _parser().parse_args(["emulator", "build", "--force"]).force
+
+
+# -- on the emulated aarch64 device ------------------------------------------------------------
+
+
+def _skip_without_emulator() -> None:
+    missing = emulator.missing_tools()
+    if missing:
+        pytest.skip(
+            f"no emulated aarch64 device: {sorted(missing)} missing "
+            f"(apt-get install {' '.join(sorted(set(missing.values())))})"
+        )
+    if host_arch() not in ("x86_64", "aarch64"):
+        pytest.skip(f"qemu user mode is not set up for a {host_arch()} host")
+
+
+@pytest.fixture(scope="module")
+def device():
+    _skip_without_emulator()
+    with emulator.start_server(_free_port()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def qa_arm(tmp_path_factory):
+    """A tiny question-answering model compiled for aarch64 (batch 2) and saved."""
+    model = make_model("question-answering", tiny_config(num_labels=2), seed=4)
+    compiled = mbcompile.compile(model, seq_len=SEQ, batch_size=2, target="aarch64")
+    return model, compiled.save(tmp_path_factory.mktemp("remote") / "qa.mbc")
+
+
+@pytest.mark.slow
+def test_remote_run_has_the_local_api_and_matches_eager(device, qa_arm):
+    model, path = qa_arm
+    remote = mbcompile.load(path, remote=device.address)
+    try:
+        assert isinstance(remote._program, RemoteProgram)
+        # 3 sequences of 11 tokens: two calls of the batch-2 program, padded and cut back.
+        ids, mask, types = random_inputs(model.config, (3, 11), pad=2)
+        out = assert_matches_eager(remote, model, ids, mask, types)
+        assert list(out) == ["start_logits", "end_logits"]
+        assert out.start_logits.shape == (3, 11)
+        numpy_out = remote(ids.numpy())  # numpy in, numpy out; mask and types default
+        assert isinstance(numpy_out["end_logits"], np.ndarray)
+    finally:
+        remote._program.close()
+
+
+@pytest.mark.slow
+def test_device_timer_reports_seconds_per_run(device, qa_arm):
+    _, path = qa_arm
+    with RemoteProgram(artifact.read(path).lib, device.address) as program:
+        ids = np.ones((2, SEQ), np.int64)
+        seconds = program.time([ids, ids, np.zeros_like(ids)], number=2, repeat=3)
+    assert len(seconds) == 3 and all(0 < s < 60 for s in seconds)
+
+
+@pytest.mark.slow
+def test_closed_session_frees_the_server_for_the_next_client(device, qa_arm):
+    _, path = qa_arm
+    lib = artifact.read(path).lib
+    for _ in range(2):  # the stock server serves one session at a time
+        program = RemoteProgram(lib, device.address, timeout=20)
+        program.run([np.ones((2, SEQ), np.int64)] * 2 + [np.zeros((2, SEQ), np.int64)])
+        program.close()
+    with pytest.raises(RemoteError, match="closed"):
+        program.run([np.ones((2, SEQ), np.int64)] * 3)
+
+
+@pytest.mark.slow
+def test_x86_library_on_the_arm_device_is_refused_naming_its_target(device, tiny_qa_artifact):
+    if host_arch() != "x86_64":
+        pytest.skip("needs an x86-64 host artifact")
+    with pytest.raises(RemoteError, match="cannot load the library compiled for target 'host'"):
+        mbcompile.load(tiny_qa_artifact, remote=device.address)
+
+
+@pytest.mark.slow
+def test_cli_run_remote_prints_outputs_and_device_time(device, qa_arm, capsys):
+    _, path = qa_arm
+    assert main(["run", str(path), "--remote", device.address, "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "start_logits: shape (2, 16)" in out
+    assert "device time: median" in out and device.address in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stock", "in-process"])
+def test_emulated_rpc_server_runs_in_either_mode(mode, qa_arm):
+    """stock: TVM's rpc.Server, whose child Python needs binfmt_misc (registered as root);
+    in-process: the same server loop without the child."""
+    _skip_without_emulator()
+    device = emulator.build()
+    if mode == "stock":
+        problem = emulator.ensure_binfmt(device)
+        if problem is not None:
+            pytest.skip(f"stock TVM RPC server unavailable: {problem}")
+    model, path = qa_arm
+    with emulator.start_server(_free_port(), mode=mode, device=device) as server:
+        assert server.mode == mode
+        remote = mbcompile.load(path, remote=server.address)
+        try:
+            ids, mask, types = random_inputs(model.config, (2, SEQ), pad=1)
+            assert_matches_eager(remote, model, ids, mask, types)
+        finally:
+            remote._program.close()
+
+
+@pytest.mark.slow
+def test_server_that_cannot_bind_reports_its_log():
+    _skip_without_emulator()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(emulator.EmulatorError, match=f"127.0.0.1:{port} did not start"):
+            emulator.start_server(port, mode="in-process", timeout=120)
