@@ -89,6 +89,30 @@ def _flatten(out) -> list:
     return flat
 
 
+def _bounded_gathers(mod: tvm.IRModule) -> tvm.IRModule:
+    """``R.take(mode="fast")`` → ``mode="clip"``.
+
+    The importer's gathers (embedding tables, the pooler's first token) skip the bounds check.
+    The runtime range-checks token and type ids before anything runs; clipped gathers keep even
+    an unchecked caller (a remote program, a hand-made call) from reading outside a table, for
+    the cost of two integer compares per index.
+    """
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    data, indices = wildcard(), wildcard()
+    pattern = is_op("relax.take")(data, indices)
+
+    def clip(call, matches):
+        if call.attrs.mode != "fast":
+            return call
+        axis = None if call.attrs.axis is None else int(call.attrs.axis)
+        return tvm.relax.op.take(matches[data], matches[indices], axis=axis, mode="clip")
+
+    mod = mod.clone()
+    mod["main"] = rewrite_call(pattern, clip, mod["main"])
+    return mod
+
+
 def check_model(model) -> str:
     """The head name of ``model``, or ModelError if it is not a Hugging Face MobileBERT."""
     try:
@@ -200,7 +224,7 @@ def capture(
         outputs, fields = _output_specs(wrapper, config, shape, extra)
         with torch.no_grad():
             exported = torch.export.export(wrapper, (*example_inputs(config, shape), *extra))
-        mod = from_exported_program(exported)
+        mod = _bounded_gathers(from_exported_program(exported))
     finally:
         model.train(was_training)
 
