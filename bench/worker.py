@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mbcompile.targets.registry import host_cpu_name
 
 import mbcompile
 from mbcompile.models import random_model
-from mbcompile.targets.registry import host_cpu_name
 
 from . import peers
 

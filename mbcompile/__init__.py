@@ -14,7 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .errors import (
     ArtifactError,
     InputError,
     MbcompileError,
@@ -22,11 +22,11 @@ from .errors import (  # noqa: E402
     TargetError,
     ToolchainError,
 )
-from .outputs import ModelOutput  # noqa: E402
-from .runtime import CompiledModel, load  # noqa: E402
+from .outputs import ModelOutput
+from .runtime import CompiledModel, load
 
 
-def compile(model, **kwargs) -> CompiledModel:  # noqa: A001
+def compile(model, **kwargs) -> CompiledModel:
     """Compile a Hugging Face MobileBERT; see :func:`mbcompile.compiler.compile`."""
     from .compiler import compile as _compile
 

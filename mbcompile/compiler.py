@@ -86,7 +86,7 @@ def prepare(
     return spec, tvm_target, captured, mod, report, timings
 
 
-def compile(  # noqa: A001 - the public verb of the API
+def compile(
     model,
     *,
     seq_len: int = 128,

@@ -6,6 +6,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+
 def _calls(func) -> list:
     calls = []
     relax.analysis.post_order_visit(

@@ -23,7 +23,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .attention_kernel import KIND, KIND_ATTR, attention_kernel
+from .attention_kernel import attention_kernel
 from .base import Graph, MobileBertPass, static_shape
 
 

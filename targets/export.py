@@ -6,7 +6,7 @@ import glob
 import os
 import shutil
 
-from ..errors import ToolchainError  # noqa: TID252
+from ..errors import ToolchainError
 from .registry import Target, host_arch
 
 # Debian's cross compilers for Linux aarch64.

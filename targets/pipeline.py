@@ -15,10 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
+from mbcompile.targets.schedules import PackDenseWeights, ScheduleKernels, default_rules
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-from mbcompile.targets.schedules import PackDenseWeights, ScheduleKernels, default_rules
 
 
 def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:

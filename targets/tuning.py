@@ -22,7 +22,7 @@ from pathlib import Path
 import tvm
 from tvm.ir.utils import derived_object
 
-from ..errors import TargetError  # noqa: TID252
+from ..errors import TargetError
 
 MANIFEST = "manifest.json"
 WORKLOADS = "database_workload.json"

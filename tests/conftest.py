@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import make_model, tiny_config
+from helpers import free_port, make_model, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +20,22 @@ def tiny_qa_artifact(tiny_qa, tmp_path_factory):
     path = tmp_path_factory.mktemp("artifacts") / "qa.mbc"
     tiny_qa[1].save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def device():
+    """The emulated aarch64 device's TVM RPC server on 127.0.0.1 (built first if not cached);
+    skipped, with the reason, where qemu-user-static or mmdebstrap is missing."""
+    from mbcompile.targets import emulator
+    from mbcompile.targets.registry import host_arch
+
+    missing = emulator.missing_tools()
+    if missing:
+        pytest.skip(
+            f"no emulated aarch64 device: {sorted(missing)} missing "
+            f"(apt-get install {' '.join(sorted(set(missing.values())))})"
+        )
+    if host_arch() not in ("x86_64", "aarch64"):
+        pytest.skip(f"qemu user mode is not set up for a {host_arch()} host")
+    with emulator.start_server(free_port()) as server:
+        yield server

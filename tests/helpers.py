@@ -6,6 +6,8 @@ imports them all under the one name ``conftest``.)
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import torch
 
@@ -82,3 +84,10 @@ def assert_matches_eager(compiled, model, ids, mask=None, types=None, tol: float
     worst = max(errors.values())
     assert worst <= tol, f"max abs error {worst:.3e} > {tol}: {errors}"
     return out
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

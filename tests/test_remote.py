@@ -12,22 +12,17 @@ import time
 
 import numpy as np
 import pytest
-from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
+from helpers import assert_matches_eager, free_port, make_model, random_inputs, tiny_config
+from mbcompile.targets import emulator
+from mbcompile.targets.registry import host_arch
 
 import mbcompile
 from mbcompile import artifact
 from mbcompile.cli import main
 from mbcompile.remote import RemoteError, RemoteProgram, parse_address
-from mbcompile.targets import emulator
-from mbcompile.targets.registry import host_arch
 
 SEQ = 16
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- addresses and errors (no device needed) -------------------------------------------------
@@ -47,7 +42,7 @@ def test_malformed_remote_address_is_named(address, tiny_qa_artifact):
 
 
 def test_nothing_listening_fails_fast_and_names_the_address(tiny_qa_artifact):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     start = time.perf_counter()
     with pytest.raises(RemoteError, match="cannot reach remote") as info:
         mbcompile.load(tiny_qa_artifact, remote=address)
@@ -67,7 +62,7 @@ def test_peer_that_never_answers_times_out_instead_of_hanging():
 
 
 def test_cli_run_with_unreachable_remote_exits_2_naming_it(tiny_qa_artifact, capsys):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     assert main(["run", str(tiny_qa_artifact), "--remote", address]) == 2
     assert address in capsys.readouterr().err
 
@@ -83,22 +78,8 @@ def test_cli_parses_the_emulator_commands():
 # -- on the emulated aarch64 device ------------------------------------------------------------
 
 
-def _skip_without_emulator() -> None:
-    missing = emulator.missing_tools()
-    if missing:
-        pytest.skip(
-            f"no emulated aarch64 device: {sorted(missing)} missing "
-            f"(apt-get install {' '.join(sorted(set(missing.values())))})"
-        )
-    if host_arch() not in ("x86_64", "aarch64"):
-        pytest.skip(f"qemu user mode is not set up for a {host_arch()} host")
 
 
-@pytest.fixture(scope="module")
-def device():
-    _skip_without_emulator()
-    with emulator.start_server(_free_port()) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -166,17 +147,16 @@ def test_cli_run_remote_prints_outputs_and_device_time(device, qa_arm, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["stock", "in-process"])
-def test_emulated_rpc_server_runs_in_either_mode(mode, qa_arm):
+def test_emulated_rpc_server_runs_in_either_mode(mode, qa_arm, device):
     """stock: TVM's rpc.Server, whose child Python needs binfmt_misc (registered as root);
     in-process: the same server loop without the child."""
-    _skip_without_emulator()
-    device = emulator.build()
+    built = emulator.build()  # cached: the device fixture built it
     if mode == "stock":
-        problem = emulator.ensure_binfmt(device)
+        problem = emulator.ensure_binfmt(built)
         if problem is not None:
             pytest.skip(f"stock TVM RPC server unavailable: {problem}")
     model, path = qa_arm
-    with emulator.start_server(_free_port(), mode=mode, device=device) as server:
+    with emulator.start_server(free_port(), mode=mode, device=built) as server:
         assert server.mode == mode
         remote = mbcompile.load(path, remote=server.address)
         try:
@@ -187,8 +167,7 @@ def test_emulated_rpc_server_runs_in_either_mode(mode, qa_arm):
 
 
 @pytest.mark.slow
-def test_server_that_cannot_bind_reports_its_log():
-    _skip_without_emulator()
+def test_server_that_cannot_bind_reports_its_log(device):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tester import Tester, tiny_model
-
 from mbcompile.passes import (
     DEFAULT_PASSES,
     FoldAttentionScale,
@@ -16,6 +14,7 @@ from mbcompile.passes import (
     count_matmuls,
     resolve_passes,
 )
+from tester import Tester, tiny_model
 
 # (id, model class, config overrides, sequence length, merges per layer)
 VARIANTS = [

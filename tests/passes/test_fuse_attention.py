@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from mbcompile.passes import FoldNoNorm
+from mbcompile.passes.attention_kernel import attention_kernel
+from mbcompile.passes.fuse_attention import FuseAttention
 from tester import Tester, tiny_model
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from mbcompile.passes import FoldNoNorm
-from mbcompile.passes.attention_kernel import attention_kernel
-from mbcompile.passes.fuse_attention import FuseAttention
 from mbcompile.stats import matmul_calls
 
 NEG_INF = float("-inf")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from mbcompile.passes import MergeSharedInputLinears, count_matmuls
 from tester import Tester, bind
 from tvm.script import ir as I
 from tvm.script import relax as R
-
-from mbcompile.passes import MergeSharedInputLinears, count_matmuls
 
 RNG = np.random.default_rng(0)
 # Three linears of different widths (6, 5, 4) reading the same 8 channels.

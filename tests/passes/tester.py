@@ -12,10 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import tvm
-from tvm import relax
-
 from mbcompile.passes import MobileBertPass, count_matmuls, resolve_passes
 from mbcompile.targets.pipeline import build_pipeline
+from tvm import relax
 
 TOL = 1e-4  # max abs error, fp32
 SEQ = 8

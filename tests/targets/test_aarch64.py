@@ -10,21 +10,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
 import time
 import zipfile
 
 import pytest
 from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
+from mbcompile.targets import emulator
+from mbcompile.targets.export import AARCH64_LINUX_PACKAGE, fcompile_for
+from mbcompile.targets.registry import TARGETS, Target, _validate, host_arch
 
 import mbcompile
 from mbcompile import TargetError, ToolchainError
 from mbcompile.heads import HEADS
 from mbcompile.models import named_config, random_model
-from mbcompile.targets import emulator
-from mbcompile.targets.export import AARCH64_LINUX_PACKAGE, fcompile_for
-from mbcompile.targets.registry import TARGETS, Target, _validate, host_arch
 
 ARM_TARGETS = ("aarch64", "aarch64-dotprod", "android-arm64", "raspberry-pi-4")
 SEQ = 16
@@ -41,11 +40,6 @@ def _lib_of(path) -> bytes:
     with zipfile.ZipFile(path) as zf:
         return zf.read("lib.so")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the target table ------------------------------------------------------------------------
@@ -204,19 +198,6 @@ def test_emulator_build_names_missing_tools_and_packages(monkeypatch, tmp_path):
 # -- the emulated device: every head against PyTorch -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def device():
-    """The emulated aarch64 device's RPC server on 127.0.0.1 (built first if not cached)."""
-    missing = emulator.missing_tools()
-    if missing:
-        pytest.skip(
-            f"no emulated aarch64 device: {sorted(missing)} missing "
-            f"(apt-get install {' '.join(sorted(set(missing.values())))})"
-        )
-    if host_arch() not in ("x86_64", "aarch64"):
-        pytest.skip(f"qemu user mode is not set up for a {host_arch()} host")
-    with emulator.start_server(_free_port()) as server:
-        yield server
 
 
 def _run_on_device(device, compiled, model, shape, tmp_path, pad):

@@ -8,10 +8,6 @@ import pytest
 import torch
 import tvm
 import tvm_ffi
-from tvm import relax, te, tirx, topi
-from tvm.script import relax as R
-from tvm.target import codegen
-
 from mbcompile.targets.pipeline import (
     build_pipeline,
     layout_passes,
@@ -28,6 +24,9 @@ from mbcompile.targets.schedules import (
     default_rules,
 )
 from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight
+from tvm import relax, te, tirx, topi
+from tvm.script import relax as R
+from tvm.target import codegen
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})

@@ -9,11 +9,11 @@ import sys
 import pytest
 import tvm
 from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
+from mbcompile.targets.registry import resolve_target
+from mbcompile.targets.tuning import MANIFEST, Database, resolve_database
 
 import mbcompile
 from mbcompile import TargetError
-from mbcompile.targets.registry import resolve_target
-from mbcompile.targets.tuning import MANIFEST, Database, resolve_database
 
 
 @pytest.fixture(scope="module")
