@@ -198,9 +198,8 @@ def test_emulator_build_names_missing_tools_and_packages(monkeypatch, tmp_path):
 # -- the emulated device: every head against PyTorch -------------------------------------------
 
 
-
-
-def _run_on_device(device, compiled, model, shape, tmp_path, pad):
+def assert_device_matches_eager(device, compiled, model, shape, tmp_path, pad):
+    """Upload ``compiled`` to the device and compare its outputs with PyTorch eager."""
     path = compiled.save(tmp_path / "model.mbc")
     remote = mbcompile.load(path, remote=device.address)
     try:
@@ -218,7 +217,7 @@ def test_head_cross_compiled_for_aarch64_matches_eager_on_emulated_device(head, 
     choices = 2 if head == "multiple-choice" else None
     compiled = mbcompile.compile(model, seq_len=SEQ, num_choices=choices, target="aarch64")
     shape = (1, 2, SEQ) if choices else (1, SEQ)
-    _run_on_device(device, compiled, model, shape, tmp_path, pad=3)
+    assert_device_matches_eager(device, compiled, model, shape, tmp_path, pad=3)
 
 
 @pytest.mark.slow
@@ -226,7 +225,7 @@ def test_head_cross_compiled_for_aarch64_matches_eager_on_emulated_device(head, 
 def test_arm_board_targets_run_on_emulated_device(target, device, tmp_path):
     model = make_model("question-answering", tiny_config(num_labels=2))
     compiled = mbcompile.compile(model, seq_len=SEQ, target=target)
-    _run_on_device(device, compiled, model, (1, SEQ), tmp_path, pad=2)
+    assert_device_matches_eager(device, compiled, model, (1, SEQ), tmp_path, pad=2)
 
 
 @pytest.mark.slow
