@@ -86,7 +86,13 @@ def main() -> None:
     p.add_argument("--mlm-variants", default="default,fill-mask",
                    help="mbcompile variants for MaskedLM: default, no-passes, fill-mask")
     p.add_argument("--out", default=str(RESULTS / "latest"))
+    p.add_argument("--render", metavar="JSON", help="only redraw the table and chart of a run")
     args = p.parse_args()
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        _chart(data["cells"], Path(args.render).with_suffix(".png"))
+        print(_table(data["cells"]))
+        return
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     cells = []

@@ -47,10 +47,25 @@ def _roof(threads: int) -> dict:
     return out
 
 
+def _source_revision() -> str:
+    """The git commit of the tree (plus "-dirty"), so cached artifacts follow code changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                             capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "mbcompile", "passes",
+                                "targets"], cwd=root, text=True, capture_output=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "nogit"
+    return rev + ("-dirty" if dirty else "")
+
+
 def _compiled(model, head: str, seq: int, variant: str, log) -> tuple:
     """Compile (or load from bench/.cache) one mbcompile variant; returns (compiled, seconds)."""
     CACHE.mkdir(exist_ok=True)
-    key = f"{head}-s{seq}-{variant}-{mbcompile.__version__}.mbc"
+    key = f"{head}-s{seq}-{variant}-{mbcompile.__version__}-{_source_revision()}.mbc"
     path = CACHE / key
     kwargs = {"seq_len": seq}
     if variant == "no-passes":
