@@ -35,8 +35,8 @@ def _run_cell(head: str, seq: int, threads: int, args) -> dict:
 
 
 def _table(cells: list[dict]) -> str:
-    out = ["| model | seq | threads | backend | median ms | min–max ms | vs ORT fp32 | GFLOP/s (% of torch.mm roof) | max abs diff vs torch |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| model | seq | threads | backend | median ms | min–max ms | vs ORT fp32 | GFLOP/s (% of torch.mm roof) | max abs diff vs torch | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         rows = cell["rows"]
         ort = next((r for r in rows if r["backend"] == "ONNX Runtime fp32"), None)
@@ -49,8 +49,33 @@ def _table(cells: list[dict]) -> str:
             ratio = f"{ort['median_ms'] / r['median_ms']:.2f}×" if ort else ""
             model = "MobileBertModel" if r["head"] == "base" else "MobileBertForMaskedLM"
             out.append(f"| {model} | {r['seq']} | {r['threads']} | {r['backend']} | {r['median_ms']:.1f} | "
-                       f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {ratio} | {gf} | {r['max_abs_diff_vs_torch']:.1e} |")
+                       f"{r['min_ms']:.1f}–{r['max_ms']:.1f} | {ratio} | {gf} | {r['max_abs_diff_vs_torch']:.1e} | "
+                       f"{_compile_seconds(r)} |")
     return "\n".join(out)
+
+
+def _compile_seconds(row: dict) -> str:
+    """Total compile time of an mbcompile row (capture + passes + build), when it was compiled."""
+    seconds = row.get("compile_seconds") or {}
+    return f"{sum(seconds.values()):.0f}" if seconds else ""
+
+
+def _header(started: str, cells: list[dict], rounds: int) -> str:
+    machine = cells[0]["machine"]
+    roofs = {c["rows"][0]["threads"]: c["roof_gflops"]["1024x1024x1024"] for c in cells}
+    return (f"Measured {started} on {machine['cpu']}, {machine['cores']} cores, fp32, batch 1; "
+            f"{rounds} interleaved rounds per cell; torch.mm roof "
+            + ", ".join(f"{t} thr {g:.0f} GFLOP/s" for t, g in sorted(roofs.items())) + ".")
+
+
+def _write(out: Path, started: str, cells: list[dict], rounds: int) -> str:
+    text = _header(started, cells, rounds) + "\n\n" + _table(cells) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"started": started, "rounds": rounds, "cells": cells}, indent=2))
+    out.with_suffix(".md").write_text(text)
+    _chart(cells, out.with_suffix(".png"))
+    return text
 
 
 def _chart(cells: list[dict], path: Path) -> None:
@@ -90,8 +115,7 @@ def main() -> None:
     args = p.parse_args()
     if args.render:
         data = json.loads(Path(args.render).read_text())
-        _chart(data["cells"], Path(args.render).with_suffix(".png"))
-        print(_table(data["cells"]))
+        print(_write(Path(args.render), data["started"], data["cells"], data.get("rounds", args.rounds)))
         return
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -100,19 +124,7 @@ def main() -> None:
         for seq in (int(s) for s in args.seq.split(",")):
             for threads in (int(t) for t in args.threads.split(",")):
                 cells.append(_run_cell(head, seq, threads, args))
-    machine = cells[0]["machine"]
-    header = (f"Measured {started} on {machine['cpu']}, {machine['cores']} cores, fp32, batch 1; "
-              f"{args.rounds} interleaved rounds per cell; torch.mm roof "
-              + ", ".join(f"{c['rows'][0]['threads']} thr {c['roof_gflops']['1024x1024x1024']:.0f} GFLOP/s"
-                          for c in cells[: len(args.threads.split(','))]) + ".")
-    table = _table(cells)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"started": started, "cells": cells}, indent=2))
-    out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
-    _chart(cells, out.with_suffix(".png"))
-    print(header)
-    print(table)
+    print(_write(Path(args.out), started, cells, args.rounds))
 
 
 if __name__ == "__main__":
