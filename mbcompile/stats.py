@@ -15,19 +15,6 @@ def _calls(func) -> list:
     return calls
 
 
-def _attention_calls(mod) -> list:
-    """``call_tir`` calls of fused attention kernels (marked by FuseAttention) in ``main``."""
-    from mbcompile.passes.attention_kernel import KIND, KIND_ATTR
-
-    found = []
-    for c in _calls(mod["main"]):
-        if getattr(c.op, "name", None) == "relax.call_tir":
-            attrs = mod[c.args[0]].attrs
-            if attrs is not None and attrs.get(KIND_ATTR) == KIND:
-                found.append(c)
-    return found
-
-
 def matmul_calls(mod) -> int:
     """``R.matmul`` calls in ``main`` (a fused attention counts as one)."""
     from mbcompile.passes import count_matmuls
@@ -44,7 +31,9 @@ def matmul_flops(mod) -> int:
         a_shape = [int(d) for d in call.args[0].ty.shape]
         out_shape = [int(d) for d in call.ty.shape]
         total += 2 * int(np.prod(out_shape)) * a_shape[-1]
-    for call in _attention_calls(mod):  # q·kᵀ and p·v
+    from mbcompile.passes.base import fused_attention_calls
+
+    for call in fused_attention_calls(mod):  # q·kᵀ and p·v
         q, kt, v = ([int(d) for d in a.ty.shape] for a in call.args[1].fields[:3])
         total += 2 * q[0] * q[1] * kt[2] * (q[2] + v[2])
     return total

@@ -417,22 +417,35 @@ def rewrite_bindings(
 _MATMUL_OPS = frozenset({"relax.matmul", "relax.nn.attention", "relax.nn.attention_bias"})
 
 
+def fused_attention_calls(mod: tvm.IRModule, func_name: str = "main") -> list[relax.Call]:
+    """The ``call_tir`` calls of fused attention kernels (made by FuseAttention) in ``func_name``."""
+    from .attention_kernel import KIND, KIND_ATTR
+
+    found: list[relax.Call] = []
+
+    def visit(expr: relax.Expr) -> None:
+        if (
+            isinstance(expr, relax.Call)
+            and isinstance(expr.op, tvm.ir.Op)
+            and expr.op.name == "relax.call_tir"
+        ):
+            attrs = mod[expr.args[0]].attrs
+            if attrs is not None and attrs.get(KIND_ATTR) == KIND:
+                found.append(expr)
+
+    relax.analysis.post_order_visit(mod[func_name], visit)
+    return found
+
+
 def count_matmuls(mod: tvm.IRModule, func_name: str = "main") -> int:
     """``R.matmul`` calls in ``func_name``; a fused attention (``R.nn.attention`` or a kernel
     FuseAttention made) counts as one."""
-    from .attention_kernel import KIND, KIND_ATTR
-
     count = 0
 
     def visit(expr: relax.Expr) -> None:
         nonlocal count
-        if not isinstance(expr, relax.Call) or not isinstance(expr.op, tvm.ir.Op):
-            return
-        if expr.op.name in _MATMUL_OPS:
-            count += 1
-        elif expr.op.name == "relax.call_tir":
-            attrs = mod[expr.args[0]].attrs
-            count += int(attrs is not None and attrs.get(KIND_ATTR) == KIND)
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            count += int(expr.op.name in _MATMUL_OPS)
 
     relax.analysis.post_order_visit(mod[func_name], visit)
-    return count
+    return count + len(fused_attention_calls(mod, func_name))
