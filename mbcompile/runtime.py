@@ -147,8 +147,10 @@ class CompiledModel:
         token_type_ids=None,
         *,
         masked_positions=None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> ModelOutput:
+    ) -> ModelOutput | tuple:
+        """Run on numpy arrays or torch tensors; ``return_dict=False`` gives a tuple, as HF's."""
         unsupported = sorted(k for k, v in kwargs.items() if v is not None)
         if unsupported:
             raise TypeError(
@@ -186,7 +188,7 @@ class CompiledModel:
         out = self._assemble(flat, inp.as_torch)
         if positions is not None:
             out["masked_positions"] = _like_input(positions, inp.as_torch)
-        return out
+        return out.to_tuple() if return_dict is False else out
 
     def _assemble(self, flat: list[np.ndarray], as_torch: bool) -> ModelOutput:
         flat = [_like_input(a, as_torch) for a in flat]

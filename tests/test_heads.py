@@ -65,6 +65,8 @@ def test_numpy_in_gives_numpy_out_and_names_follow_hf(compiled_head):
     assert getattr(out, list(ref.keys())[0]) is first
     torch_out = compiled(ids, mask, types)
     assert isinstance(torch_out[0], torch.Tensor)
+    as_tuple = compiled(ids, mask, types, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(ref.to_tuple())
 
 
 @pytest.mark.parametrize("not_mobilebert", ["linear", "bert"])
