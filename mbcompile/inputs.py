@@ -50,6 +50,23 @@ def _check_integer(name: str, arr: np.ndarray, allow_bool: bool) -> None:
     raise InputError(f"{name}: expected {expected}, got dtype {arr.dtype}")
 
 
+def _same_shape(name: str, value, ids: np.ndarray) -> np.ndarray:
+    arr = _to_numpy(name, value)
+    if arr.shape != ids.shape:
+        raise InputError(
+            f"{name}: expected shape {tuple(ids.shape)} (that of input_ids), got {tuple(arr.shape)}"
+        )
+    return arr
+
+
+def _check_range(name: str, arr: np.ndarray, high: int, what: str, limit: str) -> None:
+    """Every value in [0, high): the compiled gathers must not read outside their tables."""
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= high:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"{name}: {what} {bad} is outside [0, {high}) ({limit})")
+
+
 def prepare(
     sig: Signature,
     input_ids,
@@ -82,50 +99,25 @@ def prepare(
             f"input_ids: {ids.shape[1]} choices given, the model was compiled for "
             f"num_choices={sig.num_choices}"
         )
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= sig.vocab_size:
-        bad = lo if lo < 0 else hi
-        raise InputError(
-            f"input_ids: token id {bad} is outside [0, {sig.vocab_size}) (vocab_size)"
-        )
+    _check_range("input_ids", ids, sig.vocab_size, "token id", "vocab_size")
 
     if attention_mask is None:
         mask = np.ones(ids.shape, dtype=np.int64)
     else:
-        mask = _to_numpy("attention_mask", attention_mask)
-        if mask.shape != ids.shape:
-            raise InputError(
-                f"attention_mask: expected shape {tuple(ids.shape)} (that of input_ids), "
-                f"got {tuple(mask.shape)}"
-            )
-        if mask.dtype.kind == "f":
-            if not np.isin(mask, (0.0, 1.0)).all():
-                raise InputError("attention_mask: values must be 0 or 1")
-        else:
+        mask = _same_shape("attention_mask", attention_mask, ids)
+        if mask.dtype.kind != "f":  # HF accepts float masks of 0.0 and 1.0 too
             _check_integer("attention_mask", mask, allow_bool=True)
         values = np.unique(mask)
-        if not np.isin(values, (0, 1)).all():
-            raise InputError(
-                f"attention_mask: values must be 0 or 1, got {values[~np.isin(values, (0, 1))][:5]}"
-            )
+        wrong = values[~np.isin(values, (0, 1))]
+        if wrong.size:
+            raise InputError(f"attention_mask: values must be 0 or 1, got {wrong[:5]}")
 
     if token_type_ids is None:
         types = np.zeros(ids.shape, dtype=np.int64)
     else:
-        types = _to_numpy("token_type_ids", token_type_ids)
-        if types.shape != ids.shape:
-            raise InputError(
-                f"token_type_ids: expected shape {tuple(ids.shape)} (that of input_ids), "
-                f"got {tuple(types.shape)}"
-            )
+        types = _same_shape("token_type_ids", token_type_ids, ids)
         _check_integer("token_type_ids", types, allow_bool=False)
-        lo, hi = int(types.min()), int(types.max())
-        if lo < 0 or hi >= sig.type_vocab_size:
-            bad = lo if lo < 0 else hi
-            raise InputError(
-                f"token_type_ids: type id {bad} is outside [0, {sig.type_vocab_size}) "
-                f"(type_vocab_size)"
-            )
+        _check_range("token_type_ids", types, sig.type_vocab_size, "type id", "type_vocab_size")
 
     return Prepared(
         input_ids=ids.astype(np.int64, copy=False),
