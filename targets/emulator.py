@@ -373,13 +373,15 @@ class Server:
     process: subprocess.Popen
     port: int
     mode: str
-    log_path: Path
+    log_path: Path | None  # the server's log file, removed on stop (None: no log file)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def log(self) -> str:
+        if self.log_path is None:
+            return ""
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
@@ -396,7 +398,8 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        self.log_path.unlink(missing_ok=True)
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> Server:
         return self
@@ -482,5 +485,5 @@ def serve(port: int = 9090, *, mode: str = "auto", load_library: str | None = No
     try:
         return process.wait()
     except KeyboardInterrupt:
-        Server(process, port, mode, Path(os.devnull)).stop()
+        Server(process, port, mode, None).stop()  # no log file to remove (never os.devnull)
         return 130

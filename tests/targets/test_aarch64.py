@@ -252,3 +252,14 @@ def test_full_size_head_matches_eager_on_emulated_device_at_seq_128(head, device
         f"{loaded - built:.0f} s, first forward (emulated) {ran - loaded:.1f} s, "
         f"time_evaluator {device_seconds[0]:.1f} s; library {os.path.getsize(path) / 1e6:.0f} MB"
     )
+
+
+def test_stopping_a_server_without_a_log_file_removes_nothing():
+    """Regression: the interrupt path of `mbcompile emulator serve` once unlinked os.devnull."""
+    import stat
+    import subprocess
+
+    process = subprocess.Popen(["true"], start_new_session=True)
+    process.wait()
+    emulator.Server(process, 0, "in-process", None).stop()
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
