@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import MbcompileError
 from .heads import HEADS
@@ -54,10 +54,9 @@ class DemoArgs:
 @dataclass
 class RunArgs:
     artifact: str
-    ids: list[int] | None
+    ids: str | None  # comma-separated token ids
     repeats: int
     remote: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
