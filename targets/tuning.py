@@ -196,22 +196,35 @@ def _progress_callback(ms, total: int, deadline: float | None, log):
 
 
 def _hand_schedule_space(ms, target: tvm.target.Target):
-    """A design space holding the schedule the no-tuning path applies (targets/schedules/), so
-    that the best tuned record is never worse than compiling without a database."""
+    """Our own design space: the schedule the no-tuning path applies (targets/schedules/), so
+    that the best tuned record is never worse than compiling without a database, and the same
+    rule with its knobs left to sampling (register-tile rows, K unroll: ``tunable=True``)."""
     from .schedules import default_rules
 
     rules = default_rules(target)
 
-    def schedule(sch):
-        func = sch.mod["main"]
+    def first(func, tunable: bool):
         for rule in rules:
             try:
-                out = rule.apply(func, target, False)
+                out = rule.apply(func, target, tunable)
             except Exception:  # noqa: BLE001 - a rule that cannot schedule this task
                 out = None
             if out is not None:
                 return out[0] if isinstance(out, list) else out
-        return sch
+        return None
+
+    def schedule(sch):
+        func = sch.mod["main"]
+        fixed = first(func, False)
+        if fixed is None:
+            return [sch]
+        spaces = [fixed]
+        knobs = first(func, True)
+        if knobs is not None and any(
+            inst.kind.name.startswith("Sample") for inst in knobs.trace.insts
+        ):
+            spaces.append(knobs)
+        return spaces
 
     return ms.space_generator.ScheduleFn(schedule, sch_rules=[], postprocs=[], mutator_probs={})
 

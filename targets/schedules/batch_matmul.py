@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class BatchMatmul(ScheduleRule):
     """Register-tiled matmul whose right operand is row-major ``[.., K, N]``."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
@@ -42,7 +42,7 @@ class BatchMatmul(ScheduleRule):
             return None
         try:
             epilogue = inline_around(sch, producers, consumers)
-            schedule_gemm(sch, gemm, epilogue, info, tile_n=tile_n)
+            schedule_gemm(sch, gemm, epilogue, info, tile_n=tile_n, tunable=tunable)
         except s_tir.ScheduleError as err:
             logger.warning("BatchMatmul: matched but could not schedule: %s", err)
             return None

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class DensePacked(ScheduleRule):
     """Register-tiled matmul by a packed constant weight, epilogue fused into the tile."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
@@ -34,7 +34,7 @@ class DensePacked(ScheduleRule):
         gemm, producers, consumers = found
         try:
             epilogue = inline_around(sch, producers, consumers)
-            schedule_gemm(sch, gemm, epilogue, cpu_info(target), tile_n=gemm.packed_block)
+            schedule_gemm(sch, gemm, epilogue, cpu_info(target), tile_n=gemm.packed_block, tunable=tunable)
         except s_tir.ScheduleError as err:
             logger.warning("DensePacked: matched but could not schedule: %s", err)
             return None

@@ -23,7 +23,9 @@ from mbcompile.targets.schedules import (
     ScheduleKernels,
     default_rules,
 )
+from mbcompile.targets.schedules.gemm_tile import tile_rows
 from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight
+from mbcompile.targets.schedules.target_info import cpu_info
 from tvm import relax, te, tirx, topi
 from tvm.script import relax as R
 from tvm.target import codegen
@@ -97,6 +99,44 @@ def test_packed_dense_with_fused_epilogue_equals_the_unscheduled_kernel(m, k, n)
 @pytest.mark.parametrize("batch, m, k, n", [(4, 32, 8, 32), (2, 7, 5, 7), (1, 6, 12, 24)])
 def test_batch_matmul_with_fused_epilogue_equals_the_unscheduled_kernel(batch, m, k, n):
     assert_rule_schedules_and_preserves(BatchMatmul(), batch_matmul_scaled(batch, m, k, n))
+
+
+def test_untuned_tile_takes_six_rows_on_avx2_when_m_divides_by_six_else_four():
+    info = cpu_info(AVX2)
+    assert tile_rows(info, "float32", 384) == 6
+    assert tile_rows(info, "float32", 128) == 4
+    assert tile_rows(info, "float32", 7) == 1
+    assert tile_rows(cpu_info(AVX512), "float32", 384) == 12
+
+
+def _sampled_tiles(sch) -> list[list[int]]:
+    return [
+        [int(v) for v in sch.trace.decisions[inst]]
+        for inst in sch.trace.insts
+        if inst.kind.name == "SamplePerfectTile"
+    ]
+
+
+@pytest.mark.parametrize("rule, func", [
+    (DensePacked(), packed_dense_with_bias(96, 64, 32, 16)),
+    (BatchMatmul(), batch_matmul_scaled(2, 48, 16, 32)),
+])
+def test_tunable_matmul_schedule_samples_rows_and_k_unroll_and_every_sample_is_correct(rule, func):
+    args = _random_args(func, np.random.default_rng(0))
+    want = _run(func, args)
+    seen = set()
+    for seed in range(1, 9):
+        sch = rule.apply(func, HOST, True)
+        replay = tvm.s_tir.Schedule(func, seed=seed)
+        # what MetaSchedule does with a design space: replay its trace with fresh decisions
+        tvm.s_tir.schedule.Trace(sch.trace.insts, {}).apply_to_schedule(replay, False)
+        tiles = _sampled_tiles(replay)
+        assert len(tiles) == 2, "rows and K unroll are both knobs"
+        rows, unroll = tiles[0][-1], tiles[1][-1]
+        assert rows <= 6 and unroll <= 8
+        seen.add((rows, unroll))
+        np.testing.assert_allclose(_run(replay.mod["main"], args), want, atol=1e-5, rtol=1e-5)
+    assert len(seen) > 1, "the knobs were not re-sampled"
 
 
 def test_masked_softmax_equals_the_unscheduled_kernel():
@@ -184,16 +224,16 @@ def test_pack_dense_weights_packs_a_constant_weight_and_not_a_runtime_one():
 
 # --------------------------------------------------------------------------- whole pipeline
 
-SMALL = dict(
-    num_hidden_layers=2,
-    hidden_size=64,
-    embedding_size=32,
-    intra_bottleneck_size=32,
-    num_attention_heads=2,
-    intermediate_size=37,
-    true_hidden_size=32,
-    vocab_size=100,
-)
+SMALL = {
+    "num_hidden_layers": 2,
+    "hidden_size": 64,
+    "embedding_size": 32,
+    "intra_bottleneck_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "true_hidden_size": 32,
+    "vocab_size": 100,
+}
 
 
 def _export(model: torch.nn.Module, batch: int, seq: int, vocab: int):
@@ -235,12 +275,12 @@ def _compile_reporting(mod: tvm.IRModule, target: tvm.target.Target):
     [
         (
             "MobileBertForMaskedLM",
-            dict(normalization_type="layer_norm", hidden_act="gelu"),
+            {"normalization_type": "layer_norm", "hidden_act": "gelu"},
             2,
             7,
         ),
-        ("MobileBertModel", dict(), 1, 13),
-        ("MobileBertModel", dict(), 1, 37),
+        ("MobileBertModel", {}, 1, 13),
+        ("MobileBertModel", {}, 1, 37),
     ],
 )
 def test_small_mobilebert_compiled_with_the_pipeline_equals_pytorch(
