@@ -19,11 +19,6 @@ from .heads import head_of_class
 from .signature import OutputSpec, Signature
 
 DEFAULT_NUM_CHOICES = 4
-# Heads whose vocabulary projection ``logits_for="masked"`` prunes, and the pruned output's name.
-MASKED_LOGITS = {"logits", "prediction_logits"}
-PRUNABLE_HEADS = ("masked-lm", "pretraining")
-# [MASK] in the uncased MobileBERT/BERT vocabulary; pass the tokenizer's mask_token_id otherwise.
-DEFAULT_MASK_TOKEN_ID = 103
 
 
 @dataclass
@@ -40,7 +35,7 @@ class _FlatOutputs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def outputs(self, input_ids, attention_mask, token_type_ids, *extra) -> dict:
+    def outputs(self, input_ids, attention_mask, token_type_ids) -> dict:
         return self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -48,35 +43,8 @@ class _FlatOutputs(torch.nn.Module):
             return_dict=True,
         )
 
-    def forward(self, input_ids, attention_mask, token_type_ids, *extra):
-        return tuple(_flatten(self.outputs(input_ids, attention_mask, token_type_ids, *extra)))
-
-
-class _MaskedPositionsOnly(_FlatOutputs):
-    """MaskedLM / PreTraining with vocabulary logits at the given positions only.
-
-    ``masked_positions`` (batch, K) selects the encoder outputs the prediction head runs on: the
-    head is per-position, so ``head(seq)[b, p] == head(seq[b, p])``. Everything else is as HF's.
-    """
-
-    def outputs(self, input_ids, attention_mask, token_type_ids, masked_positions) -> dict:
-        model = self.model
-        base = model.mobilebert(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            return_dict=True,
-        )
-        seq = base.last_hidden_state
-        index = masked_positions.unsqueeze(-1).expand(-1, -1, seq.shape[-1])
-        picked = torch.gather(seq, 1, index)
-        logits = model.cls.predictions(picked)
-        if type(model).__name__ == "MobileBertForPreTraining":
-            return {
-                "prediction_logits": logits,
-                "seq_relationship_logits": model.cls.seq_relationship(base.pooler_output),
-            }
-        return {"logits": logits}
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return tuple(_flatten(self.outputs(input_ids, attention_mask, token_type_ids)))
 
 
 def _flatten(out) -> list:
@@ -135,14 +103,14 @@ def example_inputs(config, shape: tuple[int, ...], seed: int = 0) -> tuple[torch
 
 
 def _output_specs(
-    wrapper, config, shape: tuple[int, ...], extra: tuple = ()
+    wrapper, config, shape: tuple[int, ...]
 ) -> tuple[tuple[OutputSpec, ...], tuple[str, ...]]:
     """Names, shapes and sequence axes of the outputs, found by running eager at two lengths."""
     seq_len = shape[-1]
     other = seq_len - 1 if seq_len > 1 else seq_len + 1
     with torch.no_grad():
-        out = wrapper.outputs(*example_inputs(config, shape), *extra)
-        out_other = wrapper.outputs(*example_inputs(config, shape[:-1] + (other,)), *extra)
+        out = wrapper.outputs(*example_inputs(config, shape))
+        out_other = wrapper.outputs(*example_inputs(config, shape[:-1] + (other,)))
     specs = []
     for (name, value), value_other in zip(out.items(), out_other.values()):
         grouped = isinstance(value, (tuple, list))
@@ -157,7 +125,6 @@ def _output_specs(
                     dtype=str(t.dtype).removeprefix("torch."),
                     seq_axes=seq_axes,
                     index=i if grouped else None,
-                    masked_axis=1 if extra and name in MASKED_LOGITS else None,
                 )
             )
     return tuple(specs), tuple(out.keys())
@@ -169,15 +136,12 @@ def capture(
     seq_len: int,
     batch_size: int = 1,
     num_choices: int | None = None,
-    logits_for: str = "all",
-    max_masked: int = 8,
-    mask_token_id: int | None = None,
 ) -> Captured:
     """Export ``model`` at a static ``(batch, [choices,] seq)`` shape and import it into Relax.
 
-    ``logits_for="masked"`` (MaskedLM and PreTraining heads): the compiled function takes a fourth
-    input, ``masked_positions`` (batch, ``max_masked``), and computes vocabulary logits at those
-    positions only; the runtime fills it from ``input_ids == mask_token_id``.
+    The module computes everything the model returns (logits at every position included);
+    ``compile(..., logits_for="masked")`` prunes the vocabulary projection afterwards with the
+    ``PruneMaskedLMHead`` pass.
     """
     head = check_model(model)
     config = model.config
@@ -199,31 +163,14 @@ def capture(
         if num_choices is not None:
             raise ValueError(f"num_choices applies to the multiple-choice head only, not {head!r}")
         shape = (batch_size, seq_len)
-    if logits_for not in ("all", "masked"):
-        raise ValueError(f"logits_for must be 'all' or 'masked', got {logits_for!r}")
-    pruned = logits_for == "masked"
-    extra: tuple = ()
-    if pruned:
-        if head not in PRUNABLE_HEADS:
-            raise ValueError(
-                f"logits_for='masked' applies to the heads {PRUNABLE_HEADS}, not {head!r}"
-            )
-        if not isinstance(max_masked, int) or not 1 <= max_masked <= seq_len:
-            raise ValueError(f"max_masked must be an integer in [1, seq_len], got {max_masked!r}")
-        mask_token_id = DEFAULT_MASK_TOKEN_ID if mask_token_id is None else mask_token_id
-        if not 0 <= mask_token_id < config.vocab_size:
-            raise ValueError(
-                f"mask_token_id {mask_token_id} is outside [0, {config.vocab_size}) (vocab_size)"
-            )
-        extra = (torch.arange(max_masked).remainder(seq_len).repeat(batch_size, 1),)
 
     was_training = model.training
     model.eval()
     try:
-        wrapper = _MaskedPositionsOnly(model) if pruned else _FlatOutputs(model)
-        outputs, fields = _output_specs(wrapper, config, shape, extra)
+        wrapper = _FlatOutputs(model)
+        outputs, fields = _output_specs(wrapper, config, shape)
         with torch.no_grad():
-            exported = torch.export.export(wrapper, (*example_inputs(config, shape), *extra))
+            exported = torch.export.export(wrapper, example_inputs(config, shape))
         mod = _bounded_gathers(from_exported_program(exported))
     finally:
         model.train(was_training)
@@ -237,8 +184,6 @@ def capture(
         vocab_size=config.vocab_size,
         type_vocab_size=config.type_vocab_size,
         outputs=outputs,
-        fields=fields + (("masked_positions",) if pruned else ()),
-        max_masked=max_masked if pruned else None,
-        mask_token_id=mask_token_id if pruned else None,
+        fields=fields,
     )
     return Captured(mod=mod, signature=signature, config=config.to_dict())

@@ -13,7 +13,9 @@ from .fold_attention_scale import FoldAttentionScale
 from .fold_no_norm import FoldNoNorm
 from .fuse_attention import FuseAttention
 from .merge_shared_input_linears import MergeSharedInputLinears
+from .prune_masked_lm_head import PruneMaskedLMHead
 from .remove_layout_noise import RemoveLayoutNoise
+from .remove_linear_reshapes import RemoveLinearReshapes
 
 DEFAULT_PASSES: tuple[type[MobileBertPass], ...] = (
     # Fold constants into weights while every linear is still on its own.
@@ -21,7 +23,9 @@ DEFAULT_PASSES: tuple[type[MobileBertPass], ...] = (
     FoldAttentionScale,
     # Then widen: linears reading one tensor become one matmul and a split.
     MergeSharedInputLinears,
-    # Drop the reshapes and permutes the rewrites and the importer left cancelling.
+    # Linears run on the N-D activation (no reshape pair), so bias, activation and residual
+    # NoNorm fuse into the matmul kernel; then the reshapes and permutes left cancelling go.
+    RemoveLinearReshapes,
     RemoveLayoutNoise,
     # Last, the attention core (scores, mask, guarded softmax, · V) becomes one kernel.
     FuseAttention,
@@ -63,7 +67,9 @@ __all__ = [
     "FuseAttention",
     "MergeSharedInputLinears",
     "MobileBertPass",
+    "PruneMaskedLMHead",
     "RemoveLayoutNoise",
+    "RemoveLinearReshapes",
     "count_matmuls",
     "resolve_passes",
 ]

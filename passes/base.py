@@ -213,6 +213,32 @@ def shape_values(shape_expr: relax.Expr) -> tuple[int, ...] | None:
         return None
 
 
+# Ops that rearrange constants into a weight (the importer's ``permute_dims(W)``, the MaskedLM
+# decoder's ``concat``); an expression of these over constants is itself a constant.
+_CONSTANT_LAYOUT_OPS = frozenset(
+    {"relax.permute_dims", "relax.concat", "relax.reshape", "relax.broadcast_to"}
+)
+
+
+def is_constant_expr(graph: Graph, expr: relax.Expr) -> bool:
+    """Whether ``expr`` is a constant, or layout ops (permute, concat, reshape, broadcast) over
+    constants only, looking through bindings."""
+    expr = graph.value(expr)
+    if isinstance(expr, tvm.ir.GenericConst):
+        return True
+    if isinstance(expr, relax.Tuple):
+        return all(is_constant_expr(graph, field) for field in expr.fields)
+    if isinstance(expr, relax.ShapeExpr):
+        return True
+    if (
+        isinstance(expr, relax.Call)
+        and isinstance(expr.op, tvm.ir.Op)
+        and expr.op.name in _CONSTANT_LAYOUT_OPS
+    ):
+        return all(is_constant_expr(graph, arg) for arg in expr.args)
+    return False
+
+
 def dtype_of(expr: relax.Expr) -> str | None:
     ty = expr.ty
     return str(ty.dtype) if isinstance(ty, relax.TensorType) else None

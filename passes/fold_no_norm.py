@@ -23,10 +23,12 @@ axis; and when any intermediate (the scaled tensor, a partial sum, a term) has a
 that user still needs the unfolded value.
 
 After a residual add one term is the layer's input, which no weight produces: that NoNorm stays
-and is left for the kernel-fusion stage, which fuses it into the add as an epilogue. The one
-exception MobileBERT has is the attention residual: its other term is the bottleneck input, a
-linear whose own NoNorm is folded in the first round, so the next round folds the residual
-NoNorm into both linears. Later residuals read a tensor with two users and stay.
+for kernel fusion. ``RemoveLinearReshapes`` takes away the reshape between the producing linear
+and the add, so operator fusion makes the add and the NoNorm epilogues of that linear's matmul
+kernel (no kernel of their own). The one exception MobileBERT has is the attention residual: its
+other term is the bottleneck input, a linear whose own NoNorm is folded in the first round, so
+the next round folds the residual NoNorm into both linears. Later residuals read a tensor with
+two users and stay.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class FuseAttention(MobileBertPass):
         q, kt, v, bias, full = (shapes[p] for p in (self.q, self.kt, self.v, self.bias, self.biased))
         if len(q) != 3 or len(kt) != 3 or len(v) != 3 or len(full) != 4 or len(bias) != 4:
             return f"unexpected ranks q{q} kt{kt} v{v} scores{full} bias{bias}"
-        batch, heads, seq_q, seq_k = full
+        batch, heads, _seq_q, seq_k = full
         if q[0] != batch * heads or kt[0] != q[0] or v[0] != q[0] or kt[1] != q[2] or v[1] != seq_k:
             return f"shapes do not form attention: q{q} kt{kt} v{v} scores{full}"
         if any(b not in (1, f) for b, f in zip(bias, full)):

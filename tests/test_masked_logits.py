@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_model, tiny_config
+from mbcompile.passes import DEFAULT_PASSES
 
 import mbcompile
 from mbcompile import InputError
@@ -79,3 +80,39 @@ def test_pruned_head_is_saved_and_loaded(pruned, tmp_path):
     a, b = compiled(ids), again(ids)
     assert list(a.keys()) == list(b.keys())
     assert np.array_equal(a.masked_positions, b.masked_positions)
+
+
+def test_report_and_explain_show_the_pruning_pass_fired(pruned):
+    from mbcompile.cli import format_report
+
+    _, compiled = pruned
+    report = compiled.report()
+    first = report["passes"][0]
+    assert (first["pass"], first["fired"]) == ("PruneMaskedLMHead", 1)
+    # The vocabulary projection now runs on 2·3 rows instead of 2·12.
+    assert first["matmul_flops"] < report["imported"]["matmul_flops"]
+    assert [row["pass"] for row in report["passes"][1:]] == [
+        cls.__name__ for cls in DEFAULT_PASSES
+    ]
+    assert "PruneMaskedLMHead" in format_report(report)
+
+
+def test_pruning_runs_with_no_other_pass_and_equals_eager():
+    model = make_model("masked-lm", tiny_config())
+    compiled = mbcompile.compile(
+        model, seq_len=8, passes=(), logits_for="masked", max_masked=2, mask_token_id=MASK
+    )
+    assert [row["pass"] for row in compiled.report()["passes"]] == ["PruneMaskedLMHead"]
+    ids = torch.randint(MASK + 1, 211, (1, 8), generator=torch.Generator().manual_seed(3))
+    ids[0, 4] = MASK
+    out = compiled(ids)
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+    assert out.masked_positions.tolist() == [[4]]
+    assert (out.logits[0, 0] - ref.logits[0, 4]).abs().max() <= 1e-4
+
+
+def test_the_pruning_pass_is_an_option_not_a_pass_to_list():
+    model = make_model("masked-lm", tiny_config())
+    with pytest.raises(ValueError, match=r"compile\(\.\.\., logits_for='masked'"):
+        mbcompile.compile(model, seq_len=8, passes=["FoldNoNorm", "PruneMaskedLMHead"])

@@ -11,6 +11,7 @@ from mbcompile.passes import (
     FuseAttention,
     MergeSharedInputLinears,
     RemoveLayoutNoise,
+    RemoveLinearReshapes,
     count_matmuls,
     resolve_passes,
 )
@@ -76,6 +77,7 @@ def test_every_variant_and_head_matches_eager_after_all_passes(
     layers = model.config.num_hidden_layers
     assert tester.fired["MergeSharedInputLinears"] == merges_per_layer * layers, tester.fired
     assert tester.fired["FoldAttentionScale"] == 2 * layers, tester.fired
+    tester.check_fired("RemoveLinearReshapes")
     if model.config.normalization_type == "no_norm":
         tester.check_fired("FoldNoNorm")
     else:
@@ -99,6 +101,8 @@ def test_default_one_layer_model_drops_from_17_to_13_matmuls_per_layer():
         "FoldNoNorm": 4,
         "FoldAttentionScale": 2,
         "MergeSharedInputLinears": 2,
+        # the embedding transformation, attention output, 4 FFNs × 2 and the output linear
+        "RemoveLinearReshapes": 11,
         "RemoveLayoutNoise": tester.fired["RemoveLayoutNoise"],
         "FuseAttention": 1,
     }
@@ -115,6 +119,7 @@ def test_default_passes_run_folds_before_merges_and_attention_last():
         FoldNoNorm,
         FoldAttentionScale,
         MergeSharedInputLinears,
+        RemoveLinearReshapes,
         RemoveLayoutNoise,
         FuseAttention,
     )

@@ -20,18 +20,18 @@ TOL = 1e-4  # max abs error, fp32
 SEQ = 8
 
 # MobileBERT's shape family, small: capture ≈ 2 s and build ≈ 4 s on 2 cores.
-TINY = dict(
-    vocab_size=64,
-    hidden_size=32,
-    embedding_size=16,
-    intra_bottleneck_size=16,
-    num_attention_heads=2,
-    intermediate_size=24,
-    num_hidden_layers=1,
-    max_position_embeddings=32,
-    num_feedforward_networks=2,
-    initializer_range=0.2,  # activations of order one, so 1e-4 means something
-)
+TINY = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "embedding_size": 16,
+    "intra_bottleneck_size": 16,
+    "num_attention_heads": 2,
+    "intermediate_size": 24,
+    "num_hidden_layers": 1,
+    "max_position_embeddings": 32,
+    "num_feedforward_networks": 2,
+    "initializer_range": 0.2,  # activations of order one, so 1e-4 means something
+}
 
 # llvm opt-level 0 builds ~40% faster; the passes change the graph, not the code LLVM emits.
 TARGET = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2, "opt-level": 0}
