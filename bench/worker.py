@@ -68,6 +68,8 @@ def _compiled(model, head: str, seq: int, variant: str, log) -> tuple:
     key = f"{head}-s{seq}-{variant}-{mbcompile.__version__}-{_source_revision()}.mbc"
     path = CACHE / key
     kwargs = {"seq_len": seq}
+    if variant in ("untuned", "no-passes"):  # the passes' effect is measured on equal schedules
+        kwargs["tuning_db"] = None
     if variant == "no-passes":
         kwargs["passes"] = ()
     if variant == "fill-mask":
@@ -106,9 +108,12 @@ def main() -> None:
     runners, extra = {}, {}
     wanted = None if args.backends == "all" else set(args.backends.split(","))
     for variant in args.variants.split(","):
-        name = "mbcompile" if variant == "default" else f"mbcompile {variant}"
         compiled, seconds = _compiled(model, args.head, args.seq, variant, log)
-        extra[name] = {"compile_seconds": seconds,
+        tuned = compiled.metadata.get("tuning_db") is not None
+        name = "mbcompile" if variant == "default" else f"mbcompile {variant}"
+        if tuned:  # the shipped database (targets/databases/) applied to this model and target
+            name += " (tuned)"
+        extra[name] = {"compile_seconds": seconds, "tuned": tuned,
                        "matmul_flops": compiled.report().get("final", {}).get("matmul_flops")}
         if variant == "fill-mask":
             fm_ids = ids.copy()
@@ -135,7 +140,7 @@ def main() -> None:
     for name, run in runners.items():
         for _ in range(2):  # warm-up (torch.compile compiles here)
             outs = run(ids, mask, types)
-        if name.endswith("fill-mask"):
+        if "fill-mask" in name:
             fm_ids[0, mask_pos] = 103
             ref_logits = eager(fm_ids, mask, types)[0][0, mask_pos]
             diffs[name] = float(np.abs(outs[0] - ref_logits).max())
