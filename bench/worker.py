@@ -56,7 +56,8 @@ def _source_revision() -> str:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
                              capture_output=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "mbcompile", "passes",
-                                "targets"], cwd=root, text=True, capture_output=True).stdout.strip()
+                                "targets"], cwd=root, text=True, capture_output=True,
+                               check=False).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "nogit"
     return rev + ("-dirty" if dirty else "")
@@ -81,6 +82,11 @@ def _compiled(model, head: str, seq: int, variant: str, log) -> tuple:
     compiled = mbcompile.compile(model, **kwargs)
     compiled.save(path)
     return compiled, compiled.metadata.get("compile_seconds", {})
+
+
+def _fill_mask_runner(compiled, ids):
+    """The logits of the one masked position, from the ids holding the [MASK] token."""
+    return lambda _ids, mask, types: [compiled(ids, mask, types)[0][0, 0]]
 
 
 def main() -> None:
@@ -118,7 +124,7 @@ def main() -> None:
         if variant == "fill-mask":
             fm_ids = ids.copy()
             fm_ids[0, mask_pos] = compiled.signature.mask_token_id
-            runners[name] = (lambda c=compiled, x=fm_ids: (lambda i, m, t: [c(x, m, t)[0][0, 0]]))()
+            runners[name] = _fill_mask_runner(compiled, fm_ids)
         else:
             runners[name] = peers.mbcompiled(compiled)
     eager = peers.torch_eager(model)

@@ -6,6 +6,7 @@ Public API::
     out = compiled(input_ids=ids, attention_mask=mask)
     compiled.save("model.mbc")
     again = mbcompile.load("model.mbc")        # numpy + TVM only: no torch, no transformers
+    fill = mbcompile.pipeline("fill-mask", again, tokenizer="path/to/checkpoint")
 
 ``compile`` imports torch and transformers when called; ``load`` never does.
 """
@@ -40,6 +41,14 @@ def tune(model, **kwargs) -> dict:
     return _tune(model, **kwargs)
 
 
+def pipeline(task: str, model, tokenizer=None):
+    """A tokenizer-based pipeline ("fill-mask", "question-answering", ...) over a compiled model;
+    see :func:`mbcompile.pipelines.pipeline`."""
+    from .pipelines import pipeline as _pipeline
+
+    return _pipeline(task, model, tokenizer)
+
+
 def __getattr__(name: str):
     if name == "Target":
         from .targets.registry import Target
@@ -49,6 +58,10 @@ def __getattr__(name: str):
         from .remote import RemoteError
 
         return RemoteError
+    if name == "PipelineError":
+        from .pipelines import PipelineError
+
+        return PipelineError
     raise AttributeError(f"module 'mbcompile' has no attribute {name!r}")
 
 
@@ -59,11 +72,13 @@ __all__ = [
     "MbcompileError",
     "ModelError",
     "ModelOutput",
+    "PipelineError",
     "RemoteError",
     "Target",
     "TargetError",
     "ToolchainError",
     "compile",
     "load",
+    "pipeline",
     "tune",
 ]

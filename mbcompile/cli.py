@@ -25,6 +25,8 @@ class CompileArgs:
     explain: bool
     output: str
     tuning_db: str = "default"
+    logits_for: str = "all"  # "masked": MaskedLM/PreTraining logits at [MASK] positions only
+    max_masked: int = 8
 
 
 @dataclass
@@ -39,6 +41,10 @@ class TuneArgs:
     minutes: float | None
     max_tasks: int | None
     work_dir: str
+    tracker: str | None = None  # measure on devices registered with this TVM RPC tracker
+    key: str | None = None
+    logits_for: str = "all"
+    max_masked: int = 8
 
 
 @dataclass
@@ -57,15 +63,34 @@ class RunArgs:
     ids: str | None  # comma-separated token ids
     repeats: int
     remote: str | None = None
+    tracker: str | None = None
+    key: str | None = None
+
+
+@dataclass
+class PipelineArgs:
+    task: str  # a task of mbcompile.pipelines.TASKS
+    artifact: str
+    texts: list[str]
+    tokenizer: str | None = None  # folder; default: the tokenizer saved in the artifact
+    top_k: int | None = None
+    question: str | None = None  # question-answering
+    context: str | None = None
+    pair: str | None = None  # text-classification, next-sentence-prediction
+    aggregation: str = "simple"  # token-classification
+    stride: int | None = None
 
 
 @dataclass
 class EmulatorArgs:
-    action: str  # "build" or "serve"
+    action: str  # "build", "serve" or "tracker"
     force: bool = False
     port: int = 9090
     mode: str = "auto"
     load_library: str | None = None
+    tracker: str | None = None
+    key: str | None = None
+    host: str = "127.0.0.1"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,6 +123,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, default=None, help="wall-clock budget")
     t.add_argument("--max-tasks", type=int, default=None, help="tune only the N costliest kernels")
     t.add_argument("-o", "--work-dir", required=True, help="database folder (resumable)")
+    t.add_argument(
+        "--tracker", metavar="HOST:PORT", default=None,
+        help="measure on the devices registered with this TVM RPC tracker (with --key); "
+        "--target must be their CPU, e.g. aarch64",
+    )
+    t.add_argument("--key", default=None, help="the device key to request from --tracker")
+
+    for q in (c, t):
+        q.add_argument(
+            "--logits-for", choices=["all", "masked"], default="all",
+            help="masked-lm/pretraining: 'masked' computes vocabulary logits at the [MASK] "
+            "positions only (fill-mask)",
+        )
+        q.add_argument("--max-masked", type=int, default=8,
+                       help="with --logits-for masked: most [MASK] tokens per sequence")
 
     i = sub.add_parser("info", help="describe a saved artifact")
     i.add_argument("artifact")
@@ -110,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
         "--remote", metavar="HOST:PORT", default=None,
         help="run on the device behind this TVM RPC server (e.g. `mbcompile emulator serve`)",
     )
+    r.add_argument(
+        "--tracker", metavar="HOST:PORT", default=None,
+        help="run on a device registered with this TVM RPC tracker (with --key)",
+    )
+    r.add_argument("--key", default=None, help="the device key to request from --tracker")
 
     d = sub.add_parser("demo", help="compile mobilebert-uncased for this CPU, check, time")
     d.add_argument("--checkpoint", default=None, help="use this checkpoint instead of random weights")
@@ -120,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--repeats", type=int, default=5)
 
     sub.add_parser("targets", help="list the named targets")
+    _add_pipeline_parsers(sub)
+    a = sub.add_parser("add-tokenizer", help="save a tokenizer folder's files into an artifact")
+    a.add_argument("artifact")
+    a.add_argument("folder", help="folder with vocab.txt / tokenizer.json / tokenizer_config.json")
 
     e = sub.add_parser("emulator", help="the emulated aarch64 device (qemu user mode)")
     esub = e.add_subparsers(dest="emulator_command", required=True)
@@ -135,8 +184,18 @@ def _parser() -> argparse.ArgumentParser:
     es.add_argument(
         "--load-library", default=None,
         help="extra library for the server, e.g. the device's tvm/lib/libtvm_runtime_extra.so "
-        "(MetaSchedule over RPC)",
+        "(MetaSchedule over RPC; the default with --tracker)",
     )
+    es.add_argument(
+        "--tracker", metavar="HOST:PORT", default=None,
+        help="register with this TVM RPC tracker (with --key) instead of taking direct clients",
+    )
+    es.add_argument("--key", default=None, help="the device key to register under, e.g. emu")
+    et = esub.add_parser(
+        "tracker", help="run a TVM RPC tracker (devices register with it; tune and run use it)"
+    )
+    et.add_argument("--port", type=int, default=9190)
+    et.add_argument("--host", default="127.0.0.1", help="address to listen on")
     return p
 
 
@@ -167,6 +226,8 @@ def _compile(args: CompileArgs) -> int:
         target=args.target,
         passes=passes,
         tuning_db=None if args.tuning_db == "none" else args.tuning_db,
+        logits_for=args.logits_for,
+        max_masked=args.max_masked,
     )
     path = compiled.save(args.output)
     print(f"wrote {path}: {compiled}")
@@ -184,6 +245,8 @@ def _tune(args: TuneArgs) -> int:
         model, work_dir=args.work_dir, target=args.target, seq_len=args.seq_len,
         batch_size=args.batch_size, trials=args.trials, minutes=args.minutes,
         max_tasks=args.max_tasks, log=lambda line: print(line, file=sys.stderr, flush=True),
+        tracker=args.tracker, key=args.key, logits_for=args.logits_for,
+        max_masked=args.max_masked,
     )
     print(json.dumps(summary))
     print(f"apply it with: mbcompile compile ... --tuning-db {args.work_dir}")
@@ -245,7 +308,13 @@ def _run(args: RunArgs) -> int:
 
     import mbcompile
 
-    compiled = mbcompile.load(args.artifact, remote=args.remote)
+    remote = args.remote is not None or args.tracker is not None or args.key is not None
+    if remote:
+        from mbcompile.remote import load_remote
+
+        compiled = load_remote(args.artifact, args.remote, tracker=args.tracker, key=args.key)
+    else:
+        compiled = mbcompile.load(args.artifact)
     sig = compiled.signature
     if args.ids:
         ids = np.array([int(t) for t in args.ids.split(",")], dtype=np.int64)
@@ -267,7 +336,7 @@ def _run(args: RunArgs) -> int:
         compiled(input_ids=ids)
         times.append((time.perf_counter() - t) * 1e3)
     print(f"latency: median {statistics.median(times):.2f} ms over {args.repeats} runs")
-    if args.remote:
+    if remote:
         _print_device_time(compiled, ids, args.repeats)
     return 0
 
@@ -286,7 +355,7 @@ def _print_device_time(compiled, ids, repeats: int) -> None:
         arrays.append(np.zeros((sig.batch_size, sig.max_masked), np.int64))
     seconds = sorted(program.time(arrays, repeat=max(1, repeats)))
     median = seconds[len(seconds) // 2] * 1e3
-    print(f"device time: median {median:.2f} ms per run on {program.address} (time_evaluator)")
+    print(f"device time: median {median:.2f} ms per run on {program.where} (time_evaluator)")
     program.close()
 
 
@@ -302,7 +371,85 @@ def _emulator(args: EmulatorArgs) -> int:
         )
         print("python: " + " ".join(device.python()) + f"  (with QEMU_LD_PREFIX={device.root})")
         return 0
-    return emulator.serve(args.port, mode=args.mode, load_library=args.load_library)
+    if args.action == "tracker":
+        from mbcompile.remote import serve_tracker
+
+        return serve_tracker(args.port, args.host)
+    return emulator.serve(
+        args.port, mode=args.mode, load_library=args.load_library, tracker=args.tracker,
+        key=args.key,
+    )
+
+
+_PIPELINE_HELP = {
+    "fill-mask": "predict the [MASK] tokens of a text",
+    "question-answering": "answer --question from --context (long contexts in windows)",
+    "text-classification": "classify a text (or a text and --pair)",
+    "token-classification": "label the tokens of a text (entities)",
+    "next-sentence-prediction": "does --pair follow the text?",
+}
+
+
+def _add_pipeline_parsers(sub) -> None:
+    for task, text in _PIPELINE_HELP.items():
+        s = sub.add_parser(task, help=f"{text}; prints JSON")
+        s.add_argument("artifact", help="a saved artifact (.mbc)")
+        if task != "question-answering":
+            s.add_argument("texts", nargs="+", metavar="TEXT")
+        else:
+            s.add_argument("--question", required=True)
+            s.add_argument("--context", required=True)
+        s.add_argument("--tokenizer", default=None,
+                       help="tokenizer folder (default: the one saved in the artifact)")
+        if task in ("text-classification", "next-sentence-prediction"):
+            s.add_argument("--pair", default=None, help="second text of a pair")
+        if task != "next-sentence-prediction":
+            s.add_argument("--top-k", type=int, default=None)
+        if task == "token-classification":
+            s.add_argument("--aggregation", default="simple",
+                           choices=["none", "simple", "first", "average", "max"])
+            s.add_argument("--stride", type=int, default=None,
+                           help="read texts longer than seq_len in windows overlapping by N")
+
+
+def _pipeline(args: PipelineArgs) -> int:
+    import mbcompile
+    from mbcompile.pipelines import PipelineError
+
+    run = mbcompile.pipeline(args.task, args.artifact, tokenizer=args.tokenizer)
+    options = {} if args.top_k is None else {"top_k": args.top_k}
+    one = len(args.texts) == 1
+    if args.task == "question-answering":
+        out = run(question=args.question, context=args.context, **options)
+    elif args.task == "text-classification":
+        inputs = [{"text": t, "text_pair": args.pair} if args.pair else t for t in args.texts]
+        out = run(inputs[0] if one else inputs, **options)
+    elif args.task == "next-sentence-prediction":
+        if args.pair is None:
+            raise PipelineError("next-sentence-prediction needs --pair (the second sentence)")
+        out = run(args.texts[0] if one else args.texts,
+                  args.pair if one else [args.pair] * len(args.texts))
+    elif args.task == "token-classification":
+        out = run(args.texts[0] if one else args.texts,
+                  aggregation_strategy=args.aggregation, stride=args.stride)
+    else:
+        out = run(args.texts[0] if one else args.texts, **options)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _add_tokenizer(path: str, folder: str) -> int:
+    from mbcompile import artifact
+    from mbcompile.pipelines import PipelineError
+
+    files = artifact.tokenizer_files(folder)
+    if not files:
+        raise PipelineError(
+            f"{folder}: no tokenizer files (looked for {list(artifact.TOKENIZER_FILES)})"
+        )
+    artifact.add_tokenizer(path, files)
+    print(f"{path}: saved tokenizer files {sorted(files)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,25 +463,41 @@ def main(argv: list[str] | None = None) -> int:
                 CompileArgs(
                     ns.checkpoint, ns.config, ns.head, ns.random_init, ns.target, ns.seq_len,
                     ns.batch_size, ns.num_choices, passes, ns.explain, ns.output, ns.tuning_db,
+                    ns.logits_for, ns.max_masked,
                 )
             )
         if ns.command == "tune":
             return _tune(
                 TuneArgs(
                     ns.checkpoint, ns.config, ns.head, ns.target, ns.seq_len, ns.batch_size,
-                    ns.trials, ns.minutes, ns.max_tasks, ns.work_dir,
+                    ns.trials, ns.minutes, ns.max_tasks, ns.work_dir, ns.tracker, ns.key,
+                    ns.logits_for, ns.max_masked,
                 )
             )
         if ns.command == "info":
             return _info(ns.artifact)
         if ns.command == "run":
-            return _run(RunArgs(ns.artifact, ns.ids, ns.repeats, ns.remote))
+            return _run(RunArgs(ns.artifact, ns.ids, ns.repeats, ns.remote, ns.tracker, ns.key))
+        if ns.command in _PIPELINE_HELP:
+            return _pipeline(
+                PipelineArgs(
+                    ns.command, ns.artifact, getattr(ns, "texts", []), ns.tokenizer,
+                    getattr(ns, "top_k", None), getattr(ns, "question", None),
+                    getattr(ns, "context", None), getattr(ns, "pair", None),
+                    getattr(ns, "aggregation", "simple"), getattr(ns, "stride", None),
+                )
+            )
+        if ns.command == "add-tokenizer":
+            return _add_tokenizer(ns.artifact, ns.folder)
         if ns.command == "emulator":
             a = EmulatorArgs(ns.emulator_command)
             if ns.emulator_command == "build":
                 a.force = ns.force
+            elif ns.emulator_command == "tracker":
+                a.port, a.host = ns.port, ns.host
             else:
                 a.port, a.mode, a.load_library = ns.port, ns.mode, ns.load_library
+                a.tracker, a.key = ns.tracker, ns.key
             return _emulator(a)
         if ns.command == "demo":
             from mbcompile.demo import run_demo

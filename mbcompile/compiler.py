@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, artifact
 from .capture import Captured, capture, check_model
 from .errors import ModelError
 from .runtime import CompiledModel, _Library
@@ -177,6 +179,7 @@ def compile(
     max_masked: int = 8,
     mask_token_id: int | None = None,
     tuning_db="default",
+    tokenizer: str | os.PathLike | None = None,
 ) -> CompiledModel:
     """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
 
@@ -193,6 +196,10 @@ def compile(
     ``tuning_db``: a folder written by ``mbcompile.tune`` (refused if made for another target or
     TVM version), ``"default"`` (the database shipped in targets/databases/ for this target, if
     any) or None (the untuned schedules only).
+
+    ``tokenizer``: a folder whose tokenizer files (vocab.txt, tokenizer.json, ...) are saved with
+    the model, so that ``mbcompile.pipeline(task, compiled)`` needs no tokenizer; by default the
+    checkpoint folder the model was loaded from, if it is here and holds any.
     """
     import tvm
 
@@ -240,6 +247,11 @@ def compile(
     def _export(ex, path):
         export_library(ex, spec, path)
 
+    source = tokenizer if tokenizer is not None else captured.config.get("_name_or_path")
+    tokenizer_files = artifact.tokenizer_files(source) if source and Path(source).is_dir() else {}
     return CompiledModel(
-        captured.signature, metadata, _Library(executable=executable, export=_export)
+        captured.signature,
+        metadata,
+        _Library(executable=executable, export=_export),
+        tokenizer_files=tokenizer_files,
     )

@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,19 @@ class LocalProgram:
 class CompiledModel:
     """A compiled MobileBERT head, callable like the Hugging Face model it came from."""
 
-    def __init__(self, signature: Signature, metadata: dict, library: _Library, program=None):
+    def __init__(
+        self,
+        signature: Signature,
+        metadata: dict,
+        library: _Library,
+        program=None,
+        tokenizer_files: Mapping[str, bytes] | None = None,
+    ):
         self.signature = signature
         self.metadata = metadata
         self._library = library
+        # The tokenizer's files (vocab.txt, tokenizer.json, ...) saved with the model; {} if none.
+        self.tokenizer_files: dict[str, bytes] = dict(tokenizer_files or {})
         # Anything with run(list of static-shape int64 arrays) -> list of output arrays.
         self._program = program if program is not None else LocalProgram(library, metadata["target"])
 
@@ -201,11 +211,15 @@ class CompiledModel:
         return out
 
     # -- saving and describing -----------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the artifact (one file, written atomically)."""
+    def save(
+        self, path: str | os.PathLike, tokenizer_files: Mapping[str, bytes] | None = None
+    ) -> Path:
+        """Write the artifact (one file, written atomically), with the tokenizer files
+        (``tokenizer_files``, else those the model came with) so pipelines need no tokenizer."""
         meta = dict(self.metadata)
         meta["signature"] = self.signature.to_dict()
-        return artifact.write(path, meta, self._library.to_bytes())
+        files = self.tokenizer_files if tokenizer_files is None else tokenizer_files
+        return artifact.write(path, meta, self._library.to_bytes(), tokenizer=files)
 
     def report(self) -> dict:
         """What the compiler did: per-pass fire counts and the final module's statistics."""
@@ -223,20 +237,28 @@ class CompiledModel:
         )
 
 
-def load(path: str | os.PathLike, remote: str | None = None) -> CompiledModel:
+def load(
+    path: str | os.PathLike,
+    remote: str | None = None,
+    *,
+    tracker: str | None = None,
+    key: str | None = None,
+) -> CompiledModel:
     """Load a saved artifact. Needs numpy and TVM only (no torch, no transformers).
 
-    ``remote="HOST:PORT"`` runs it on the device behind that TVM RPC server instead of here
-    (the library is uploaded once; same inputs and outputs as a local run).
+    ``remote="HOST:PORT"`` runs it on the device behind that TVM RPC server instead of here, and
+    ``tracker="HOST:PORT", key="KEY"`` on a device registered with that TVM RPC tracker (the
+    library is uploaded once; same inputs and outputs as a local run).
     """
+    if remote is not None or tracker is not None or key is not None:
+        from .remote import load_remote
+
+        return load_remote(path, remote, tracker=tracker, key=key)
     art = artifact.read(path)
     try:
         signature = Signature.from_dict(art.metadata["signature"])
     except (KeyError, TypeError) as err:
         raise artifact.ArtifactError(f"{path}: metadata has no valid signature ({err})") from None
-    program = None
-    if remote is not None:
-        from .remote import RemoteProgram
-
-        program = RemoteProgram(art.lib, remote, target=art.metadata.get("target"))
-    return CompiledModel(signature, art.metadata, _Library(lib_bytes=art.lib), program=program)
+    return CompiledModel(
+        signature, art.metadata, _Library(lib_bytes=art.lib), tokenizer_files=art.tokenizer
+    )

@@ -1,9 +1,17 @@
-"""``mbcompile.tune``: MetaSchedule over a model's distinct kernels, into a database folder."""
+"""``mbcompile.tune``: MetaSchedule over a model's distinct kernels, into a database folder.
+
+Kernels are measured on this machine, or with ``tracker="HOST:PORT", key="KEY"`` on the devices
+registered with that TVM RPC tracker under KEY (MetaSchedule's RPC runner; each candidate is
+cross-linked for the target here and uploaded).
+"""
 
 from __future__ import annotations
 
 import os
 import time
+
+# A device's RPC server must have this (it is in TVM's libtvm_runtime_extra.so) for MetaSchedule.
+RANDOM_FILL = "tvm.contrib.random.random_fill_for_measure"
 
 
 def tune(
@@ -21,6 +29,9 @@ def tune(
     minutes: float | None = None,
     max_tasks: int | None = None,
     log=print,
+    tracker: str | None = None,
+    key: str | None = None,
+    session_timeout: int | None = None,
     runner=None,
     builder=None,
 ) -> dict:
@@ -32,13 +43,24 @@ def tune(
     valid database. Apply it with ``compile(..., tuning_db=work_dir)``. The search space holds
     the untuned schedules too, so a tuned kernel is never slower than an untuned one as measured.
     ``max_tasks`` tunes only the kernels with the most FLOPs per forward.
+
+    ``tracker="HOST:PORT"`` with ``key``: measure on the devices registered with that TVM RPC
+    tracker under ``key`` (their servers need ``--load-library`` of the device TVM's
+    ``libtvm_runtime_extra.so``); ``target`` must be their CPU. Checked before anything is
+    captured: RemoteError if the tracker cannot be reached, lists no device under ``key`` or its
+    device cannot measure. ``session_timeout``: seconds a device may take per candidate (60).
+    ``runner``/``builder``: MetaSchedule objects of your own instead.
     """
     from mbcompile.compiler import prepare
     from mbcompile.targets.pipeline import fused_module
     from mbcompile.targets.tuning import Database, tune_module
 
+    if tracker is not None or key is not None:
+        if runner is not None or builder is not None:
+            raise ValueError("give tracker= and key=, or runner= and builder=, not both")
+        devices = _check_tracker(tracker, key)
     start = time.perf_counter()
-    _, tvm_target, _, mod, _, _ = prepare(
+    spec, tvm_target, _, mod, _, _ = prepare(
         model,
         target=target,
         seq_len=seq_len,
@@ -48,6 +70,19 @@ def tune(
         logits_for=logits_for,
         max_masked=max_masked,
     )
+    if tracker is not None:
+        from mbcompile.remote import parse_address
+        from mbcompile.targets.rpc_tuning import SESSION_TIMEOUT, rpc_builder, rpc_runner
+
+        host, port = parse_address(tracker, "tracker")
+        builder = rpc_builder(spec)
+        runner = rpc_runner(
+            host, port, key,
+            session_timeout=session_timeout or SESSION_TIMEOUT,
+            max_workers=devices,
+            f_create_session=_runner_session,
+        )
+        log(f"tune: measuring on {devices} device(s) with key {key!r} from tracker {tracker}")
     db = Database.create(work_dir, tvm_target)
     summary = tune_module(
         fused_module(mod, tvm_target), tvm_target, db, trials=trials, minutes=minutes,
@@ -56,4 +91,42 @@ def tune(
     )
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["work_dir"] = str(db.path)
+    if tracker is not None:
+        summary["tracker"], summary["key"] = tracker, key
     return summary
+
+
+def _check_tracker(tracker: str | None, key: str | None) -> int:
+    """How many devices the tracker lists under ``key``, after one of them showed it can measure
+    (has ``random_fill_for_measure``); RemoteError naming the problem otherwise."""
+    from mbcompile.remote import RemoteError, check_device_options, request_device
+
+    check_device_options(tracker=tracker, key=key)
+    session, address = request_device(tracker, key, timeout=120, session_timeout=60)
+    try:
+        session.get_function(RANDOM_FILL)
+    except AttributeError:
+        raise RemoteError(
+            f"the device {key!r} at {address} (from tracker {tracker!r}) cannot measure kernels: "
+            f"its TVM RPC server lacks {RANDOM_FILL}; start it with --load-library "
+            f"PATH/TO/tvm/lib/libtvm_runtime_extra.so (of the device's TVM; "
+            f"`mbcompile emulator serve` adds it when given --tracker)"
+        ) from None
+    finally:
+        del session  # ends the session: the device registers as free again
+    from mbcompile.remote import tracker_devices
+
+    return max(1, tracker_devices(tracker).get(key, {}).get("registered", 1))
+
+
+def _runner_session(rpc_config):
+    """MetaSchedule's ``f_create_session`` (in a runner worker process): a device from the
+    tracker, waiting at most 10 minutes for one to be free instead of forever."""
+    from mbcompile.remote import connect_tracker
+
+    return connect_tracker(
+        f"{rpc_config.tracker_host}:{rpc_config.tracker_port}",
+        rpc_config.tracker_key,
+        timeout=600,
+        session_timeout=rpc_config.session_timeout_sec,
+    )

@@ -8,12 +8,20 @@ root folder, into which the aarch64 wheels of the TVM runtime are installed::
         stamp.json             SHA-256 of RECIPE; a different recipe means a rebuild
 
 ``build()`` makes it (mmdebstrap, pip), ``start_server()`` runs a TVM RPC server inside it on
-127.0.0.1, and ``mbcompile.load(path, remote="127.0.0.1:PORT")`` runs an artifact there.
+127.0.0.1, and ``mbcompile.load(path, remote="127.0.0.1:PORT")`` runs an artifact there. With
+``tracker="HOST:PORT", key=KEY`` the server registers with a TVM RPC tracker instead
+(``mbcompile emulator tracker`` starts one), which is how MetaSchedule's RPC runner
+(``mbcompile tune --tracker HOST:PORT --key KEY``) and ``mbcompile run --tracker`` reach it;
+a server registered with a tracker loads the device TVM's ``libtvm_runtime_extra.so``
+(``random_fill_for_measure``, for MetaSchedule) unless given another ``load_library``.
 
 TVM's stock RPC server (``rpc.Server``) starts a child Python: exec'ing an aarch64 binary needs
 the kernel's binfmt_misc to hand it to qemu, which ``ensure_binfmt()`` registers (root only,
 idempotently). Without it the server runs in process (mode ``"in-process"``): the same TVM server
 loop without the extra Python, which needs no privileges.
+
+The server's source (``SERVER_SOURCE``) is fed to the device's Python on its standard input at
+start (``python3 - --port ...``), so changing it needs no rebuild of the device.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,36 +51,72 @@ class EmulatorError(MbcompileError, RuntimeError):
 QEMU = "qemu-aarch64-static"
 TOOLS = {QEMU: "qemu-user-static", "mmdebstrap": "mmdebstrap"}  # program → Debian package
 
-# Runs inside the emulator (Python 3.11, TVM runtime only). Prints READY once it listens.
+# Runs inside the emulator (Python 3.11, TVM runtime only), read from stdin (``python3 - ...``).
+# Prints READY once it listens (and, with --tracker, once the tracker lists it under its key).
 READY = "mbcompile-rpc: listening on"
-SERVER_MODULE = "mbcompile_rpc_server"
+FAILED = "mbcompile-rpc: failed:"
+REGISTER_TIMEOUT = 120  # seconds for the server to appear in the tracker's list, under qemu
 SERVER_SOURCE = '''\
 """TVM RPC server of mbcompile's emulated aarch64 device (runs inside the emulator)."""
 import argparse
 import logging
+import os
 import platform
+import socket
+import time
 
 from tvm import rpc
 from tvm.rpc import server as rpc_server
 
-parser = argparse.ArgumentParser()
+parser = argparse.ArgumentParser(prog="mbcompile-rpc")
 parser.add_argument("--port", type=int, required=True)
 parser.add_argument("--mode", choices=["stock", "in-process"], default="stock")
 parser.add_argument("--load-library", default=None)
+parser.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker")
+parser.add_argument("--key", default="", help="the device key to register with the tracker")
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO)
+
+
+def fail(message):  # os._exit: a non-daemon server thread may already be running
+    print(f"FAILED {message}", flush=True)
+    os._exit(1)
+
+
+tracker = None
+if args.tracker:
+    host, _, port = args.tracker.rpartition(":")
+    tracker = (host.strip("[]"), int(port))
+    try:  # TVM's server would retry for a minute, then die in a thread and hang
+        socket.create_connection(tracker, timeout=10).close()
+    except OSError as err:
+        fail(f"cannot reach the tracker at {args.tracker}: {err}")
+options = dict(tracker_addr=tracker, key=args.key, load_library=args.load_library)
 if args.mode == "stock":  # tvm.exec.rpc_server: the server runs in a child Python
-    server = rpc.Server("127.0.0.1", args.port, args.port + 1, load_library=args.load_library)
+    server = rpc.Server("127.0.0.1", args.port, args.port + 1, **options)
     wait = server.proc.join
     port = server.port
 else:  # the same listening loop, in this process
-    port = rpc_server._popen_start_rpc_server(
-        "127.0.0.1", args.port, args.port + 1, load_library=args.load_library
-    )
+    port = rpc_server._popen_start_rpc_server("127.0.0.1", args.port, args.port + 1, **options)
     wait = rpc_server.PopenRPCServerState.current.thread.join
-print(f"READY 127.0.0.1:{port} ({platform.machine()}, {args.mode} server)", flush=True)
+registered = ""
+if tracker:  # TVM registers from its listening thread: wait until the tracker lists us
+    deadline = time.monotonic() + REGISTER_TIMEOUT
+    session = rpc.connect_tracker(*tracker)
+    while not any(
+        info.get("key") == "server:" + args.key and list(info.get("addr", []))[1:] == [port]
+        for info in session.summary()["server_info"]
+    ):
+        if time.monotonic() > deadline:
+            fail(f"not listed by the tracker at {args.tracker} after {REGISTER_TIMEOUT} s")
+        time.sleep(0.5)
+    session.close()
+    registered = f", registered with the tracker at {args.tracker} as {args.key!r}"
+print(f"READY 127.0.0.1:{port} ({platform.machine()}, {args.mode} server{registered})", flush=True)
 wait()
-'''.replace("READY", READY)
+'''.replace("READY", READY).replace("FAILED", FAILED).replace(
+    "REGISTER_TIMEOUT", str(REGISTER_TIMEOUT)
+)
 
 # Everything that decides the device's contents; its hash is the cache key.
 RECIPE = {
@@ -96,7 +141,6 @@ RECIPE = {
     ],
     # Runtime use only: the compiler library (LLVM, ~260 MB) and CUDA are never loaded.
     "prune": ["tvm/lib/libtvm_compiler.so", "tvm/lib/libtvm_runtime_cuda.so"],
-    "server": hashlib.sha256(SERVER_SOURCE.encode()).hexdigest(),
 }
 SITE = "usr/lib/python3/dist-packages"  # on the sys.path of Debian's python3
 
@@ -293,7 +337,6 @@ def _build_into(work: Path, log) -> None:
     )
     for rel in RECIPE["prune"]:
         (site / rel).unlink(missing_ok=True)
-    (site / f"{SERVER_MODULE}.py").write_text(SERVER_SOURCE)
     device = Emulator(work)
     log("checking the device: import the TVM runtime and its RPC server under qemu")
     # Importing also writes the .pyc files, so later starts do not recompile under emulation.
@@ -374,6 +417,8 @@ class Server:
     port: int
     mode: str
     log_path: Path | None  # the server's log file, removed on stop (None: no log file)
+    tracker: str | None = None  # "HOST:PORT" of the tracker it registered with
+    key: str | None = None  # the device key it registered under
 
     @property
     def address(self) -> str:
@@ -401,7 +446,7 @@ class Server:
         if self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> Server:
+    def __enter__(self):  # -> Server
         return self
 
     def __exit__(self, *exc) -> None:
@@ -422,12 +467,40 @@ def choose_mode(device: Emulator, mode: str = "auto") -> tuple[str, str]:
     return "in-process", problem
 
 
+def check_tracker_options(tracker: str | None, key: str | None) -> None:
+    """A tracker needs a key and a key needs a tracker; the address is ``HOST:PORT``."""
+    if tracker is None and key is None:
+        return
+    if tracker is None:
+        raise EmulatorError(
+            f"device key {key!r} given without a tracker: add tracker='HOST:PORT' (--tracker)"
+        )
+    host, sep, port = str(tracker).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EmulatorError(
+            f"bad tracker address {tracker!r}: expected HOST:PORT, e.g. '127.0.0.1:9190'"
+        )
+    if not key:
+        raise EmulatorError(
+            f"tracker {tracker!r} given without a device key: add key=KEY (--key), the name "
+            f"clients request the device by (e.g. 'emulated-aarch64')"
+        )
+
+
 def server_command(
-    device: Emulator, port: int, mode: str, load_library: str | None = None
+    device: Emulator,
+    port: int,
+    mode: str,
+    load_library: str | None = None,
+    *,
+    tracker: str | None = None,
+    key: str | None = None,
 ) -> list[str]:
-    args = ["-m", SERVER_MODULE, "--port", str(port), "--mode", mode]
+    args = ["-", "--port", str(port), "--mode", mode]  # the source comes on stdin
     if load_library:
         args += ["--load-library", load_library]
+    if tracker:
+        args += ["--tracker", tracker, "--key", key or ""]
     return device.python(*args)
 
 
@@ -436,54 +509,96 @@ def start_server(
     *,
     mode: str = "auto",
     load_library: str | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
     device: Emulator | None = None,
     timeout: float = 300,
 ) -> Server:
     """Start a TVM RPC server inside the emulated device on 127.0.0.1:``port``.
 
+    With ``tracker="HOST:PORT"`` and ``key`` it registers with that TVM RPC tracker (clients then
+    reach it only through the tracker, by its key) and returns once the tracker lists it; it
+    then loads ``load_library`` or, by default, the device TVM's ``libtvm_runtime_extra.so``
+    (``random_fill_for_measure``, which MetaSchedule's RPC runner needs).
+
     Returns once it listens (raises EmulatorError with its log if it exits or does not listen
     within ``timeout`` seconds). The TVM server serves one client session at a time.
     """
+    check_tracker_options(tracker, key)
     device = device or build()
+    if tracker is not None and load_library is None:
+        load_library = str(device.tvm_library())  # for MetaSchedule's RPC runner
     mode, _why = choose_mode(device, mode)
     fd, name = tempfile.mkstemp(prefix="mbcompile-rpc-", suffix=".log")
     log_path = Path(name)
     with os.fdopen(fd, "wb") as log_file:
-        process = subprocess.Popen(
-            server_command(device, port, mode, load_library),
-            env=device.env(),
-            stdin=subprocess.DEVNULL,
+        process = _launch(
+            server_command(device, port, mode, load_library, tracker=tracker, key=key),
+            device,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so stop() reaches its children
         )
-    server = Server(process, port, mode, log_path)
+    server = Server(process, port, mode, log_path, tracker, key)
     deadline = time.monotonic() + timeout
     while READY not in server.log():
-        if process.poll() is not None or time.monotonic() > deadline:
+        if FAILED in server.log() or process.poll() is not None or time.monotonic() > deadline:
             state = "exited" if process.returncode is not None else f"no answer in {timeout:.0f} s"
-            log = server.log()[-2000:]
+            log = server.log()
+            why = log[log.index(FAILED) :].splitlines()[0] if FAILED in log else state
             server.stop()
             raise EmulatorError(
-                f"the emulated device's RPC server on 127.0.0.1:{port} did not start ({state}):\n"
-                f"{log}"
+                f"the emulated device's RPC server on 127.0.0.1:{port} did not start ({why}):\n"
+                f"{log[-2000:]}"
             )
         time.sleep(0.2)
     return server
 
 
-def serve(port: int = 9090, *, mode: str = "auto", load_library: str | None = None) -> int:
+def serve(
+    port: int = 9090,
+    *,
+    mode: str = "auto",
+    load_library: str | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
+) -> int:
     """Run the server in the foreground until interrupted (``mbcompile emulator serve``)."""
+    check_tracker_options(tracker, key)
     device = build()
+    if tracker is not None and load_library is None:
+        load_library = str(device.tvm_library())  # for MetaSchedule's RPC runner
     mode, why = choose_mode(device, mode)
     print(f"emulated aarch64 device at {device.root}; {mode} TVM RPC server ({why})", flush=True)
-    process = subprocess.Popen(
-        server_command(device, port, mode, load_library),
-        env=device.env(),
-        start_new_session=True,
+    process = _launch(
+        server_command(device, port, mode, load_library, tracker=tracker, key=key), device
     )
+    on_term = None
+    if threading.current_thread() is threading.main_thread():  # `kill` stops the server too
+        on_term = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return process.wait()
     except KeyboardInterrupt:
-        Server(process, port, mode, None).stop()  # no log file to remove (never os.devnull)
         return 130
+    finally:
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
+        Server(process, port, mode, None).stop()  # no log file to remove (never os.devnull)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _launch(command: list[str], device: Emulator, **streams) -> subprocess.Popen:
+    """Start the server's Python and hand it SERVER_SOURCE on stdin (read to EOF, then run)."""
+    process = subprocess.Popen(
+        command,
+        env=device.env(),
+        stdin=subprocess.PIPE,
+        start_new_session=True,  # its own process group, so Server.stop() reaches its children
+        **streams,
+    )
+    with contextlib.suppress(BrokenPipeError):
+        process.stdin.write(SERVER_SOURCE.encode())
+    process.stdin.close()
+    return process

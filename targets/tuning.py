@@ -174,6 +174,8 @@ def _progress_callback(ms, total: int, deadline: float | None, log):
             self.best: dict[int, float] = {}
 
         def apply(self, task_scheduler, task_id, candidates, builder_results, runner_results):
+            if not candidates:  # a task whose space is used up is polled once more: no news
+                return
             for result in runner_results:
                 if result.run_secs:
                     secs = [float(s) for s in result.run_secs]

@@ -39,3 +39,13 @@ def device():
         pytest.skip(f"qemu user mode is not set up for a {host_arch()} host")
     with emulator.start_server(free_port()) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tracker():
+    """A TVM RPC tracker on 127.0.0.1 (TVM's tracker needs tornado)."""
+    from mbcompile.remote import start_tracker
+
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
+    with start_tracker(free_port()) as running:
+        yield running

@@ -6,7 +6,13 @@ imports them all under the one name ``conftest``.)
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import torch
@@ -14,17 +20,17 @@ import torch
 TOL = 1e-4  # max abs error against PyTorch eager, fp32
 
 # A small architecture of MobileBERT's shape family: fast to capture and build.
-TINY = dict(
-    vocab_size=211,
-    hidden_size=64,
-    embedding_size=32,
-    intra_bottleneck_size=32,
-    true_hidden_size=32,
-    num_attention_heads=2,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    max_position_embeddings=64,
-)
+TINY = {
+    "vocab_size": 211,
+    "hidden_size": 64,
+    "embedding_size": 32,
+    "intra_bottleneck_size": 32,
+    "true_hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 64,
+}
 
 
 def tiny_config(**overrides):
@@ -54,9 +60,9 @@ def random_inputs(config, shape, *, pad: int = 0, segments: bool = True, seed: i
 
 def max_abs_errors(out, ref) -> dict[str, float]:
     """Per-field max abs error between a compiled output and HF's ModelOutput (same names)."""
-    assert list(out.keys()) == [k for k in ref.keys()], (list(out.keys()), list(ref.keys()))
+    assert list(out.keys()) == [k for k in ref.keys()], (list(out.keys()), list(ref.keys()))  # noqa: SIM118
     errors = {}
-    for name in ref.keys():
+    for name in ref.keys():  # noqa: SIM118 - ModelOutput
         a, b = out[name], ref[name]
         if isinstance(b, tuple):
             assert isinstance(a, tuple) and len(a) == len(b), (name, len(a), len(b))
@@ -91,3 +97,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def host_server(tracker_address: str, key: str):
+    """TVM's RPC server on this machine (``python -m tvm.exec.rpc_server``), registered with the
+    tracker under ``key``; TVM's runtime library only, as on a board started without
+    ``--load-library``. Yields its port once the tracker lists it."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+         "--port-end", str(port + 1), "--tracker", tracker_address, "--key", key],
+        env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill below reaches its worker
+    )
+    try:
+        deadline = time.monotonic() + 90
+        from mbcompile.remote import tracker_devices
+
+        while key not in tracker_devices(tracker_address):
+            assert proc.poll() is None, f"TVM's rpc_server exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "TVM's rpc_server did not register in 90 s"
+            time.sleep(0.3)
+        yield port
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -136,3 +136,108 @@ def test_artifact_for_another_cpu_refuses_to_run_here(tiny_qa_artifact, tmp_path
     compiled = mbcompile.load(other)
     with pytest.raises(mbcompile.TargetError, match="no-such-feature"):
         compiled(np.zeros((1, 4), dtype=np.int64))
+
+
+# -- tokenizer files (optional member) ----------------------------------------------------------
+
+TOKENIZER = {
+    "vocab.txt": b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\ncat\n",
+    "tokenizer_config.json": b"{}",
+}
+
+
+def _with_tokenizer(src, tmp_path):
+    from mbcompile import artifact
+
+    path = tmp_path / "with_tokenizer.mbc"
+    path.write_bytes(src.read_bytes())
+    return artifact.add_tokenizer(path, TOKENIZER)
+
+
+def _rewrite(src, dst, edit_meta=None, edit_members=None):
+    """Copy an artifact zip, changing its metadata and/or member contents."""
+    with zipfile.ZipFile(src) as zin:
+        meta = json.loads(zin.read("metadata.json"))
+        members = {n: zin.read(n) for n in zin.namelist() if n != "metadata.json"}
+    if edit_meta:
+        edit_meta(meta)
+    if edit_members:
+        edit_members(members)
+    with zipfile.ZipFile(dst, "w") as zout:
+        zout.writestr("metadata.json", json.dumps(meta))
+        for name, data in members.items():
+            zout.writestr(name, data)
+    return dst
+
+
+def test_tokenizer_files_are_stored_hashed_and_read_back(tiny_qa_artifact, tmp_path):
+    import hashlib
+
+    from mbcompile import artifact
+
+    path = _with_tokenizer(tiny_qa_artifact, tmp_path)
+    art = artifact.read(path)
+    assert art.tokenizer == TOKENIZER
+    assert art.lib == artifact.read(tiny_qa_artifact).lib
+    assert artifact.read_tokenizer(path) == TOKENIZER
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("metadata.json"))
+        assert zf.read("tokenizer/vocab.txt") == TOKENIZER["vocab.txt"]
+    entry = meta["members"]["tokenizer/vocab.txt"]
+    data = TOKENIZER["vocab.txt"]
+    assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    again = mbcompile.load(path)  # the runtime reads it as before
+    ids = np.arange(1, 9)[None]
+    before = mbcompile.load(tiny_qa_artifact)(ids).start_logits
+    assert np.array_equal(again(ids).start_logits, before)
+
+
+def test_artifact_without_tokenizer_reads_with_none(tiny_qa_artifact):
+    from mbcompile import artifact
+
+    assert artifact.read(tiny_qa_artifact).tokenizer == {}
+    assert artifact.read_tokenizer(tiny_qa_artifact) == {}
+
+
+def test_corrupt_tokenizer_file_is_refused(tiny_qa_artifact, tmp_path):
+    from mbcompile import artifact
+
+    def flip(members):
+        members["tokenizer/vocab.txt"] = members["tokenizer/vocab.txt"].replace(b"cat", b"dog")
+
+    bad = _rewrite(_with_tokenizer(tiny_qa_artifact, tmp_path), tmp_path / "bad.mbc",
+                   edit_members=flip)
+    with pytest.raises(ArtifactError, match="tokenizer/vocab.txt fails its SHA-256 check"):
+        artifact.read(bad)
+    with pytest.raises(ArtifactError, match="tokenizer/vocab.txt fails its SHA-256 check"):
+        artifact.read_tokenizer(bad)
+
+
+def test_member_listed_in_metadata_but_missing_is_refused(tiny_qa_artifact, tmp_path):
+    from mbcompile import artifact
+
+    def drop(members):
+        del members["tokenizer/tokenizer_config.json"]
+
+    bad = _rewrite(_with_tokenizer(tiny_qa_artifact, tmp_path), tmp_path / "bad.mbc",
+                   edit_members=drop)
+    with pytest.raises(ArtifactError, match="'tokenizer/tokenizer_config.json' listed .* missing"):
+        artifact.read(bad)
+
+
+def test_tokenizer_file_names_must_be_bare(tiny_qa_artifact, tmp_path):
+    from mbcompile import artifact
+
+    with pytest.raises(ValueError, match="must be a bare file name"):
+        artifact.write(tmp_path / "x.mbc", {}, b"lib", tokenizer={"../vocab.txt": b""})
+    assert not (tmp_path / "x.mbc").exists()
+
+    def escape(meta):
+        meta["members"]["tokenizer/../evil"] = {"sha256": "0", "bytes": 0}
+
+    def add(members):
+        members["tokenizer/../evil"] = b""
+
+    bad = _rewrite(tiny_qa_artifact, tmp_path / "bad.mbc", edit_meta=escape, edit_members=add)
+    with pytest.raises(ArtifactError, match="bad tokenizer member name"):
+        artifact.read(bad)

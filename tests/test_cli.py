@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -98,3 +99,36 @@ def test_explain_prints_each_pass_and_the_final_module(tmp_path, capsys):
     assert "final module:" in text and "kernel calls" in text
     report = mbcompile.load(out).report()
     assert report["final"]["matmul_calls"] < report["imported"]["matmul_calls"]
+
+
+def test_fill_mask_command_prints_the_pipeline_result_as_json(tmp_path, capsys):
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    model = make_model("masked-lm", tiny_config(vocab_size=len(words), initializer_range=0.2))
+    compiled = mbcompile.compile(model, seq_len=16)
+    path = compiled.save(tmp_path / "mlm.mbc")
+    assert main(["fill-mask", str(path), "the cat [MASK] ."]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    assert main(["add-tokenizer", str(path), str(tmp_path)]) == 0
+    assert "vocab.txt" in capsys.readouterr().out
+    assert main(["fill-mask", str(path), "the cat [MASK] .", "--top-k", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    tok = BertTokenizerFast(vocab=str(tmp_path / "vocab.txt"))
+    ref = mbcompile.pipeline("fill-mask", compiled, tokenizer=tok)("the cat [MASK] .", top_k=2)
+    assert [d["token_str"] for d in out] == [d["token_str"] for d in ref]
+    assert [d["score"] for d in out] == pytest.approx([d["score"] for d in ref], abs=1e-6)
+    assert main(["question-answering", str(path), "--question", "a", "--context", "b"]) == 2
+    assert "needs a model with head ['question-answering']" in capsys.readouterr().err
+
+
+def test_compile_with_logits_for_masked_builds_the_pruned_head(tmp_path, capsys):
+    model = make_model("masked-lm", tiny_config())
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "fill.mbc"
+    assert main(["compile", str(tmp_path / "ckpt"), "--seq-len", "16", "--logits-for", "masked",
+                 "--max-masked", "2", "-o", str(out)]) == 0
+    compiled = mbcompile.load(out)
+    assert compiled.signature.max_masked == 2
+    assert "PruneMaskedLMHead" in [row["pass"] for row in compiled.report()["passes"]]

@@ -62,7 +62,7 @@ def test_numpy_in_gives_numpy_out_and_names_follow_hf(compiled_head):
     assert list(out.keys()) == list(ref.keys())
     first = out[0]
     assert type(first).__module__ == "numpy"
-    assert getattr(out, list(ref.keys())[0]) is first
+    assert getattr(out, next(iter(ref.keys()))) is first
     torch_out = compiled(ids, mask, types)
     assert isinstance(torch_out[0], torch.Tensor)
     as_tuple = compiled(ids, mask, types, return_dict=False)

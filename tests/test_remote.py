@@ -1,28 +1,54 @@
 """Running over TVM RPC: ``mbcompile.load(path, remote=...)``, ``mbcompile run --remote``, the
-errors for bad addresses, and the emulated device's RPC server in both of its modes.
+errors for bad addresses, and the emulated device's RPC server in both of its modes; through a
+TVM RPC tracker: ``load_remote(path, tracker=..., key=...)``, ``mbcompile run --tracker --key``,
+``mbcompile emulator tracker`` and the tracker's errors (unreachable, not a tracker, no device
+with the key, every device busy).
 
 Remote runs go to the emulated aarch64 device on 127.0.0.1 (``slow``: built on first use, skipped
-with the reason where qemu-user-static or mmdebstrap is missing).
+with the reason where qemu-user-static or mmdebstrap is missing). The tracker tests use TVM's own
+RPC server on this machine (``python -m tvm.exec.rpc_server``, as a board runs it) and x86
+artifacts, so they need no emulator; tuning through a tracker is in
+tests/targets/test_remote_tuning.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
-from helpers import assert_matches_eager, free_port, make_model, random_inputs, tiny_config
+from helpers import (
+    assert_matches_eager,
+    free_port,
+    host_server,
+    make_model,
+    random_inputs,
+    tiny_config,
+)
 from mbcompile.targets import emulator
 from mbcompile.targets.registry import host_arch
 
 import mbcompile
 from mbcompile import artifact
 from mbcompile.cli import main
-from mbcompile.remote import RemoteError, RemoteProgram, parse_address
+from mbcompile.remote import (
+    RemoteError,
+    RemoteProgram,
+    connect_tracker,
+    load_remote,
+    parse_address,
+    start_tracker,
+    tracker_devices,
+)
 
 SEQ = 16
-
+HOST_KEY = "host-cpu"  # the key of TVM's RPC server on this machine (tracker tests)
 
 
 # -- addresses and errors (no device needed) -------------------------------------------------
@@ -72,14 +98,15 @@ def test_cli_parses_the_emulator_commands():
 
     ns = _parser().parse_args(["emulator", "serve", "--port", "9191", "--mode", "in-process"])
     assert (ns.emulator_command, ns.port, ns.mode) == ("serve", 9191, "in-process")
+    assert (ns.tracker, ns.key) == (None, None)
     assert _parser().parse_args(["emulator", "build", "--force"]).force
+    ns = _parser().parse_args(["emulator", "serve", "--tracker", "127.0.0.1:9190", "--key", "emu"])
+    assert (ns.tracker, ns.key) == ("127.0.0.1:9190", "emu")
+    ns = _parser().parse_args(["emulator", "tracker", "--port", "9191"])
+    assert (ns.emulator_command, ns.port, ns.host) == ("tracker", 9191, "127.0.0.1")
 
 
 # -- on the emulated aarch64 device ------------------------------------------------------------
-
-
-
-
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +201,177 @@ def test_server_that_cannot_bind_reports_its_log(device):
         port = taken.getsockname()[1]
         with pytest.raises(emulator.EmulatorError, match=f"127.0.0.1:{port} did not start"):
             emulator.start_server(port, mode="in-process", timeout=120)
+
+
+# -- through a TVM RPC tracker ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def host_device(tracker):
+    with host_server(tracker.address, HOST_KEY) as port:
+        yield port
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tracker": "127.0.0.1:1"}, "given without a device key"),
+        ({"key": "rasp4"}, "given without a tracker"),
+        ({"remote": "127.0.0.1:1", "tracker": "127.0.0.1:1", "key": "rasp4"}, "not both"),
+        ({"tracker": "localhost", "key": "rasp4"}, "bad tracker address 'localhost'"),
+        ({}, "no device named"),
+    ],
+)
+def test_device_options_are_checked_before_connecting(options, message, tiny_qa_artifact):
+    start = time.perf_counter()
+    with pytest.raises(RemoteError, match=message):
+        load_remote(tiny_qa_artifact, **options)
+    assert time.perf_counter() - start < 2
+
+
+def test_unreachable_tracker_fails_fast_and_names_it(tiny_qa_artifact):
+    address = f"127.0.0.1:{free_port()}"
+    start = time.perf_counter()
+    with pytest.raises(RemoteError, match="cannot reach tracker") as info:
+        load_remote(tiny_qa_artifact, tracker=address, key=HOST_KEY)
+    assert time.perf_counter() - start < 5
+    assert address in str(info.value) and "mbcompile emulator tracker" in str(info.value)
+
+
+def test_peer_that_is_not_a_tracker_times_out_instead_of_hanging():
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.perf_counter()
+        with pytest.raises(RemoteError, match="did not answer as a TVM RPC tracker within 2 s"):
+            tracker_devices(address, timeout=2)
+        assert time.perf_counter() - start < 10
+
+
+def test_tracker_on_a_taken_port_is_refused_naming_it(tracker):
+    with pytest.raises(RemoteError, match=f"tracker on 127.0.0.1:{tracker.port}: .*in use"):
+        start_tracker(tracker.port)
+
+
+def test_no_device_under_the_key_fails_at_once_naming_the_registered_keys(
+    tracker, host_device, tiny_qa_artifact
+):
+    start = time.perf_counter()
+    with pytest.raises(RemoteError, match="no device is registered with tracker") as info:
+        load_remote(tiny_qa_artifact, tracker=tracker.address, key="rasp4")
+    assert time.perf_counter() - start < 5
+    assert "'rasp4'" in str(info.value) and repr([HOST_KEY]) in str(info.value)
+
+
+def test_run_through_the_tracker_has_the_local_api_and_matches_eager(
+    tracker, host_device, tiny_qa, tiny_qa_artifact
+):
+    model, _ = tiny_qa
+    compiled = mbcompile.load(tiny_qa_artifact, tracker=tracker.address, key=HOST_KEY)
+    program = compiled._program
+    try:
+        assert isinstance(program, RemoteProgram)
+        assert program.address == f"127.0.0.1:{host_device}"  # the device the tracker handed out
+        assert (program.tracker, program.key) == (tracker.address, HOST_KEY)
+        ids, mask, types = random_inputs(model.config, (2, 12), pad=3)
+        out = assert_matches_eager(compiled, model, ids, mask, types)
+        assert list(out) == ["start_logits", "end_logits"]
+    finally:
+        program.close()
+
+
+def test_busy_devices_time_out_and_the_device_is_handed_out_again_once_free(tracker, host_device):
+    held = connect_tracker(tracker.address, HOST_KEY, timeout=20)
+    start = time.perf_counter()
+    with pytest.raises(RemoteError, match=r"became free within 2 s \(1 registered"):
+        connect_tracker(tracker.address, HOST_KEY, timeout=2)
+    assert time.perf_counter() - start < 10
+    assert tracker.devices()[HOST_KEY]["registered"] == 1
+    del held  # ends the session; the server registers as free again
+    again = connect_tracker(tracker.address, HOST_KEY, timeout=30)
+    assert again.cpu().exist
+
+
+def test_cli_run_through_the_tracker_prints_outputs_and_device_time(
+    tracker, host_device, tiny_qa_artifact, capsys
+):
+    argv = ["run", str(tiny_qa_artifact), "--tracker", tracker.address, "--key", HOST_KEY,
+            "--repeats", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "start_logits: shape (1, 16)" in out
+    assert "device time: median" in out and f"from tracker {tracker.address}" in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tracker", "127.0.0.1:1"], "without a device key"),
+        (["--key", "rasp4"], "without a tracker"),
+    ],
+)
+def test_cli_run_with_half_a_tracker_exits_2_naming_what_is_missing(
+    extra, message, tiny_qa_artifact, capsys
+):
+    assert main(["run", str(tiny_qa_artifact), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_emulator_serve_with_a_tracker_needs_a_key(capsys):
+    assert main(["emulator", "serve", "--tracker", "127.0.0.1:9190"]) == 2
+    assert "given without a device key" in capsys.readouterr().err
+
+
+def test_cli_emulator_tracker_serves_until_interrupted():
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mbcompile.cli", "emulator", "tracker", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        first = proc.stdout.readline()  # printed once it listens
+        assert f"TVM RPC tracker on 127.0.0.1:{port}" in first, first
+        assert tracker_devices(f"127.0.0.1:{port}") == {}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 130
+        with pytest.raises(RemoteError, match="cannot reach tracker"):
+            tracker_devices(f"127.0.0.1:{port}", timeout=2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_emulated_server_registers_with_the_tracker_and_runs_through_it(
+    device, tracker, qa_arm
+):
+    """In process (no child Python, so no binfmt_misc needed); the stock server registers the
+    same way in tests/targets/test_remote_tuning.py."""
+    model, path = qa_arm
+    key = "emulated-in-process"
+    with emulator.start_server(
+        free_port(), mode="in-process", tracker=tracker.address, key=key
+    ) as server:
+        assert (server.tracker, server.key) == (tracker.address, key)
+        assert tracker.devices()[key]["registered"] == 1
+        compiled = load_remote(path, tracker=tracker.address, key=key)
+        try:
+            assert compiled._program.address == server.address
+            ids, mask, types = random_inputs(model.config, (2, SEQ), pad=4)
+            assert_matches_eager(compiled, model, ids, mask, types)
+        finally:
+            compiled._program.close()
+    deadline = time.monotonic() + 10  # stopping the server unregisters it
+    while key in tracker.devices() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert key not in tracker.devices()
+
+
+@pytest.mark.slow
+def test_emulated_server_with_an_unreachable_tracker_says_so(device):
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(emulator.EmulatorError, match=f"cannot reach the tracker at {address}"):
+        emulator.start_server(free_port(), mode="in-process", tracker=address, key="emu")

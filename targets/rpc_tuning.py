@@ -1,0 +1,89 @@
+"""MetaSchedule measuring on remote devices: a builder that cross-links for a named target and a
+runner that measures on devices registered with a TVM RPC tracker.
+
+``tune_module(..., builder=rpc_builder(spec), runner=rpc_runner(host, port, key))`` tunes on
+the devices the tracker hands out (``mbcompile tune --tracker HOST:PORT --key KEY``).
+
+- MetaSchedule's default export ships a tar of object files that the RPC server would link with
+  its own compiler; a device has none (a phone) or the wrong one, so :func:`export_linked` links
+  each candidate into a shared library with the target's compiler (``export.fcompile_for``:
+  ``aarch64-linux-gnu-g++``, the NDK's clang) before it is uploaded.
+- The runner fills the inputs with ``tvm.contrib.random.random_fill_for_measure``, which lives in
+  the device TVM's ``libtvm_runtime_extra.so``: the device's RPC server must load it
+  (``--load-library``; ``mbcompile emulator serve`` gets it from ``Emulator.tvm_library()``).
+
+Both run in MetaSchedule's worker processes, started with ``tuning.worker_initializer`` (CPU
+tensor intrinsics only) and given picklable module-level functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+from .export import fcompile_for
+from .registry import Target
+from .tuning import meta_schedule, worker_initializer
+
+ARTIFACT = "mbcompile_kernel.so"  # the name a candidate is uploaded under on the device
+SESSION_TIMEOUT = 60  # seconds a device may take for one candidate (upload, load, measure)
+
+
+def export_linked(target: dict, mod) -> str:
+    """MetaSchedule ``f_export``: link a built candidate into a shared library for ``target``
+    (a ``Target.to_dict()``), in a fresh temporary folder; returns its path."""
+    fcompile = fcompile_for(Target.from_dict(target))
+    path = os.path.join(tempfile.mkdtemp(prefix="mbcompile-candidate-"), ARTIFACT)
+    if fcompile is None:
+        mod.export_library(path)
+    else:
+        mod.export_library(path, fcompile=fcompile)
+    return path
+
+
+def rpc_builder(target: Target, *, max_workers: int | None = None, timeout_sec: float = 60.0):
+    """MetaSchedule's LocalBuilder, exporting each candidate linked for ``target``.
+
+    Raises ToolchainError now, not once per candidate, if the target's compiler is missing.
+    """
+    ms = meta_schedule()
+    fcompile_for(target)
+    return ms.builder.LocalBuilder(
+        max_workers=max_workers,
+        timeout_sec=timeout_sec,
+        f_export=functools.partial(export_linked, target.to_dict()),
+        initializer=worker_initializer,
+    )
+
+
+def rpc_runner(
+    tracker_host: str,
+    tracker_port: int,
+    key: str,
+    *,
+    session_timeout: int = SESSION_TIMEOUT,
+    max_workers: int = 1,
+    f_create_session=None,
+    evaluator=None,
+):
+    """MetaSchedule's RPCRunner on the devices registered with the tracker under ``key``.
+
+    ``max_workers`` sessions at a time (one per device is the most that helps);
+    ``f_create_session(rpc_config) -> RPCSession`` replaces TVM's, whose request for a device
+    waits forever when none is free; ``evaluator``: a ``ms.runner.EvaluatorConfig`` (TVM's
+    default: 3 runs per repeat, one repeat, at least 100 ms).
+    """
+    ms = meta_schedule()
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(
+            tracker_host=tracker_host,
+            tracker_port=int(tracker_port),
+            tracker_key=key,
+            session_timeout_sec=int(session_timeout),
+        ),
+        evaluator_config=evaluator,
+        f_create_session=f_create_session,
+        max_workers=max_workers,
+        initializer=worker_initializer,
+    )
