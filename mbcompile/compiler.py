@@ -226,8 +226,11 @@ def compile(
         views = tvm.relax.transform.RewriteDataflowReshape()(fused_mod)
         fused["kernel_calls"] = kernel_calls(views)
 
+    def on_tuned(count):
+        fused["tuned_kernels"] = count
+
     start = time.perf_counter()
-    pipeline = build_pipeline(tvm_target, database=database, on_fused=on_fused)
+    pipeline = build_pipeline(tvm_target, database=database, on_fused=on_fused, on_tuned=on_tuned)
     executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     timings["build"] = time.perf_counter() - start
     report["final"] = {**module_stats(mod), **fused}
@@ -239,6 +242,8 @@ def compile(
         "target": spec.to_dict(),
         "tvm_target": str(tvm_target),
         "tuning_db": None if database is None else str(database.path),
+        # kernels whose schedule came from the database (0: none of its workloads matched)
+        "tuned_kernels": fused.get("tuned_kernels", 0),
         "versions": _versions(),
         "report": report,
         "compile_seconds": {k: round(v, 2) for k, v in timings.items()},

@@ -54,16 +54,26 @@ def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
         return tvm.transform.Sequential(layout_passes(target) + legalize_passes(target))(mod)
 
 
+def _scheduled_kernels(mod: tvm.IRModule) -> int:
+    return sum(
+        1
+        for _, func in mod.functions_items()
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs.get("tirx.is_scheduled", False)
+    )
+
+
 def build_pipeline(
     target: tvm.target.Target,
     *,
     database=None,
     on_fused: Callable[[tvm.IRModule], None] | None = None,
+    on_tuned: Callable[[int], None] | None = None,
 ) -> tvm.transform.Pass:
     """One module pass running the four stages under ``target``.
 
     ``database`` (a ``targets.tuning.Database``) replaces the kernels it has tuned records for
-    before stage 3 schedules the rest; ``on_fused`` sees the module after stage 2 (for reports).
+    before stage 3 schedules the rest; ``on_fused`` sees the module after stage 2 (for reports),
+    ``on_tuned`` the number of kernels the database supplied.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="mbcompile_cpu_pipeline")
@@ -72,13 +82,13 @@ def build_pipeline(
         if on_fused is not None:
             on_fused(mod)
         with target:
-            tuned = []
             if database is not None:
                 from .tuning import apply_database_pass
 
-                tuned = [apply_database_pass(database)]
-            return tvm.transform.Sequential(
-                tuned + schedule_passes(target) + lower_passes(target)
-            )(mod)
+                before = _scheduled_kernels(mod)
+                mod = apply_database_pass(database)(mod)
+                if on_tuned is not None:
+                    on_tuned(_scheduled_kernels(mod) - before)
+            return tvm.transform.Sequential(schedule_passes(target) + lower_passes(target))(mod)
 
     return _pipeline

@@ -47,6 +47,7 @@ def test_compile_applies_the_database_and_stays_exact(tuned):
     model, work_dir, _, _ = tuned
     compiled = mbcompile.compile(model, seq_len=16, tuning_db=work_dir)
     assert compiled.metadata["tuning_db"] == str(work_dir)
+    assert compiled.metadata["tuned_kernels"] >= 2  # the two tuned tasks
     ids, mask, types = random_inputs(model.config, (1, 16), pad=3)
     assert_matches_eager(compiled, model, ids, mask, types)
 
@@ -135,5 +136,6 @@ def test_compile_applies_the_shipped_database_by_default_on_zen3_and_stays_exact
         pytest.skip(f"the shipped database is for Zen 3 and TVM {db.manifest['target']['tvm']}: {why}")
     compiled = mbcompile.compile(default_layer, seq_len=128)
     assert compiled.metadata["tuning_db"] == str(SHIPPED_X86)
+    assert compiled.metadata["tuned_kernels"] >= 20
     ids, mask, types = random_inputs(default_layer.config, (1, 128), pad=5)
     assert_matches_eager(compiled, default_layer, ids, mask, types)
