@@ -118,7 +118,8 @@ def main() -> None:
         tuned = compiled.metadata.get("tuned_kernels", 0) > 0
         name = "mbcompile" if variant == "default" else f"mbcompile {variant}"
         if tuned:  # kernels from the shipped database (targets/databases/) for this model + target
-            name += f" (tuned: {compiled.metadata['tuned_kernels']} kernels)"
+            n = compiled.metadata["tuned_kernels"]
+            name += f" (tuned: {n} kernel{'s' if n != 1 else ''})"
         extra[name] = {"compile_seconds": seconds, "tuned": tuned,
                        "matmul_flops": compiled.report().get("final", {}).get("matmul_flops")}
         if variant == "fill-mask":
