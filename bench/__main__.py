@@ -25,7 +25,8 @@ def _run_cell(head: str, seq: int, threads: int, args) -> dict:
                MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "bench.worker", "--head", head, "--seq", str(seq),
            "--threads", str(threads), "--rounds", str(args.rounds), "--backends", args.backends,
-           "--variants", args.variants if head == "base" else args.mlm_variants]
+           "--variants", args.variants if head == "base" else args.mlm_variants,
+           "--settle", str(args.settle)]
     proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
                           stdout=subprocess.PIPE, text=True, check=True)
     lines = proc.stdout.strip().splitlines()
@@ -111,6 +112,9 @@ def main() -> None:
                         "database where one applies), untuned, no-passes (untuned)")
     p.add_argument("--mlm-variants", default="default,fill-mask",
                    help="mbcompile variants for MaskedLM: default, untuned, no-passes, fill-mask")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="pause (s) before each timed call, so the previous backend's spinning "
+                        "thread pool is idle (matters with 2 threads on 2 cores)")
     p.add_argument("--out", default=str(RESULTS / "latest"))
     p.add_argument("--render", metavar="JSON", help="only redraw the table and chart of a run")
     args = p.parse_args()

@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--backends", default="all")
     p.add_argument("--variants", default="default")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="seconds of pause before each timed call")
     args = p.parse_args()
 
     def log(msg):
@@ -159,6 +161,10 @@ def main() -> None:
     for r in range(args.rounds):
         random.Random(r).shuffle(order)
         for name in order:
+            # Thread pools keep spinning after a run (PyTorch's OpenMP, ONNX Runtime's pool): on
+            # 2 cores they steal the next backend's core (measured: mbcompile 38.4 ms alone,
+            # 46.3 right after PyTorch eager, 40.0 after a 0.3 s pause). Let them go idle.
+            time.sleep(args.settle)
             t = time.perf_counter()
             runners[name](ids, mask, types)
             times[name].append((time.perf_counter() - t) * 1e3)
