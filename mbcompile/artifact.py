@@ -76,8 +76,11 @@ def _check_tokenizer_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
 
 
 def tokenizer_files(folder: str | os.PathLike) -> dict[str, bytes]:
-    """The tokenizer files (``TOKENIZER_FILES``) found in a checkpoint folder; {} if none."""
+    """The tokenizer files (``TOKENIZER_FILES``) found in a checkpoint folder; {} if none, or if
+    ``folder`` is not a folder here."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return {}
     return {n: (folder / n).read_bytes() for n in TOKENIZER_FILES if (folder / n).is_file()}
 
 

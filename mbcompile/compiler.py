@@ -6,7 +6,6 @@ import dataclasses
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 from . import __version__, artifact
@@ -253,7 +252,7 @@ def compile(
         export_library(ex, spec, path)
 
     source = tokenizer if tokenizer is not None else captured.config.get("_name_or_path")
-    tokenizer_files = artifact.tokenizer_files(source) if source and Path(source).is_dir() else {}
+    tokenizer_files = artifact.tokenizer_files(source) if source else {}
     return CompiledModel(
         captured.signature,
         metadata,

@@ -100,11 +100,10 @@ def _files_of_tokenizer(tokenizer) -> dict[str, bytes]:
 
 
 def _checkpoint_tokenizer_files(compiled: CompiledModel) -> dict[str, bytes]:
-    """Tokenizer files beside the checkpoint the model was compiled from, if that folder is here."""
+    """Tokenizer files beside the checkpoint the model was compiled from, if that folder is here
+    (for artifacts saved before compile recorded them)."""
     source = (compiled.metadata.get("config") or {}).get("_name_or_path") or ""
-    if not source or not Path(source).is_dir():
-        return {}
-    return artifact.tokenizer_files(source)
+    return artifact.tokenizer_files(source) if source else {}
 
 
 # -- the pipelines ----------------------------------------------------------------------------
@@ -929,12 +928,8 @@ def pipeline(
     files = None
     config = model.metadata.get("config")
     if tokenizer is None:
-        files = (
-            (artifact.read_tokenizer(source) if source is not None else {})
-            # Set by load() and compile() once the runtime keeps the artifact's tokenizer files.
-            or getattr(model, "tokenizer_files", None)
-            or _checkpoint_tokenizer_files(model)
-        )
+        # load() and compile() keep the artifact's (or the checkpoint's) tokenizer files.
+        files = model.tokenizer_files or _checkpoint_tokenizer_files(model)
         if not files:
             where = f"the artifact {source}" if source is not None else "this compiled model"
             raise PipelineError(
