@@ -247,13 +247,16 @@ def schedule_gemm(
     outer = sch.fuse(*gemm.batch, jo, io)
     sch.parallel(outer)
 
+    # The accumulator tile is a "global" buffer: on CPU, TVM 0.27 keeps only those (under 1 KiB)
+    # on the stack. A "local" one becomes a heap workspace call in every parallel iteration,
+    # which cost 10% of the whole model.
     if consumers:
         (epilogue,) = consumers
         sch.reverse_compute_at(epilogue, outer, preserve_unit_loops=True)
-        sch.set_scope(gemm.block, 0, "local")
+        sch.set_scope(gemm.block, 0, "global")
         writer = epilogue
     else:
-        writer = sch.cache_write(gemm.block, 0, "local")
+        writer = sch.cache_write(gemm.block, 0, "global")
         sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
     _vectorize_tile(sch, writer, lanes)
 

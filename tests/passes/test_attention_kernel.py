@@ -117,3 +117,14 @@ def test_vector_width_follows_the_target():
     with tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}):
         assert vector_lanes() == 8
     assert vector_lanes() == 8  # no target set
+
+
+def test_only_the_scores_block_is_a_heap_workspace():
+    """TVM 0.27 keeps a CPU buffer on the stack only in "global" scope and under 1 KiB; any other
+    becomes a TVMBackendAllocWorkspace call in every parallel iteration. Only the block's scores
+    (6 rows × 128 keys, 3 KiB) may take that path; the register tiles and row statistics may not."""
+    kernel = attention_kernel(4, 128, 128, 32, 32, 4, (1, 1, 1, 128), lanes=8)
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), TARGET)
+    source = lib.mod.imports[0].inspect_source("ll") if lib.mod.imports else lib.mod.inspect_source("ll")
+    calls = source.count("@__TVMBackendAllocWorkspace, align")
+    assert calls == 1, f"{calls} workspace allocations per iteration"
