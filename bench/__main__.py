@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# --backends names -> the peers' names in the table
+PEERS = {"eager": "PyTorch eager", "torch.compile": "torch.compile", "ort": "ONNX Runtime fp32",
+         "ort-int8": "ONNX Runtime int8 (reference)"}
 
 
 def _run_cell(head: str, seq: int, threads: int, args) -> dict:
@@ -106,7 +109,8 @@ def main() -> None:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--backends", default="all",
-                   help="comma list of peers (PyTorch eager always runs as the reference)")
+                   help="comma list of peers: " + ", ".join(PEERS) + " (PyTorch eager always "
+                        "runs as the reference)")
     p.add_argument("--variants", default="default,untuned,no-passes",
                    help="mbcompile variants for MobileBertModel: default (with the shipped tuning "
                         "database where one applies), untuned, no-passes (untuned)")
@@ -118,6 +122,11 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "latest"))
     p.add_argument("--render", metavar="JSON", help="only redraw the table and chart of a run")
     args = p.parse_args()
+    if args.backends != "all":
+        unknown = sorted(set(args.backends.split(",")) - set(PEERS))
+        if unknown:
+            p.error(f"--backends: unknown {unknown}; choose from {', '.join(PEERS)} or all")
+        args.backends = ",".join(PEERS[b] for b in args.backends.split(","))
     if args.render:
         data = json.loads(Path(args.render).read_text())
         print(_write(Path(args.render), data["started"], data["cells"], data.get("rounds", args.rounds)))
