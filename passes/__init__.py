@@ -21,7 +21,7 @@ DEFAULT_PASSES: tuple[type[MobileBertPass], ...] = (
     # Fold constants into weights while every linear is still on its own.
     FoldNoNorm,
     FoldAttentionScale,
-    # Then widen: linears reading one tensor become one matmul and a split.
+    # Then widen: linears reading one tensor become one matmul and column slices.
     MergeSharedInputLinears,
     # Linears run on the N-D activation (no reshape pair), so bias, activation and residual
     # NoNorm fuse into the matmul kernel; then the reshapes and permutes left cancelling go.

@@ -377,12 +377,16 @@ class LinearPattern:
 # Rewriting
 
 
+# What _leafify returns as it is: anything else is bound to a variable first.
+_BOUND = (relax.Var, relax.Call, relax.Tuple, relax.TupleGetItem)
+
+
 @mutator
 class _BindingRewriter(PyExprMutator):
     """Gives some bindings new values; nested calls in a new value become bindings before it.
 
     A sub-expression object shared by several new values is emitted once (the first time it is
-    needed) and reused, which lets a merged matmul feed several bindings through one split.
+    needed) and reused, which lets a merged matmul feed several bindings through its slices.
     """
 
     def __init__(self, replacements: dict[relax.Var, relax.Expr]):
@@ -418,6 +422,8 @@ class _BindingRewriter(PyExprMutator):
             )
         elif isinstance(expr, relax.Tuple):
             new = relax.Tuple([self._leafify(f) for f in expr.fields])
+            if not any(isinstance(f, _BOUND) for f in expr.fields):
+                return new  # a tuple of values (a slice's begin/end) stays an argument
         elif isinstance(expr, relax.TupleGetItem):
             new = relax.TupleGetItem(self._leafify(expr.tuple_value), expr.index)
         else:

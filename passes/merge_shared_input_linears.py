@@ -1,4 +1,4 @@
-"""Merge linears that read the same tensor into one wider matmul and a split.
+"""Merge linears that read the same tensor into one wider matmul and column slices.
 
 In a default MobileBERT layer the bottleneck input, the bottleneck attention and the value
 (512 → 128 each) read the layer input, and query and key (128 → 128 each) read the shared
@@ -6,10 +6,13 @@ bottleneck. Each group becomes one matmul over the concatenated weights::
 
     q = add(b_q, matmul(reshape(h, s), permute_dims(W_q)))
     k = add(b_k, matmul(reshape(h, s), permute_dims(W_k)))
-  → qk = split(add(concat(b_q, b_k), matmul(reshape(h, s), permute_dims(concat(W_q, W_k)))),
-               [n_q], axis=-1)
-    q = qk[0]
-    k = qk[1]
+  → qk = add(concat(b_q, b_k), matmul(reshape(h, s), permute_dims(concat(W_q, W_k))))
+    q = strided_slice(qk, axes=[-1], begin=[0], end=[n_q])
+    k = strided_slice(qk, axes=[-1], begin=[n_q], end=[n_q + n_k])
+
+Slices, not one ``split``: FuseOps fuses a slice into the kernel that reads it (a head
+transpose, a residual add), where a tuple-valued split stays a kernel of its own that copies
+every part.
 
 "The same tensor" is the same variable after peeling reshapes, reshaped to the same shape: the
 importer reshapes the input once per linear. Whatever truly shares an input is merged, so the
@@ -33,7 +36,7 @@ from .base import Graph, Linear, LinearPattern, MobileBertPass, call, fold_const
 
 
 class MergeSharedInputLinears(MobileBertPass):
-    """``linear(x, W_i, b_i) for i → split(linear(x, [W_1 … W_n], [b_1 … b_n]))``."""
+    """``linear(x, W_i, b_i) for i → slice_i(linear(x, [W_1 … W_n], [b_1 … b_n]))``."""
 
     name = "MergeSharedInputLinears"
 
@@ -117,5 +120,11 @@ class MergeSharedInputLinears(MobileBertPass):
             )
             b = fold_const(bias, dtype)
             merged = relax.op.add(b, merged) if first.bias_first else relax.op.add(merged, b)
-        split = relax.op.split(merged, [int(i) for i in np.cumsum(widths)[:-1]], axis=-1)
-        return {var: relax.TupleGetItem(split, i) for i, (var, _) in enumerate(members)}
+        axis = len(static_shape(members[0][0])) - 1
+        ends = [int(e) for e in np.cumsum(widths)]
+        return {
+            var: relax.op.strided_slice(
+                merged, axes=[axis], begin=[end - width], end=[end], assume_inbound=True
+            )
+            for (var, _), width, end in zip(members, widths, ends)
+        }

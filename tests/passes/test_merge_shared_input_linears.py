@@ -1,10 +1,12 @@
-"""MergeSharedInputLinears: linears reading one tensor become one wider matmul and a split."""
+"""MergeSharedInputLinears: linears reading one tensor become one wider matmul and slices."""
 
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from mbcompile.passes import MergeSharedInputLinears, count_matmuls
-from tester import Tester, bind
+from mbcompile.targets.pipeline import fused_module
+from tester import TARGET, Tester, bind
 from tvm.script import ir as I
 from tvm.script import relax as R
 
@@ -69,10 +71,9 @@ class Merged:
             m1 = R.permute_dims(w, axes=[1, 0])
             m2 = R.matmul(a0, m1, out_dtype="float32")
             m3 = R.add(b, m2)
-            m4 = R.split(m3, indices_or_sections=[6, 11], axis=-1)
-            a3 = m4[0]
-            c3 = m4[1]
-            v3 = m4[2]
+            a3 = R.strided_slice(m3, axes=[1], begin=[0], end=[6], assume_inbound=True)
+            c3 = R.strided_slice(m3, axes=[1], begin=[6], end=[11], assume_inbound=True)
+            v3 = R.strided_slice(m3, axes=[1], begin=[11], end=[15], assume_inbound=True)
             gv = (a3, c3, v3)
             R.output(gv)
         return gv
@@ -131,7 +132,7 @@ class DifferentInputs:
         return gv
 
 
-def test_three_linears_reading_one_tensor_become_one_matmul_and_a_split():
+def test_three_linears_reading_one_tensor_become_one_matmul_and_three_slices():
     w = np.concatenate([WEIGHTS["w1"], WEIGHTS["w2"], WEIGHTS["w3"]])
     b = np.concatenate([WEIGHTS["b1"], WEIGHTS["b2"], WEIGHTS["b3"]])
     (
@@ -174,3 +175,14 @@ def test_captured_mobilebert_shared_input_linears_merge_and_match_eager(tiny_bas
         .check_matches_eager()
     )
     assert count_matmuls(tester.original) - count_matmuls(tester.mod) == 3
+
+
+def test_slices_of_a_merged_output_fuse_into_their_readers_and_copy_nothing_alone(tiny_base):
+    """A tuple-valued split would be a kernel of its own copying every part; each slice instead
+    becomes part of the kernel that reads it (Q, K and V's head transposes, the residual)."""
+    mod = tiny_base.fresh().run_passes("default").mod
+    fused = fused_module(mod, tvm.target.Target(TARGET))
+    names = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert not [n for n in names if "split" in n]
+    transposes = [n for n in names if "strided_slice" in n and "transpose" in n]
+    assert len(transposes) == 3, names  # Q, K (to Kᵀ) and V read the merged outputs directly
