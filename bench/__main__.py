@@ -4,6 +4,9 @@ Each (model, seq, threads) cell runs in its own process (thread counts fixed bef
 starts); inside it every backend is timed once per round, in a shuffled order, for ``--rounds``
 rounds: medians, min–max, ratios against ONNX Runtime fp32 measured in the same process, effective
 GFLOP/s against torch.mm's measured roof, max abs difference against PyTorch eager.
+Before each timed call it pauses ``--settle`` seconds (0.3 by default): a thread pool keeps
+spinning for a while after its run (PyTorch's OpenMP, ONNX Runtime's, TVM's) and, on a 2-core
+machine, would take a core from the next backend in the round.
 Writes bench/results/latest.{json,md,png}.
 """
 
@@ -64,19 +67,21 @@ def _compile_seconds(row: dict) -> str:
     return f"{sum(seconds.values()):.0f}" if seconds else ""
 
 
-def _header(started: str, cells: list[dict], rounds: int) -> str:
+def _header(started: str, cells: list[dict], rounds: int, settle: float | None) -> str:
     machine = cells[0]["machine"]
     roofs = {c["rows"][0]["threads"]: c["roof_gflops"]["1024x1024x1024"] for c in cells}
     return (f"Measured {started} on {machine['cpu']}, {machine['cores']} cores, fp32, batch 1; "
-            f"{rounds} interleaved rounds per cell; torch.mm roof "
+            f"{rounds} interleaved rounds per cell"
+            + (f", {settle:g} s pause before each call" if settle else "")
+            + "; torch.mm roof "
             + ", ".join(f"{t} thr {g:.0f} GFLOP/s" for t, g in sorted(roofs.items())) + ".")
 
 
-def _write(out: Path, started: str, cells: list[dict], rounds: int) -> str:
-    text = _header(started, cells, rounds) + "\n\n" + _table(cells) + "\n"
+def _write(out: Path, started: str, cells: list[dict], rounds: int, settle: float | None) -> str:
+    text = _header(started, cells, rounds, settle) + "\n\n" + _table(cells) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
-        json.dumps({"started": started, "rounds": rounds, "cells": cells}, indent=2))
+        json.dumps({"started": started, "rounds": rounds, "settle": settle, "cells": cells}, indent=2))
     out.with_suffix(".md").write_text(text)
     _chart(cells, out.with_suffix(".png"))
     return text
@@ -116,9 +121,9 @@ def main() -> None:
                         "database where one applies), untuned, no-passes (untuned)")
     p.add_argument("--mlm-variants", default="default,fill-mask",
                    help="mbcompile variants for MaskedLM: default, untuned, no-passes, fill-mask")
-    p.add_argument("--settle", type=float, default=0.0,
+    p.add_argument("--settle", type=float, default=0.3,
                    help="pause (s) before each timed call, so the previous backend's spinning "
-                        "thread pool is idle (matters with 2 threads on 2 cores)")
+                        "thread pool is idle (matters with 2 threads on 2 cores); 0 for none")
     p.add_argument("--out", default=str(RESULTS / "latest"))
     p.add_argument("--render", metavar="JSON", help="only redraw the table and chart of a run")
     args = p.parse_args()
@@ -129,7 +134,8 @@ def main() -> None:
         args.backends = ",".join(PEERS[b] for b in args.backends.split(","))
     if args.render:
         data = json.loads(Path(args.render).read_text())
-        print(_write(Path(args.render), data["started"], data["cells"], data.get("rounds", args.rounds)))
+        print(_write(Path(args.render), data["started"], data["cells"], data.get("rounds", args.rounds),
+                     data.get("settle")))
         return
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -138,7 +144,7 @@ def main() -> None:
         for seq in (int(s) for s in args.seq.split(",")):
             for threads in (int(t) for t in args.threads.split(",")):
                 cells.append(_run_cell(head, seq, threads, args))
-    print(_write(Path(args.out), started, cells, args.rounds))
+    print(_write(Path(args.out), started, cells, args.rounds, args.settle))
 
 
 if __name__ == "__main__":
