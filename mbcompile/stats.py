@@ -34,8 +34,11 @@ def matmul_flops(mod) -> int:
     from mbcompile.passes.base import fused_attention_calls
 
     for call in fused_attention_calls(mod):  # q·kᵀ and p·v
-        q, kt, v = ([int(d) for d in a.ty.shape] for a in call.args[1].fields[:3])
-        total += 2 * q[0] * q[1] * kt[2] * (q[2] + v[2])
+        # kt is (batch·heads, dim, seq_k) in both layouts; the output (batch·heads, seq_q, dim_v)
+        # or, in the rows layout, (1, seq_q, heads·dim_v).
+        bh, dim, seq_k = (int(d) for d in call.args[1].fields[1].ty.shape)
+        out = [int(d) for d in call.ty.shape]
+        total += 2 * seq_k * (bh * out[-2] * dim + int(np.prod(out)))
     return total
 
 

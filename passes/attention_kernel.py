@@ -23,6 +23,8 @@ kernel). The block's scores (ROWS × keys) are larger and take that call, once p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import tvm
 from tvm.script import tirx as T
 from tvm.target import codegen
@@ -40,6 +42,18 @@ UNROLL_KEYS = 4
 LOG2E = 1.4426950408889634
 # 2^f ≈ 1 + f·(c1 + f·(c2 + f·(c3 + f·(c4 + f·c5)))) on |f| <= 1/2, fitted for relative error.
 EXP2_POLY = (6.931470037e-01, 2.402224243e-01, 5.550733581e-02, 9.671512991e-03, 1.326472382e-03)
+
+
+@dataclass(frozen=True)
+class RowsLayout:
+    """q as (seq_q, q_width) and v as (seq_k, v_width), one row per token, head ``h`` at columns
+    ``offset + h · dim``: the output of the linears (or of a merged linear, whose other columns
+    are skipped). The output is (1, seq_q, heads · dim_v)."""
+
+    q_width: int
+    q_offset: int
+    v_width: int
+    v_offset: int
 
 
 def vector_lanes(target: tvm.target.Target | None = None) -> int:
@@ -76,12 +90,17 @@ def attention_kernel(
     bias_shape: tuple[int, ...],
     *,
     lanes: int | None = None,
+    rows_layout: RowsLayout | None = None,
 ) -> tvm.tirx.PrimFunc:
     """``out[bh, i, :] = softmax_guarded(q[bh, i] · kt[bh] + bias[b, h, i]) · v[bh]``.
 
     q (bh, seq_q, dim); kt (bh, dim, seq_k); v (bh, seq_k, dim_v); bias 4-D, broadcastable to
     (bh / heads, heads, seq_q, seq_k); out (bh, seq_q, dim_v); ``bh = batch · heads``.
     ``lanes``: fp32 lanes per vector, by default ``vector_lanes()`` of the current target.
+
+    ``rows_layout`` (batch 1 only): q, v and out in the linears' layout instead, one row per
+    token with head ``h`` at columns ``offset + h · dim`` (see RowsLayout). The kernel reads and
+    writes them through strided views, so no transpose kernel runs before or after it.
     """
     b0, h0, i0, j0 = bias_shape
     lanes = lanes or vector_lanes()
@@ -144,15 +163,8 @@ def attention_kernel(
             for d in T.vectorized(width):
                 out[b, T.min(blk * rows + r, seq_q - 1), start + d] = acc[r, d] * inv[r]
 
-    @T.prim_func(private=True)
-    def fused_attention(
-        q: T.Buffer((bh, seq_q, dim), "float32"),
-        kt: T.Buffer((bh, dim, seq_k), "float32"),
-        v: T.Buffer((bh, seq_k, dim_v), "float32"),
-        bias: T.Buffer(bias_shape, "float32"),
-        out: T.Buffer((bh, seq_q, dim_v), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KIND_ATTR: KIND})
+    @T.macro
+    def attend(q, kt, v, bias, out):
         for blk in T.parallel(bh * blocks):
             s = T.alloc_buffer((rows, padded), "float32", annotations={"disable_lower_builtin": True})
             acc = T.alloc_buffer((rows, key_tile), "float32")
@@ -225,4 +237,47 @@ def attention_kernel(
                     dim_v // dim_tile * dim_tile, dim_v % dim_tile,
                 )  # fmt: skip
 
-    return fused_attention
+
+    @T.prim_func(private=True)
+    def fused_attention(
+        q: T.Buffer((bh, seq_q, dim), "float32"),
+        kt: T.Buffer((bh, dim, seq_k), "float32"),
+        v: T.Buffer((bh, seq_k, dim_v), "float32"),
+        bias: T.Buffer(bias_shape, "float32"),
+        out: T.Buffer((bh, seq_q, dim_v), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KIND_ATTR: KIND})
+        attend(q, kt, v, bias, out)
+
+    if rows_layout is None:
+        return fused_attention
+    if bh != heads:
+        raise ValueError(f"rows_layout needs batch 1, got {bh // heads}")
+    r = rows_layout
+    if r.q_offset + heads * dim > r.q_width or r.v_offset + heads * dim_v > r.v_width:
+        raise ValueError(f"{r} does not hold {heads} heads of {dim} (q) and {dim_v} (v) columns")
+
+    @T.prim_func(private=True)
+    def fused_attention_rows(
+        q_rows: T.Buffer((seq_q, r.q_width), "float32"),
+        kt: T.Buffer((bh, dim, seq_k), "float32"),
+        v_rows: T.Buffer((seq_k, r.v_width), "float32"),
+        bias: T.Buffer(bias_shape, "float32"),
+        out_rows: T.Buffer((1, seq_q, heads * dim_v), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KIND_ATTR: KIND})
+        # (head, token, dim) views of the row layouts: no data moves
+        q = T.decl_buffer(
+            (bh, seq_q, dim), "float32", data=q_rows.data, strides=[dim, r.q_width, 1],
+            elem_offset=r.q_offset,
+        )  # fmt: skip
+        v = T.decl_buffer(
+            (bh, seq_k, dim_v), "float32", data=v_rows.data, strides=[dim_v, r.v_width, 1],
+            elem_offset=r.v_offset,
+        )  # fmt: skip
+        out = T.decl_buffer(
+            (bh, seq_q, dim_v), "float32", data=out_rows.data, strides=[dim_v, heads * dim_v, 1]
+        )
+        attend(q, kt, v, bias, out)
+
+    return fused_attention_rows

@@ -12,6 +12,17 @@ kernel per layer instead of two batched matmuls, a softmax and six elementwise k
 (B·H, Sq, Sk) intermediate in memory. Rows whose keys are all masked give zeros, as the guard
 does. (Eager attention, exported without the guard, is left alone.)
 
+At batch 1 the head split of q and v and the head merge of the output are absorbed too::
+
+    q = reshape(permute_dims(reshape(x_q, (1, S, H, D)), [0, 2, 1, 3]), (H, S, D))
+    x_q = strided_slice(y, axes=[-1], begin=[c], end=[c + H·D])       (optional)
+    out = reshape(permute_dims(reshape(o, (1, H, S, Dv)), [0, 2, 1, 3]), (1, S, H·Dv))
+  → out = call_tir(fused_attention_rows, (y, kt, x_v, bias))
+
+The kernel reads q and v in the linears' row layout (a merged linear's output, at the column
+offset of the slice) and writes the output rows the attention output linear reads, through
+strided views: three transpose kernels per layer fewer, and the values are the same.
+
 Bails (``refusals`` says why) unless everything is float32 with static shapes, the bias
 broadcasts to (B, H, Sq, Sk), and ``s2``, ``p`` and the guarded probabilities have no other user
 (e.g. ``output_attentions`` returning them).
@@ -23,7 +34,7 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .attention_kernel import attention_kernel
+from .attention_kernel import RowsLayout, attention_kernel
 from .base import Graph, MobileBertPass, static_shape
 
 
@@ -97,13 +108,114 @@ class FuseAttention(MobileBertPass):
             q, v, bias = static_shape(m[self.q]), static_shape(m[self.v]), static_shape(m[self.bias])
             heads = static_shape(m[self.biased])[1]
             key = f"fused_attention_{q[0]}x{q[1]}x{v[1]}x{q[2]}x{v[2]}_h{heads}_b{'x'.join(map(str, bias))}"
+            rows = self._rows_layout(graph, var, m, heads) if q[0] == heads else None
+            if rows is None:
+                args, layout, replaced = [m[self.q], m[self.kt], m[self.v], m[self.bias]], None, var
+                out = relax.TensorType((q[0], q[1], v[2]), "float32")
+            else:
+                layout, q_rows, v_rows, replaced = rows
+                args = [q_rows, m[self.kt], v_rows, m[self.bias]]
+                out = relax.TensorType((1, q[1], heads * v[2]), "float32")
+                key += f"_rows_q{layout.q_width}o{layout.q_offset}_v{layout.v_width}o{layout.v_offset}"
             if key not in self._kernels:
-                func = attention_kernel(q[0], q[1], v[1], q[2], v[2], heads, bias)
+                func = attention_kernel(
+                    q[0], q[1], v[1], q[2], v[2], heads, bias, rows_layout=layout
+                )
                 self._kernels[key] = (self._builder.add_func(func, key), func)
-            gvar = self._kernels[key][0]
-            out = relax.TensorType((q[0], q[1], v[2]), "float32")
-            rewrites.append(
-                {var: relax.call_tir(gvar, [m[self.q], m[self.kt], m[self.v], m[self.bias]], out)}
-            )
+            rewrites.append({replaced: relax.call_tir(self._kernels[key][0], args, out)})
         return rewrites
+
+    def _rows_layout(self, graph: Graph, var: relax.Var, m: dict, heads: int):
+        """(RowsLayout, q rows, v rows, the var of the merged output) when q and v come from
+        head splits of token rows and the output goes only into a head merge; else None."""
+        q_src = self._head_split_source(graph, m[self.q], heads)
+        v_src = self._head_split_source(graph, m[self.v], heads)
+        merged = self._head_merge(graph, var, heads)
+        if q_src is None or v_src is None or merged is None:
+            return None
+        (q_rows, q_off), (v_rows, v_off) = q_src, v_src
+        layout = RowsLayout(static_shape(q_rows)[-1], q_off, static_shape(v_rows)[-1], v_off)
+        return layout, q_rows, v_rows, merged
+
+    def _head_split_source(self, graph: Graph, x: relax.Expr, heads: int):
+        """(rows (S, W), column offset) if ``x`` (H, S, D) is
+        ``reshape(permute_dims(reshape(rows[:, offset : offset + H·D], (1, S, H, D)), [0, 2, 1, 3]))``."""
+        shape = static_shape(x)
+        outer = graph.value(x)
+        if shape is None or len(shape) != 3 or not _is_op(outer, "relax.reshape"):
+            return None
+        _, seq, dim = shape
+        permute = graph.value(outer.args[0])
+        if not _is_op(permute, "relax.permute_dims") or _axes(permute) != [0, 2, 1, 3]:
+            return None
+        inner = graph.value(permute.args[0])
+        if not _is_op(inner, "relax.reshape") or static_shape(inner) != (1, seq, heads, dim):
+            return None
+        rows = inner.args[0]
+        if static_shape(rows) not in ((seq, heads * dim), (1, seq, heads * dim)):
+            return None
+        offset = 0
+        sliced = graph.value(rows)
+        if _is_op(sliced, "relax.strided_slice"):
+            found = _column_slice(sliced)
+            if found is not None and static_shape(sliced.args[0]) is not None:
+                rows, offset = sliced.args[0], found
+        rows_shape = static_shape(rows)
+        if rows_shape is None or len(rows_shape) not in (2, 3) or rows_shape[-2] != seq:
+            return None
+        if len(rows_shape) == 3:
+            if rows_shape[0] != 1:
+                return None
+            rows = relax.op.reshape(rows, (seq, rows_shape[-1]))  # a view
+        return rows, offset
+
+    def _head_merge(self, graph: Graph, var: relax.Var, heads: int) -> relax.Var | None:
+        """The var of ``reshape(permute_dims(reshape(var, (1, H, S, Dv)), [0, 2, 1, 3]),
+        (1, S, H·Dv))`` when that chain is the only user of ``var``, else None."""
+        _, seq, dim_v = static_shape(var)
+        chain = []
+        current = var
+        for _ in range(3):
+            users = [u for u, value in graph.bindings() if current in relax.analysis.free_vars(value)]
+            if len(users) != 1 or graph.users(current) != 1:
+                return None
+            current = users[0]
+            chain.append(graph.value(current))
+        first, permute, last = chain
+        if not (
+            _is_op(first, "relax.reshape")
+            and static_shape(first) == (1, heads, seq, dim_v)
+            and _is_op(permute, "relax.permute_dims")
+            and _axes(permute) == [0, 2, 1, 3]
+            and _is_op(last, "relax.reshape")
+            and static_shape(last) == (1, seq, heads * dim_v)
+        ):
+            return None
+        return current
+
+
+def _is_op(expr: relax.Expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _axes(permute: relax.Call) -> list[int] | None:
+    axes = permute.attrs.axes
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _column_slice(call: relax.Call) -> int | None:
+    """The start column of a unit-stride slice along the last axis only, else None."""
+    shape = static_shape(call.args[0])
+    if shape is None or len(call.args) > 4 and call.args[4] is not None and any(
+        int(s) != 1 for s in call.args[4].fields
+    ):
+        return None
+    try:
+        axes = [int(a) for a in call.args[1].fields]
+        begin = [int(b) for b in call.args[2].fields]
+    except (TypeError, AttributeError):
+        return None
+    if len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1:
+        return None
+    return begin[0]
 
