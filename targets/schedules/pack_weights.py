@@ -8,6 +8,10 @@ The new PrimFunc computes the product over the padded width (``dense_pad``) and 
 (``crop``); it carries ``op_pattern = kOutEWiseFusable`` so FuseOps still fuses bias, NoNorm,
 activation and residual epilogues into it, exactly as into a legalized ``R.matmul``.
 
+A column slice of the activation (``x = strided_slice(y, axes=[-1], ...)``, a merged linear's
+output feeding the next linear) is read in place: the PrimFunc takes ``y`` and its first block
+selects the columns, which the dense schedule inlines into the matmul, so no copy kernel runs.
+
 The weight may be a constant expression the importer wrote: ``permute_dims(W)`` (``nn.Linear``),
 ``concat`` of such (the MaskedLM decoder), ``broadcast_to`` over batch axes (a batched input);
 it is evaluated here with numpy (Relax ``FoldConstant`` compiles a kernel per weight: ~1 s per
@@ -47,10 +51,18 @@ def pack_weight(weight: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k, n_outer, block).transpose(1, 0, 2))
 
 
-def dense_packed(x: te.Tensor, wp: te.Tensor, n: int) -> te.Tensor:
-    """``x[..., K] · W[K, N]`` with W given packed as ``wp[⌈N/nb⌉, K, nb]``."""
-    *batch, k_extent = x.shape
-    n_outer, _, block = wp.shape
+def dense_packed(x: te.Tensor, wp: te.Tensor, n: int, k_offset: int = 0) -> te.Tensor:
+    """``x[..., K] · W[K, N]`` with W given packed as ``wp[⌈N/nb⌉, K, nb]``; with ``k_offset``,
+    ``x`` is wider and its columns ``k_offset .. k_offset + K`` are the operand."""
+    n_outer, k_extent, block = wp.shape
+    if k_offset or x.shape[-1] != k_extent:
+        wide = x
+        x = te.compute(
+            (*wide.shape[:-1], k_extent),
+            lambda *idx: wide[(*idx[:-1], idx[-1] + k_offset)],
+            name="columns",
+        )
+    *batch, _ = x.shape
     k = te.reduce_axis((0, k_extent), name="k")
     padded = te.compute(
         (*batch, n_outer * block),
@@ -150,14 +162,45 @@ class _Packer(relax.PyExprMutator):
             return call
         block = packed_block_width(self.target, str(w.dtype), w.shape[1])
         self.packed += 1
+        x, k_offset = call.args[0], 0
+        source = column_slice(self.lookup_binding(x) if isinstance(x, relax.Var) else x)
+        if source is not None:
+            x, k_offset = source
         return self.builder_.call_te(
             dense_packed,
-            call.args[0],
+            x,
             relax.const(pack_weight(w, block)),
             n=w.shape[1],
+            k_offset=k_offset,
             primfunc_name_hint="dense_packed",
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
         )
+
+
+def column_slice(expr: relax.Expr | None) -> tuple[relax.Expr, int] | None:
+    """(source, first column) when ``expr`` is a unit-stride ``strided_slice`` of the last axis
+    only with static shapes, else None."""
+    if not (
+        isinstance(expr, relax.Call)
+        and isinstance(expr.op, tvm.ir.Op)
+        and expr.op.name == "relax.strided_slice"
+    ):
+        return None
+    source = expr.args[0]
+    shape = source.ty.shape if isinstance(source.ty, relax.TensorType) else None
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
+        return None
+    try:
+        axes = [int(a) for a in expr.args[1].fields]
+        begin = [int(b) for b in expr.args[2].fields]
+        strides = [int(t) for t in expr.args[4].fields] if len(expr.args) > 4 else [1]
+    except (TypeError, AttributeError):
+        return None
+    if len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1 or strides != [1]:
+        return None
+    if begin[0] < 0:
+        return None
+    return source, begin[0]
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")

@@ -179,10 +179,11 @@ def test_captured_mobilebert_shared_input_linears_merge_and_match_eager(tiny_bas
 
 def test_slices_of_a_merged_output_fuse_into_their_readers_and_copy_nothing_alone(tiny_base):
     """A tuple-valued split would be a kernel of its own copying every part; each slice instead
-    becomes part of the kernel that reads it (Q, K and V's head transposes, the residual)."""
+    becomes part of the kernel that reads it (K's head transpose, the residual add, the next
+    linear; Q and V are read in place by the attention kernel)."""
     mod = tiny_base.fresh().run_passes("default").mod
     fused = fused_module(mod, tvm.target.Target(TARGET))
     names = [gv.name_hint for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert not [n for n in names if "split" in n]
-    transposes = [n for n in names if "strided_slice" in n and "transpose" in n]
-    assert len(transposes) == 3, names  # Q, K (to Kᵀ) and V read the merged outputs directly
+    assert not [n for n in names if n.startswith("strided_slice")], names  # no copy alone
+    assert [n for n in names if "strided_slice" in n and "transpose" in n], names  # Kᵀ

@@ -241,6 +241,33 @@ def test_pack_dense_weights_packs_a_constant_weight_and_not_a_runtime_one():
     assert calls.count("R.matmul") == 1 and "dense_packed" in calls
 
 
+def test_a_matmul_on_a_column_slice_reads_the_wider_tensor_in_place_and_is_scheduled():
+    rng = np.random.default_rng(0)
+    w_np = rng.standard_normal((16, 24)).astype("float32")
+    w = relax.const(w_np)
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(y: R.Tensor((4, 40), "float32")):
+            with R.dataflow():
+                x = R.strided_slice(y, axes=[1], begin=[8], end=[24], assume_inbound=True)
+                out = R.matmul(x, w)
+                R.output(out)
+            return out
+
+    with HOST:
+        mod = tvm.transform.Sequential(layout_passes(HOST) + legalize_passes(HOST))(Module)
+        schedule = ScheduleKernels(HOST, default_rules(HOST))
+        mod = schedule(mod)
+    assert "strided_slice" not in mod["main"].script(), "the slice is a kernel of its own"
+    assert schedule.last_report.get("DensePacked") == 1 and "unscheduled" not in schedule.last_report
+    ex = tvm.compile(mod, target=HOST, relax_pipeline=tvm.transform.Sequential(lower_passes(HOST)))
+    y = rng.standard_normal((4, 40)).astype("float32")
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(y)).numpy()
+    np.testing.assert_allclose(got, y[:, 8:24] @ w_np, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- whole pipeline
 
 SMALL = {
