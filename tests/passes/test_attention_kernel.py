@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from mbcompile.passes.attention_kernel import KIND, KIND_ATTR, attention_kernel, vector_lanes
+from mbcompile.passes.attention_kernel import (
+    KIND,
+    KIND_ATTR,
+    RowsLayout,
+    attention_kernel,
+    vector_lanes,
+)
 
 NEG_INF = float("-inf")
 TARGET = tvm.target.Target({"kind": "llvm", "num-cores": 2})
@@ -128,3 +134,33 @@ def test_only_the_scores_block_is_a_heap_workspace():
     source = lib.mod.imports[0].inspect_source("ll") if lib.mod.imports else lib.mod.inspect_source("ll")
     calls = source.count("@__TVMBackendAllocWorkspace, align")
     assert calls == 1, f"{calls} workspace allocations per iteration"
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_rows_layout_reads_q_and_v_at_column_offsets_and_writes_token_rows(lanes):
+    """q and v inside wider row-major tensors (a merged linear's output), the output as token
+    rows: the same numbers as the head layout, and no column outside the heads is read."""
+    heads, seq, dim = 3, 13, 8
+    rng = np.random.default_rng(1)
+    q_rows = rng.standard_normal((seq, 4 * heads * dim + 3)).astype("float32")
+    v_rows = rng.standard_normal((seq, heads * dim + 5)).astype("float32")
+    q_off, v_off = 2 * heads * dim + 1, 5
+    q = q_rows[:, q_off : q_off + heads * dim].reshape(seq, heads, dim).transpose(1, 0, 2)
+    v = v_rows[:, v_off : v_off + heads * dim].reshape(seq, heads, dim).transpose(1, 0, 2)
+    kt = rng.standard_normal((heads, dim, seq)).astype("float32")
+    bias = rng.standard_normal((1, 1, 1, seq)).astype("float32")
+    bias[..., -2:] = NEG_INF
+    layout = RowsLayout(q_rows.shape[1], q_off, v_rows.shape[1], v_off)
+    kernel = attention_kernel(
+        heads, seq, seq, dim, dim, heads, bias.shape, lanes=lanes, rows_layout=layout
+    )
+    out = _run(kernel, q_rows, kt, v_rows, bias, out_shape=(1, seq, heads * dim))
+    expected = _reference(q, kt, v, bias, heads).transpose(1, 0, 2).reshape(1, seq, heads * dim)
+    assert np.abs(out - expected).max() <= 1e-5
+
+
+def test_rows_layout_refuses_batches_and_layouts_too_narrow_for_the_heads():
+    with pytest.raises(ValueError, match="batch 1"):
+        attention_kernel(8, 4, 4, 2, 2, 4, (1, 1, 1, 4), lanes=4, rows_layout=RowsLayout(8, 0, 8, 0))
+    with pytest.raises(ValueError, match="does not hold"):
+        attention_kernel(4, 4, 4, 2, 2, 4, (1, 1, 1, 4), lanes=4, rows_layout=RowsLayout(8, 1, 8, 0))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from mbcompile.passes import FoldNoNorm
 from mbcompile.passes.attention_kernel import attention_kernel
+from mbcompile.passes.base import Graph, fused_attention_calls, is_constant_expr
 from mbcompile.passes.fuse_attention import FuseAttention
-from tester import Tester, tiny_model
+from tester import SEQ, Tester, max_error, model_inputs, run, tiny_model
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
@@ -153,3 +155,49 @@ def test_tiny_mobilebert_attention_is_fused_and_equals_eager():
     t = Tester.from_model(tiny_model("MobileBertModel", num_hidden_layers=2))
     t.run_passes([FuseAttention()]).check_fired("FuseAttention", 2).check_not(["relax.nn.softmax"])
     t.check_matches_eager()
+
+
+def _attention_kernels(mod) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        (call.args[0].name_hint, tuple(int(d) for d in call.ty.shape))
+        for call in fused_attention_calls(mod)
+    ]
+
+
+def test_at_batch_1_the_kernel_reads_and_writes_token_rows_and_no_head_transpose_is_left(
+    tiny_base,
+):
+    t = tiny_base.fresh().run_passes("default")
+    kernels = _attention_kernels(t.mod)
+    config = t.model.config
+    seq = t.signature.seq_len
+    # the output is the rows the attention output linear reads: (1, S, hidden), no head axis
+    assert kernels and all("_rows_" in n and s == (1, seq, config.true_hidden_size) for n, s in kernels)
+    # Q's and V's head splits and the output's head merge are gone: the only permute_dims left
+    # on activations make Kᵀ, one per layer (the others permute constant weights).
+    graph = Graph(t.mod["main"])
+    runtime_permutes = [
+        value for _, value in graph.bindings()
+        if isinstance(value, relax.Call) and getattr(value.op, "name", "") == "relax.permute_dims"
+        and not is_constant_expr(graph, value.args[0])
+    ]  # fmt: skip
+    assert len(runtime_permutes) == config.num_hidden_layers
+    t.check_matches_eager()
+
+
+def test_with_more_than_one_sequence_the_kernel_keeps_the_head_layout():
+    model = tiny_model("MobileBertModel", num_hidden_layers=1)
+    from mbcompile.capture import capture
+
+    cap = capture(model, seq_len=SEQ, batch_size=2)
+    t = Tester(cap.mod, model=model, signature=cap.signature).run_passes("default")
+    kernels = _attention_kernels(t.mod)
+    heads = model.config.num_attention_heads
+    assert len(kernels) == 1 and "_rows_" not in kernels[0][0]
+    assert kernels[0][1][0] == 2 * heads  # (batch · heads, S, D)
+    pairs = [model_inputs(model.config, SEQ, pad=p, seed=p) for p in (0, 3)]
+    ids, mask, types = (torch.cat([pair[i] for pair in pairs]) for i in range(3))
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    got = run(t.mod, [ids.numpy(), mask.numpy(), types.numpy()])
+    assert max_error(got[:1], [want.last_hidden_state.numpy()]) <= 1e-4
