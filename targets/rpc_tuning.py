@@ -24,7 +24,7 @@ import tempfile
 
 from .export import fcompile_for
 from .registry import Target
-from .tuning import meta_schedule, worker_initializer
+from .tuning import cold_cache_evaluator, meta_schedule, worker_initializer
 
 ARTIFACT = "mbcompile_kernel.so"  # the name a candidate is uploaded under on the device
 SESSION_TIMEOUT = 60  # seconds a device may take for one candidate (upload, load, measure)
@@ -71,10 +71,11 @@ def rpc_runner(
 
     ``max_workers`` sessions at a time (one per device is the most that helps);
     ``f_create_session(rpc_config) -> RPCSession`` replaces TVM's, whose request for a device
-    waits forever when none is free; ``evaluator``: a ``ms.runner.EvaluatorConfig`` (TVM's
-    default: 3 runs per repeat, one repeat, at least 100 ms).
+    waits forever when none is free; ``evaluator``: a ``ms.runner.EvaluatorConfig``, by
+    default ``cold_cache_evaluator()`` (as local tuning times candidates).
     """
     ms = meta_schedule()
+    evaluator = evaluator or cold_cache_evaluator()
     return ms.runner.RPCRunner(
         rpc_config=ms.runner.RPCConfig(
             tracker_host=tracker_host,
