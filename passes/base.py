@@ -213,6 +213,30 @@ def shape_values(shape_expr: relax.Expr) -> tuple[int, ...] | None:
         return None
 
 
+def column_slice(expr: relax.Expr | None) -> tuple[relax.Expr, int] | None:
+    """(source, first column) when ``expr`` is a unit-stride ``strided_slice`` of the last axis
+    only, with a non-negative start, of a static-shaped tensor; else None."""
+    if not (
+        isinstance(expr, relax.Call)
+        and isinstance(expr.op, tvm.ir.Op)
+        and expr.op.name == "relax.strided_slice"
+    ):
+        return None
+    source = expr.args[0]
+    shape = static_shape(source)
+    if shape is None:
+        return None
+    try:
+        axes = [int(a) for a in expr.args[1].fields]
+        begin = [int(b) for b in expr.args[2].fields]
+        strides = [int(t) for t in expr.args[4].fields] if len(expr.args) > 4 else [1]
+    except (TypeError, AttributeError):
+        return None
+    if len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1 or strides != [1] or begin[0] < 0:
+        return None
+    return source, begin[0]
+
+
 # Ops that rearrange constants into a weight (the importer's ``permute_dims(W)``, the MaskedLM
 # decoder's ``concat``); an expression of these over constants is itself a constant.
 _CONSTANT_LAYOUT_OPS = frozenset(

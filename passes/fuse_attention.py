@@ -35,7 +35,7 @@ from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from .attention_kernel import RowsLayout, attention_kernel
-from .base import Graph, MobileBertPass, static_shape
+from .base import Graph, MobileBertPass, column_slice, static_shape
 
 
 class FuseAttention(MobileBertPass):
@@ -155,11 +155,9 @@ class FuseAttention(MobileBertPass):
         if static_shape(rows) not in ((seq, heads * dim), (1, seq, heads * dim)):
             return None
         offset = 0
-        sliced = graph.value(rows)
-        if _is_op(sliced, "relax.strided_slice"):
-            found = _column_slice(sliced)
-            if found is not None and static_shape(sliced.args[0]) is not None:
-                rows, offset = sliced.args[0], found
+        sliced = column_slice(graph.value(rows))
+        if sliced is not None:
+            rows, offset = sliced
         rows_shape = static_shape(rows)
         if rows_shape is None or len(rows_shape) not in (2, 3) or rows_shape[-2] != seq:
             return None
@@ -201,21 +199,4 @@ def _is_op(expr: relax.Expr, name: str) -> bool:
 def _axes(permute: relax.Call) -> list[int] | None:
     axes = permute.attrs.axes
     return None if axes is None else [int(a) for a in axes]
-
-
-def _column_slice(call: relax.Call) -> int | None:
-    """The start column of a unit-stride slice along the last axis only, else None."""
-    shape = static_shape(call.args[0])
-    if shape is None or len(call.args) > 4 and call.args[4] is not None and any(
-        int(s) != 1 for s in call.args[4].fields
-    ):
-        return None
-    try:
-        axes = [int(a) for a in call.args[1].fields]
-        begin = [int(b) for b in call.args[2].fields]
-    except (TypeError, AttributeError):
-        return None
-    if len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1:
-        return None
-    return begin[0]
 

@@ -29,6 +29,7 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
+from ...passes.base import column_slice
 from .target_info import cpu_info
 
 logger = logging.getLogger(__name__)
@@ -176,31 +177,6 @@ class _Packer(relax.PyExprMutator):
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
         )
 
-
-def column_slice(expr: relax.Expr | None) -> tuple[relax.Expr, int] | None:
-    """(source, first column) when ``expr`` is a unit-stride ``strided_slice`` of the last axis
-    only with static shapes, else None."""
-    if not (
-        isinstance(expr, relax.Call)
-        and isinstance(expr.op, tvm.ir.Op)
-        and expr.op.name == "relax.strided_slice"
-    ):
-        return None
-    source = expr.args[0]
-    shape = source.ty.shape if isinstance(source.ty, relax.TensorType) else None
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape):
-        return None
-    try:
-        axes = [int(a) for a in expr.args[1].fields]
-        begin = [int(b) for b in expr.args[2].fields]
-        strides = [int(t) for t in expr.args[4].fields] if len(expr.args) > 4 else [1]
-    except (TypeError, AttributeError):
-        return None
-    if len(axes) != 1 or axes[0] % len(shape) != len(shape) - 1 or strides != [1]:
-        return None
-    if begin[0] < 0:
-        return None
-    return source, begin[0]
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")
