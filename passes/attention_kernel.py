@@ -166,7 +166,7 @@ def attention_kernel(
     @T.macro
     def attend(q, kt, v, bias, out):
         for blk in T.parallel(bh * blocks):
-            s = T.alloc_buffer((rows, padded), "float32", annotations={"disable_lower_builtin": True})
+            s = T.alloc_buffer((rows, padded), "float32")
             acc = T.alloc_buffer((rows, key_tile), "float32")
             ctx = T.alloc_buffer((rows, dim_tile), "float32")
             shift = T.alloc_buffer((rows,), "float32")

@@ -136,6 +136,7 @@ class Graph:
         self._var2val_map = relax.analysis.get_var2val(func)  # handed to the matcher as is
         self.var2val: dict[relax.Var, relax.Expr] = dict(self._var2val_map)
         self._users: dict[relax.Var, int] = {}
+        self._consumers: dict[relax.Var, list[relax.Var]] = {}
         self._var_of: dict[int, relax.Var] = {}
         self.order: dict[relax.Var, int] = {}
         self.block: dict[relax.Var, int] = {}
@@ -147,6 +148,7 @@ class Graph:
                 self._var_of.setdefault(value.__chandle__(), binding.var)
                 for used in relax.analysis.free_vars(value):
                     self._users[used] = self._users.get(used, 0) + 1
+                    self._consumers.setdefault(used, []).append(binding.var)
         for used in relax.analysis.free_vars(func.body.body):
             self._users[used] = self._users.get(used, 0) + 1
 
@@ -171,6 +173,10 @@ class Graph:
         """How many bindings (and the function result) use the variable bound to ``expr``."""
         var = self.var_of(expr)
         return self._users.get(var, 0) if var is not None else 1
+
+    def consumers(self, var: relax.Var) -> list[relax.Var]:
+        """The variables of the bindings that read ``var``, in program order."""
+        return self._consumers.get(var, [])
 
     def constant(self, expr: relax.Expr) -> np.ndarray | None:
         """The numpy value of a constant (directly or behind a variable), else None."""

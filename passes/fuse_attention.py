@@ -174,7 +174,7 @@ class FuseAttention(MobileBertPass):
         chain = []
         current = var
         for _ in range(3):
-            users = [u for u, value in graph.bindings() if current in relax.analysis.free_vars(value)]
+            users = graph.consumers(current)
             if len(users) != 1 or graph.users(current) != 1:
                 return None
             current = users[0]
