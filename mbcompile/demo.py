@@ -32,6 +32,7 @@ def run_demo(
     target: str = "host",
     repeats: int = 5,
     tolerance: float = 1e-4,
+    settle: float = 0.3,
     log=print,
 ) -> DemoResult:
     import torch
@@ -69,15 +70,19 @@ def run_demo(
 
     compiled_ms, torch_ms = [], []
     for _ in range(repeats):  # interleaved
+        # A thread pool keeps spinning for a while after its run and, with as many threads as
+        # cores, takes a core from the next run: pause ``settle`` s first (as bench/ does).
+        time.sleep(settle)
         t = time.perf_counter()
         compiled(input_ids=ids, attention_mask=mask, token_type_ids=types)
         compiled_ms.append((time.perf_counter() - t) * 1e3)
+        time.sleep(settle)
         t = time.perf_counter()
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, token_type_ids=types)
         torch_ms.append((time.perf_counter() - t) * 1e3)
     log(
-        f"latency, median of {repeats} interleaved runs (batch 1, seq {seq_len}): "
+        f"latency, median of {repeats} interleaved runs, {settle:g} s apart (batch 1, seq {seq_len}): "
         f"mbcompile {statistics.median(compiled_ms):.1f} ms "
         f"[{min(compiled_ms):.1f}-{max(compiled_ms):.1f}], "
         f"PyTorch eager {statistics.median(torch_ms):.1f} ms "

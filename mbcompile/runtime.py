@@ -102,6 +102,36 @@ def _without_scope_warnings():
                     sys.stderr.write(line)
 
 
+# Threads the kernels run on, once set for this process (None: not yet).
+_threads: int | None = None
+
+
+def use_all_cpus() -> int:
+    """Give TVM's thread pool one thread per CPU this process may run on, unless
+    ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) says otherwise; returns the thread count.
+
+    Left alone, TVM 0.27 assumes two hardware threads per core on x86 and takes half the CPUs:
+    one thread on a 2-CPU machine without SMT, half the speed of two.
+    """
+    global _threads
+    if _threads is not None:
+        return _threads
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").strip().isdigit() and int(os.environ[name]) > 0:
+            _threads = int(os.environ[name])  # TVM reads it itself
+            return _threads
+    import tvm
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    # -3: the threads share all the listed CPUs (no pinning of one thread per CPU)
+    tvm.get_global_func("runtime.config_threadpool")(-3, len(cpus), [str(c) for c in cpus])
+    _threads = len(cpus)
+    return _threads
+
+
 class LocalProgram:
     """Runs the compiled ``main`` on this machine's CPU with the Relax VM."""
 
@@ -119,6 +149,7 @@ class LocalProgram:
                 raise TargetError(f"cannot run here: {reason}")
             import tvm
 
+            use_all_cpus()
             self._vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
         return self._vm
 

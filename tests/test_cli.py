@@ -132,3 +132,15 @@ def test_compile_with_logits_for_masked_builds_the_pruned_head(tmp_path, capsys)
     compiled = mbcompile.load(out)
     assert compiled.signature.max_masked == 2
     assert "PruneMaskedLMHead" in [row["pass"] for row in compiled.report()["passes"]]
+
+
+def test_demo_checks_against_pytorch_and_times_both_interleaved(checkpoint):
+    from mbcompile.demo import run_demo
+
+    lines = []
+    result = run_demo(str(checkpoint[0]), seq_len=16, repeats=3, settle=0.01, log=lines.append)
+    assert set(result.max_abs_error) == {"logits"}
+    assert max(result.max_abs_error.values()) <= 1e-4
+    assert len(result.compiled_ms) == len(result.torch_ms) == 3
+    assert all(t > 0 for t in result.compiled_ms + result.torch_ms)
+    assert "0.01 s apart" in lines[-1] and "mbcompile" in lines[-1]
