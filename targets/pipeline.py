@@ -15,7 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
-from mbcompile.targets.schedules import PackDenseWeights, ScheduleKernels, default_rules
+from mbcompile.targets.schedules import (
+    PackDenseWeights,
+    PrefetchWeightPanels,
+    ScheduleKernels,
+    default_rules,
+)
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
@@ -41,7 +46,8 @@ def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
 
 def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    return [ScheduleKernels(target, default_rules(target))]
+    # After the database and our rules: tuned and untuned dense kernels alike.
+    return [ScheduleKernels(target, default_rules(target)), PrefetchWeightPanels()]
 
 
 def lower_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:

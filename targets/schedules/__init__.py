@@ -14,6 +14,7 @@ from .batch_matmul import BatchMatmul
 from .dense import DensePacked
 from .elementwise import Elementwise
 from .pack_weights import PackDenseWeights
+from .prefetch import PrefetchWeightPanels
 from .reduction import RowReduction
 
 
@@ -27,6 +28,7 @@ __all__ = [
     "DensePacked",
     "Elementwise",
     "PackDenseWeights",
+    "PrefetchWeightPanels",
     "RowReduction",
     "ScheduleKernels",
     "default_rules",

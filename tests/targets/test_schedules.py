@@ -19,15 +19,18 @@ from mbcompile.targets.schedules import (
     DensePacked,
     Elementwise,
     PackDenseWeights,
+    PrefetchWeightPanels,
     RowReduction,
     ScheduleKernels,
     default_rules,
 )
 from mbcompile.targets.schedules.gemm_tile import tile_rows
 from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight
+from mbcompile.targets.schedules.prefetch import _find_site, _prefetches, prefetch_weight_panels
 from mbcompile.targets.schedules.target_info import cpu_info
 from tvm import relax, te, tirx, topi
 from tvm.script import relax as R
+from tvm.sym.analyzer import Analyzer
 from tvm.target import codegen
 
 HOST = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
@@ -126,6 +129,57 @@ def test_register_tile_accumulator_is_on_the_stack_not_a_heap_workspace(epilogue
         func = te.create_prim_func([x, wp, dense_packed(x, wp, 512)])
     scheduled = DensePacked().apply(func, HOST, False).mod["main"]
     assert "TVMBackendAllocWorkspace" not in _llvm_source(scheduled)
+
+
+def _prefetch_calls(func: tirx.PrimFunc) -> int:
+    return func.script().count("T.prefetch(")
+
+
+@pytest.mark.parametrize("m, k, n, batch", [(128, 128, 512, 1), (96, 64, 40, 1), (7, 13, 37, 1), (32, 64, 32, 3)])
+def test_prefetch_pass_adds_next_panel_prefetches_and_outputs_stay_bit_identical(m, k, n, batch):
+    if batch == 1:
+        func = packed_dense_with_bias(m, k, n, 16)
+    else:
+        x = te.placeholder((batch, m, k), name="x")
+        wp = te.placeholder((-(-n // 16), k, 16), name="wp")
+        func = te.create_prim_func([x, wp, dense_packed(x, wp, n)])
+    scheduled = DensePacked().apply(func, HOST, False).mod["main"].with_attr("tirx.is_scheduled", True)
+    assert _prefetch_calls(scheduled) == 0
+    mod = PrefetchWeightPanels()(tvm.IRModule({"main": scheduled}))
+    with_prefetch = mod["main"]
+    assert _prefetch_calls(with_prefetch) == 1  # one loop of them, before the K loop
+    assert "llvm.prefetch" in _llvm_source(with_prefetch)
+    args = _random_args(func, np.random.default_rng(0))
+    np.testing.assert_array_equal(_run(with_prefetch, args), _run(scheduled, args))
+
+
+def test_prefetches_cover_the_next_panel_and_stay_inside_the_weight():
+    """Every row tile of panel jo prefetches its share of panel jo + 1: together all K rows."""
+    m, k, n, nb = 128, 128, 64, 16
+    scheduled = DensePacked().apply(packed_dense_with_bias(m, k, n, nb), HOST, False)
+    site = _find_site(scheduled)
+    assert site is not None and site.row_tiles == m // tile_rows(cpu_info(HOST), "float32", m)
+    t = tirx.Var("t", "int64")
+    loop = _prefetches(site, t)
+    index = loop.body.value.args[0].args[0].indices  # prefetch(address_of(Wp[panel, row, 0]))
+    panels = -(-n // nb)
+    covered = {}
+    for value in range(panels * site.row_tiles):
+        for p in range(int(loop.extent)):
+            analyzer = Analyzer()
+            analyzer.bind(t, tirx.IntImm("int64", value))
+            analyzer.bind(loop.loop_var, tirx.IntImm("int64", p))
+            panel, row = (int(analyzer.simplify(e)) for e in index[:2])
+            covered.setdefault(value // site.row_tiles, set()).add((panel, row))
+    for jo, lines in covered.items():
+        assert all(0 <= panel < panels and 0 <= row < k for panel, row in lines)
+        assert {panel for panel, _ in lines} == {min(jo + 1, panels - 1)}
+        assert {row for _, row in lines} == set(range(0, k, 64 // (nb * 4)))
+
+
+def test_prefetch_pass_leaves_a_matmul_of_two_runtime_operands_alone():
+    scheduled = BatchMatmul().apply(batch_matmul_scaled(2, 32, 16, 32), HOST, False).mod["main"]
+    assert prefetch_weight_panels(scheduled) is None
 
 
 def _sampled_tiles(sch) -> list[list[int]]:
