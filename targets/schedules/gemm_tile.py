@@ -52,11 +52,13 @@ def _var(expr) -> tirx.Var | None:
     return expr if isinstance(expr, tirx.Var) else None
 
 
-def _int(expr) -> int | None:
+def const_int(expr) -> int | None:
+    """The value of an integer constant, None for any other expression."""
     return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
-def _is_packed_index(indices, j: tirx.Var, k: tirx.Var, nb: int) -> bool:
+def is_packed_index(indices, j: tirx.Var, k: tirx.Var, nb: int) -> bool:
+    """``indices`` are ``[j // nb, k, j % nb]``: a weight packed as ``[N/nb, K, nb]``."""
     if len(indices) != 3 or _var(indices[1]) is None or not indices[1].same_as(k):
         return False
     div, mod = indices[0], indices[2]
@@ -65,8 +67,8 @@ def _is_packed_index(indices, j: tirx.Var, k: tirx.Var, nb: int) -> bool:
         and isinstance(mod, tirx.FloorMod)
         and div.a.same_as(j)
         and mod.a.same_as(j)
-        and _int(div.b) == nb
-        and _int(mod.b) == nb
+        and const_int(div.b) == nb
+        and const_int(mod.b) == nb
     )
 
 
@@ -88,12 +90,12 @@ def match_gemm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> Gemm | No
         kind != tirx.IterVar.DataPar for kind in kinds[:-1]
     ):
         return None
-    extents = [_int(iv.dom.extent) for iv in iters]
-    if any(e is None for e in extents) or any(_int(iv.dom.min) != 0 for iv in iters):
+    extents = [const_int(iv.dom.extent) for iv in iters]
+    if any(e is None for e in extents) or any(const_int(iv.dom.min) != 0 for iv in iters):
         return None
     # Trivial binding: iter t is bound to loop t.
     realize_loops = [sch.get(loop) for loop in loops]
-    if [_int(loop.extent) for loop in realize_loops] != extents:
+    if [const_int(loop.extent) for loop in realize_loops] != extents:
         return None
     spatial = [iv.var for iv in iters[:-1]]
     k = iters[-1].var
@@ -144,8 +146,8 @@ def match_gemm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> Gemm | No
     if _uses(a_idx[:-2], j) or _uses(a_idx[:-2], k) or _uses(a_idx[:-2], i):
         return None
     packed_block = None
-    b_shape = [_int(d) for d in rhs.source.shape]
-    if b_shape and b_shape[-1] is not None and _is_packed_index(b_idx, j, k, b_shape[-1]):
+    b_shape = [const_int(d) for d in rhs.source.shape]
+    if b_shape and b_shape[-1] is not None and is_packed_index(b_idx, j, k, b_shape[-1]):
         packed_block = b_shape[-1]
     elif len(b_idx) >= 2 and b_idx[-1].same_as(j) and b_idx[-2].same_as(k):
         if _uses(b_idx[:-2], i) or _uses(b_idx[:-2], j) or _uses(b_idx[:-2], k):
@@ -270,7 +272,7 @@ def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
     """Vectorise the innermost loop of a tile's writer and unroll the ones above it."""
     loops = sch.get_loops(block)
     inner = loops[-1]
-    extent = _int(sch.get(inner).extent)
+    extent = const_int(sch.get(inner).extent)
     if extent is not None and extent > 1:
         if extent % lanes == 0 or extent < lanes:
             sch.vectorize(inner)
@@ -278,7 +280,7 @@ def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: 
             _, vec = sch.split(inner, [None, lanes])
             sch.vectorize(vec)
     for loop in loops[1:-1]:
-        if _int(sch.get(loop).extent) not in (None, 1):
+        if const_int(sch.get(loop).extent) not in (None, 1):
             sch.unroll(loop)
 
 

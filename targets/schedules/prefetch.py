@@ -14,11 +14,12 @@ A dense kernel as ``gemm_tile.py`` schedules it (tuned or not)::
         out[...] = epilogue(acc)
 
 gains, before its ``ko`` loop, a share of the next panel ``jo + 1``: the ``M/mi`` row tiles of
-panel ``jo`` each prefetch ``K / (M/mi)`` of its cache lines, so the whole next panel is
-requested while this one is in use::
+panel ``jo`` each prefetch ``1 / (M/mi)`` of its 64-byte cache lines, so the whole next panel is
+requested while this one is in use (``e`` counts elements of the flat ``K × nb`` panel)::
 
     for p in range(lines_per_tile):
-        prefetch(&Wp[min(jo + 1, ⌈N/nb⌉ - 1), min(io · lines_per_tile + p, K - 1) · rows_per_line, 0])
+        e = min((io · lines_per_tile + p) · 64 / sizeof(elem), K · nb - 1)
+        prefetch(&Wp[min(jo + 1, ⌈N/nb⌉ - 1), e / nb, e % nb])
 
 A prefetch reads nothing the kernel computes with: outputs are bit for bit those without it.
 Functions of any other shape are left as they are.
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, tirx
 
-from .gemm_tile import _int, _is_packed_index
+from .gemm_tile import const_int, is_packed_index
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def _find_site(sch: s_tir.Schedule) -> _Site | None:
         for load in (prod.a, prod.b):
             if not isinstance(load, tvm.ir.expr.TensorLoad):
                 continue
-            shape = [_int(d) for d in load.source.shape]
-            if len(shape) == 3 and None not in shape and _is_packed_index(load.indices, j, k, shape[2]):
+            shape = [const_int(d) for d in load.source.shape]
+            if len(shape) == 3 and None not in shape and is_packed_index(load.indices, j, k, shape[2]):
                 weight = load.source
         if weight is None:
             continue
@@ -75,11 +76,11 @@ def _find_site(sch: s_tir.Schedule) -> _Site | None:
             return None
         outer, ko, ki, ii, ji = (sch.get(loop) for loop in loops[-5:])
         n_outer, k_extent, nb = (int(d) for d in weight.shape)
-        extents = [_int(loop.extent) for loop in (outer, ko, ki, ii, ji)]
+        extents = [const_int(loop.extent) for loop in (outer, ko, ki, ii, ji)]
         if None in extents or outer.kind != tirx.ForKind.PARALLEL or len(loops) != 5:
             return None
         t, kos, kis, mi, jis = extents
-        m = _int(stmt.iter_vars[-3].dom.extent)
+        m = const_int(stmt.iter_vars[-3].dom.extent)
         if jis != nb or kos * kis != k_extent or m is None or m % mi or t % (n_outer * (m // mi)):
             return None
         return _Site(loops[0], ko, weight, m // mi)
@@ -87,19 +88,22 @@ def _find_site(sch: s_tir.Schedule) -> _Site | None:
 
 
 def _prefetches(site: _Site, t: tirx.Var) -> tirx.Stmt:
+    """The loop of prefetches parallel iteration ``t`` issues: its share of the next panel's
+    cache lines, line ``L`` at element ``L · line / elem`` of the ``K × nb`` panel."""
     n_outer, k_extent, nb = (int(d) for d in site.weight.shape)
     elem_bytes = tvm.DataType(str(site.weight.dtype)).bits // 8
-    rows_per_line = max(1, CACHE_LINE_BYTES // (nb * elem_bytes))
-    lines = -(-k_extent // rows_per_line)
+    per_line = max(1, CACHE_LINE_BYTES // elem_bytes)  # elements
+    lines = -(-k_extent * nb // per_line)
     per_tile = -(-lines // site.row_tiles)
     dtype = str(t.ty.dtype)
     c = lambda v: tirx.IntImm(dtype, v)  # noqa: E731
     jo = tirx.floormod(tirx.floordiv(t, c(site.row_tiles)), c(n_outer))
     io = tirx.floormod(t, c(site.row_tiles))
     p = tirx.Var("p", dtype)
-    row = tirx.min((io * c(per_tile) + p) * c(rows_per_line), c(k_extent - 1))
+    element = tirx.min((io * c(per_tile) + p) * c(per_line), c(k_extent * nb - 1))
     panel = tirx.min(jo + c(1), c(n_outer - 1))
-    address = tirx.address_of(tirx.BufferLoad(site.weight, [panel, row, c(0)]))
+    index = [panel, tirx.floordiv(element, c(nb)), tirx.floormod(element, c(nb))]
+    address = tirx.address_of(tirx.BufferLoad(site.weight, index))
     call = tirx.call_intrin(
         "void", "tirx.prefetch", address, tirx.IntImm("int32", 0), tirx.IntImm("int32", 3),
         tirx.IntImm("int32", 1),

@@ -153,15 +153,17 @@ def test_prefetch_pass_adds_next_panel_prefetches_and_outputs_stay_bit_identical
     np.testing.assert_array_equal(_run(with_prefetch, args), _run(scheduled, args))
 
 
-def test_prefetches_cover_the_next_panel_and_stay_inside_the_weight():
-    """Every row tile of panel jo prefetches its share of panel jo + 1: together all K rows."""
-    m, k, n, nb = 128, 128, 64, 16
+@pytest.mark.parametrize("nb", [8, 16, 32], ids=["half-line", "one-line", "two-lines"])
+def test_prefetches_cover_every_cache_line_of_the_next_panel_and_stay_inside_the_weight(nb):
+    """The row tiles of panel jo together prefetch all of panel jo + 1's 64-byte lines, whether
+    a K row of the panel is half a line (nb 8), one (16) or two (32, AVX-512)."""
+    m, k, n = 128, 128, 96
     scheduled = DensePacked().apply(packed_dense_with_bias(m, k, n, nb), HOST, False)
     site = _find_site(scheduled)
     assert site is not None and site.row_tiles == m // tile_rows(cpu_info(HOST), "float32", m)
     t = tirx.Var("t", "int64")
     loop = _prefetches(site, t)
-    index = loop.body.value.args[0].args[0].indices  # prefetch(address_of(Wp[panel, row, 0]))
+    index = loop.body.value.args[0].args[0].indices  # prefetch(address_of(Wp[panel, row, col]))
     panels = -(-n // nb)
     covered = {}
     for value in range(panels * site.row_tiles):
@@ -169,12 +171,14 @@ def test_prefetches_cover_the_next_panel_and_stay_inside_the_weight():
             analyzer = Analyzer()
             analyzer.bind(t, tirx.IntImm("int64", value))
             analyzer.bind(loop.loop_var, tirx.IntImm("int64", p))
-            panel, row = (int(analyzer.simplify(e)) for e in index[:2])
-            covered.setdefault(value // site.row_tiles, set()).add((panel, row))
+            panel, row, col = (int(analyzer.simplify(e)) for e in index)
+            assert 0 <= panel < panels and 0 <= row < k and 0 <= col < nb
+            line = (row * nb + col) * 4 // 64
+            covered.setdefault(value // site.row_tiles, set()).add((panel, line))
+    assert sorted(covered) == list(range(panels))
     for jo, lines in covered.items():
-        assert all(0 <= panel < panels and 0 <= row < k for panel, row in lines)
         assert {panel for panel, _ in lines} == {min(jo + 1, panels - 1)}
-        assert {row for _, row in lines} == set(range(0, k, 64 // (nb * 4)))
+        assert {line for _, line in lines} == set(range(k * nb * 4 // 64))
 
 
 def test_prefetch_pass_leaves_a_matmul_of_two_runtime_operands_alone():
@@ -362,12 +366,13 @@ def _export(model: torch.nn.Module, batch: int, seq: int, vocab: int):
 
 def _compile_reporting(mod: tvm.IRModule, target: tvm.target.Target):
     schedule = ScheduleKernels(target, default_rules(target))
+    prefetch = PrefetchWeightPanels()
     with target:
         mod = tvm.transform.Sequential(layout_passes(target) + legalize_passes(target))(mod)
-        mod = schedule(mod)
+        mod = prefetch(schedule(mod))
     lower = tvm.transform.Sequential(lower_passes(target))
     ex = tvm.compile(mod, target=target, relax_pipeline=lower)
-    return ex, schedule.last_report
+    return ex, {**schedule.last_report, "prefetching": prefetch.last_count}
 
 
 @pytest.mark.parametrize(
@@ -394,6 +399,7 @@ def test_small_mobilebert_compiled_with_the_pipeline_equals_pytorch(
     mod, inputs, expected = _export(model, batch, seq, config.vocab_size)
     ex, report = _compile_reporting(mod, HOST)
     assert report["failed"] == [] and report["DensePacked"] >= 5
+    assert report["prefetching"] == report["DensePacked"]  # every packed dense kernel
     # Only attention scores at a ragged seq > 16 (37) are left unscheduled, on purpose.
     assert report.get("unscheduled", 0) == (1 if seq == 37 else 0)
     vm = relax.VirtualMachine(ex, tvm.cpu())
@@ -423,3 +429,4 @@ def test_small_mobilebert_compiles_for_other_targets_with_every_kernel_scheduled
     mod, _, _ = _export(transformers.MobileBertModel(config), 1, 7, config.vocab_size)
     _, report = _compile_reporting(mod, target)
     assert report["failed"] == [] and "unscheduled" not in report
+    assert report["prefetching"] == report["DensePacked"] > 0
