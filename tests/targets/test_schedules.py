@@ -24,6 +24,8 @@ from mbcompile.targets.schedules import (
     ScheduleKernels,
     default_rules,
 )
+from mbcompile.targets.schedules.block_info import top_level_blocks
+from mbcompile.targets.schedules.elementwise import inline_spatial, transpose_axes
 from mbcompile.targets.schedules.gemm_tile import tile_rows
 from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight
 from mbcompile.targets.schedules.prefetch import _find_site, _prefetches, prefetch_weight_panels
@@ -239,6 +241,38 @@ def test_transpose_gather_and_elementwise_chain_equals_the_unscheduled_kernel():
     heads = topi.transpose(topi.reshape(rows, (128, 4, 16)), (1, 0, 2))
     out = te.compute(heads.shape, lambda h, s, d: heads[h, s, d] * 2.0 + 1.0, name="affine")
     assert_rule_schedules_and_preserves(Elementwise(), te.create_prim_func([table, ids, out]))
+
+
+def _key_transpose(seq: int, heads: int, dim: int, offset: int) -> tirx.PrimFunc:
+    """Kᵀ as attention reads it: (heads, dim, seq) out of the key columns of a linear's rows."""
+    rows = te.placeholder((seq, offset + heads * dim), name="rows")
+    keys = topi.strided_slice(rows, [0, offset], [seq, offset + heads * dim])
+    split = topi.reshape(keys, (seq, heads, dim))
+    return te.create_prim_func([rows, topi.transpose(split, (1, 2, 0))])
+
+
+@pytest.mark.parametrize("seq, heads, dim, offset", [(128, 4, 32, 128), (64, 2, 16, 0), (12, 2, 8, 8)])
+def test_a_transposing_copy_is_tiled_and_equals_the_unscheduled_kernel(seq, heads, dim, offset):
+    func = _key_transpose(seq, heads, dim, offset)
+    sch = Elementwise().apply(func, HOST, False)
+    lanes = cpu_info(HOST).lanes("float32")
+    (block,) = [b for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    kinds = [sch.get(loop).kind for loop in sch.get_loops(block)]
+    tiled = dim % lanes == 0 and seq % lanes == 0
+    # tiled: (heads, dim / v) parallel, seq / v, dim % v unrolled, seq % v vectorised
+    assert (kinds[-2:] == [tirx.ForKind.UNROLLED, tirx.ForKind.VECTORIZED]) == tiled
+    assert_rule_schedules_and_preserves(Elementwise(), func)
+
+
+def test_transpose_axes_finds_the_source_contiguous_axis_and_ignores_plain_copies():
+    sch = tvm.s_tir.Schedule(_key_transpose(128, 4, 32, 128))
+    blocks = inline_spatial(sch, top_level_blocks(sch))
+    assert transpose_axes(sch, blocks[-1]) == (1, 2)  # d (unit stride in the source), t
+    x = te.placeholder((8, 16), name="x")
+    plain = tvm.s_tir.Schedule(te.create_prim_func([x, te.compute((8, 16), lambda i, j: x[i, j], name="y")]))
+    assert transpose_axes(plain, plain.get_sblock("y")) is None
+    scaled = tvm.s_tir.Schedule(te.create_prim_func([x, te.compute((16, 8), lambda j, i: x[i, j] * 2.0, name="y")]))
+    assert transpose_axes(scaled, scaled.get_sblock("y")) is None  # not a pure copy
 
 
 # --------------------------------------------------------------------------- rules that bail
