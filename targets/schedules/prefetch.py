@@ -111,8 +111,18 @@ def _prefetches(site: _Site, t: tirx.Var) -> tirx.Stmt:
     return tirx.For(p, c(0), c(per_tile), tirx.ForKind.SERIAL, tirx.Evaluate(call))
 
 
+def _is_prefetch_loop(stmt: tirx.Stmt) -> bool:
+    body = stmt.body if isinstance(stmt, tirx.For) else None
+    return (
+        isinstance(body, tirx.Evaluate)
+        and isinstance(body.value, tvm.ir.expr.Call)
+        and body.value.op.same_as(tvm.ir.Op.get("tirx.prefetch"))
+    )
+
+
 def prefetch_weight_panels(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
-    """``func`` with next-panel prefetches, or None when it is not a packed dense kernel."""
+    """``func`` with next-panel prefetches, or None when it is not a packed dense kernel or
+    already prefetches."""
     try:
         sch = s_tir.Schedule(func)
         site = _find_site(sch)
@@ -124,8 +134,8 @@ def prefetch_weight_panels(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     body = outer.body
     stmts = list(body.seq) if isinstance(body, tirx.SeqStmt) else [body]
     at = next((n for n, s in enumerate(stmts) if s.same_as(site.k_loop)), None)
-    if at is None:
-        return None
+    if at is None or (at > 0 and _is_prefetch_loop(stmts[at - 1])):
+        return None  # not our loop nest, or prefetching already
     stmts.insert(at, _prefetches(site, outer.loop_var))
     new_outer = tirx.For(
         outer.loop_var, outer.min, outer.extent, outer.kind, tirx.SeqStmt(stmts),

@@ -150,6 +150,7 @@ def test_prefetch_pass_adds_next_panel_prefetches_and_outputs_stay_bit_identical
     mod = PrefetchWeightPanels()(tvm.IRModule({"main": scheduled}))
     with_prefetch = mod["main"]
     assert _prefetch_calls(with_prefetch) == 1  # one loop of them, before the K loop
+    assert prefetch_weight_panels(with_prefetch) is None  # a second run adds nothing
     assert "llvm.prefetch" in _llvm_source(with_prefetch)
     args = _random_args(func, np.random.default_rng(0))
     np.testing.assert_array_equal(_run(with_prefetch, args), _run(scheduled, args))
