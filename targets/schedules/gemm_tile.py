@@ -72,6 +72,25 @@ def is_packed_index(indices, j: tirx.Var, k: tirx.Var, nb: int) -> bool:
     )
 
 
+def accumulated_product(body) -> tuple[TensorLoad, TensorLoad] | None:
+    """The two loads ``a, b`` when ``body`` is ``C[idx] = C[idx] + a * b``, else None."""
+    if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tirx.Add):
+        return None
+    acc, prod = body.value.a, body.value.b
+    if isinstance(prod, TensorLoad) and isinstance(acc, tirx.Mul):
+        acc, prod = prod, acc
+    if not (
+        isinstance(acc, TensorLoad)
+        and acc.source.same_as(body.buffer)
+        and all(a.same_as(b) for a, b in zip(acc.indices, body.indices))
+        and isinstance(prod, tirx.Mul)
+        and isinstance(prod.a, TensorLoad)
+        and isinstance(prod.b, TensorLoad)
+    ):
+        return None
+    return prod.a, prod.b
+
+
 def _uses(indices, var: tirx.Var) -> bool:
     return any(
         v.same_as(var) for index in indices for v in tirx.analysis.undefined_vars(index, [])
@@ -115,28 +134,14 @@ def match_gemm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> Gemm | No
         return None
     if float(init.value.value) != 0.0:
         return None
-    value = body.value
-    if not isinstance(value, tirx.Add):
-        return None
-    acc, prod = value.a, value.b
-    if isinstance(prod, TensorLoad) and isinstance(acc, tirx.Mul):
-        acc, prod = prod, acc
-    if not (
-        isinstance(acc, TensorLoad)
-        and acc.source.same_as(body.buffer)
-        and all(a.same_as(b) for a, b in zip(acc.indices, body.indices))
-        and isinstance(prod, tirx.Mul)
-        and isinstance(prod.a, TensorLoad)
-        and isinstance(prod.b, TensorLoad)
-    ):
+    loads = accumulated_product(body)
+    if loads is None:
         return None
     dtype = str(body.buffer.dtype)
-    if not dtype.startswith("float") or any(
-        str(x.source.dtype) != dtype for x in (prod.a, prod.b)
-    ):
+    if not dtype.startswith("float") or any(str(x.source.dtype) != dtype for x in loads):
         return None
 
-    lhs, rhs = prod.a, prod.b
+    lhs, rhs = loads
     if _uses(lhs.indices, j):
         lhs, rhs = rhs, lhs
     a_idx, b_idx = list(lhs.indices), list(rhs.indices)

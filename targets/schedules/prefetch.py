@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, tirx
 
-from .gemm_tile import const_int, is_packed_index
+from .gemm_tile import accumulated_product, const_int, is_packed_index
 
 logger = logging.getLogger(__name__)
 
@@ -55,29 +55,24 @@ def _find_site(sch: s_tir.Schedule) -> _Site | None:
         kinds = [iv.iter_type for iv in stmt.iter_vars]
         if kinds.count(tirx.IterVar.CommReduce) != 1 or kinds[-1] != tirx.IterVar.CommReduce:
             continue
-        body = stmt.body
-        if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tirx.Add):
-            continue
-        prod = body.value.b if isinstance(body.value.b, tirx.Mul) else body.value.a
-        if not isinstance(prod, tirx.Mul):
+        loads = accumulated_product(stmt.body)
+        if loads is None:
             continue
         j, k = stmt.iter_vars[-2].var, stmt.iter_vars[-1].var
         weight = None
-        for load in (prod.a, prod.b):
-            if not isinstance(load, tvm.ir.expr.TensorLoad):
-                continue
+        for load in loads:
             shape = [const_int(d) for d in load.source.shape]
             if len(shape) == 3 and None not in shape and is_packed_index(load.indices, j, k, shape[2]):
                 weight = load.source
         if weight is None:
             continue
         loops = sch.get_loops(block)
-        if len(loops) < 5:
+        if len(loops) != 5:  # fused parallel loop, ko, ki, ii, ji
             return None
-        outer, ko, ki, ii, ji = (sch.get(loop) for loop in loops[-5:])
+        outer, ko, ki, ii, ji = (sch.get(loop) for loop in loops)
         n_outer, k_extent, nb = (int(d) for d in weight.shape)
         extents = [const_int(loop.extent) for loop in (outer, ko, ki, ii, ji)]
-        if None in extents or outer.kind != tirx.ForKind.PARALLEL or len(loops) != 5:
+        if None in extents or outer.kind != tirx.ForKind.PARALLEL:
             return None
         t, kos, kis, mi, jis = extents
         m = const_int(stmt.iter_vars[-3].dom.extent)
