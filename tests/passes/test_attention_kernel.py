@@ -119,6 +119,8 @@ def test_vector_width_follows_the_target():
 
     assert lanes({"kind": "llvm", "mcpu": "znver3"}) == 8
     assert lanes({"kind": "llvm", "mcpu": "skylake-avx512"}) == 16
+    # Zen 4 has AVX-512 but runs each 512-bit operation as two 256-bit halves.
+    assert lanes({"kind": "llvm", "mcpu": "znver4"}) == 8
     assert lanes({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}) == 4
     with tvm.target.Target({"kind": "llvm", "mcpu": "znver3"}):
         assert vector_lanes() == 8

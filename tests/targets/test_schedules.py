@@ -27,7 +27,7 @@ from mbcompile.targets.schedules import (
 from mbcompile.targets.schedules.block_info import top_level_blocks
 from mbcompile.targets.schedules.elementwise import inline_spatial, transpose_axes
 from mbcompile.targets.schedules.gemm_tile import tile_rows
-from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight
+from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight, packed_block_width
 from mbcompile.targets.schedules.prefetch import _find_site, _prefetches, prefetch_weight_panels
 from mbcompile.targets.schedules.target_info import cpu_info
 from tvm import relax, te, tirx, topi
@@ -112,6 +112,16 @@ def test_untuned_tile_takes_six_rows_on_avx2_when_m_divides_by_six_else_four():
     assert tile_rows(info, "float32", 128) == 4
     assert tile_rows(info, "float32", 7) == 1
     assert tile_rows(cpu_info(AVX512), "float32", 384) == 12
+
+
+def test_zen4_is_scheduled_with_256_bit_vectors_though_it_has_avx512():
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    assert codegen.target_has_features("avx512f", zen4)
+    assert cpu_info(zen4).vector_bits == 256 and cpu_info(zen4).num_vector_registers == 16
+    assert cpu_info(AVX512).vector_bits == 512
+    assert packed_block_width(zen4, "float32", 512) == 16
+    assert packed_block_width(AVX512, "float32", 512) == 32
+    assert tile_rows(cpu_info(zen4), "float32", 128) == tile_rows(cpu_info(AVX2), "float32", 128)
 
 
 def _llvm_source(func: tirx.PrimFunc) -> str:
