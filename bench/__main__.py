@@ -70,7 +70,10 @@ def _compile_seconds(row: dict) -> str:
 def _header(started: str, cells: list[dict], rounds: int, settle: float | None) -> str:
     machine = cells[0]["machine"]
     roofs = {c["rows"][0]["threads"]: c["roof_gflops"]["1024x1024x1024"] for c in cells}
-    return (f"Measured {started} on {machine['cpu']}, {machine['cores']} cores, fp32, batch 1; "
+    cpu = machine["cpu"]
+    if machine.get("llvm_cpu"):  # LLVM's name for the CPU and its widest vectors
+        cpu += f" ({machine['llvm_cpu']}, {machine.get('simd', '?')})"
+    return (f"Measured {started} on {cpu}, {machine['cores']} cores, fp32, batch 1; "
             f"{rounds} interleaved rounds per cell"
             + (f", {settle:g} s pause before each call" if settle else "")
             + "; torch.mm roof "

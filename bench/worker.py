@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mbcompile.targets.registry import host_cpu_name
+from mbcompile.targets.registry import host_cpu_name, host_features, host_target
 
 import mbcompile
 from mbcompile.models import random_model
@@ -45,6 +45,15 @@ def _roof(threads: int) -> dict:
             times.append((time.perf_counter() - t) / reps)
         out[name] = 2 * m * n * k / statistics.median(times) / 1e9
     return out
+
+
+def _simd() -> str:
+    """The widest vector extension this CPU has (the machine kind changes between sessions)."""
+    flags = host_features()
+    for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON")):
+        if flag in flags:
+            return name
+    return "none"
 
 
 def _source_revision() -> str:
@@ -179,8 +188,9 @@ def main() -> None:
         })
     print(json.dumps({
         "rows": rows, "roof_gflops": roof,
-        "machine": {"cpu": host_cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": {"cpu": host_cpu_name(), "llvm_cpu": host_target().llvm["mcpu"],
+                    "simd": _simd(), "cores": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__},
     }))
 
 
