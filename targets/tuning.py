@@ -27,6 +27,10 @@ from ..errors import TargetError
 MANIFEST = "manifest.json"
 WORKLOADS = "database_workload.json"
 RECORDS = "database_tuning_record.json"
+# Tasks whose search ended on its own (their design space ran out of new candidates before the
+# trial budget): {structural hash of the task: the per-task budget of that run}. Without it a
+# resumed run would search such a task again, for nothing.
+FINISHED = "finished_tasks.json"
 # Fields of the LLVM target a tuned schedule depends on.
 TARGET_KEYS = ("mtriple", "mcpu", "mattr")
 
@@ -136,6 +140,24 @@ class Database:
             path_tuning_record=str(self.path / RECORDS),
             module_equality="structural",
         )
+
+    def finished(self) -> dict[str, int]:
+        """Task hash → the trial budget its search ended under (see ``FINISHED``)."""
+        file = self.path / FINISHED
+        if not file.exists():
+            return {}
+        try:
+            return {str(k): int(v) for k, v in json.loads(file.read_text()).items()}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+            return {}  # unreadable: the tasks are searched again, which is safe
+
+    def mark_finished(self, task_hashes: list[str], trials: int) -> None:
+        done = self.finished()
+        for key in task_hashes:
+            done[key] = max(done.get(key, 0), trials)
+        tmp = self.path / (FINISHED + ".tmp")
+        tmp.write_text(json.dumps(done, indent=1, sort_keys=True))
+        os.replace(tmp, self.path / FINISHED)  # a Ctrl-C never leaves half a file
 
     def records(self) -> int:
         file = self.path / RECORDS
@@ -289,15 +311,18 @@ def tune_module(
         extracted.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
         extracted = extracted[:max_tasks]
     ms_db = db.ms_database()
-    contexts, weights, skipped = [], [], 0
+    finished = db.finished()
+    contexts, weights, hashes, skipped = [], [], [], 0
     for task in extracted:
         task_mod = task.dispatched[0]
+        key = task_hash(task_mod)
         done = 0
         if ms_db.has_workload(task_mod):
             done = len(ms_db.get_top_k(ms_db.commit_workload(task_mod), trials))
-        if done >= trials:
+        if done >= trials or finished.get(key, 0) >= trials:
             skipped += 1
             continue
+        hashes.append(key)
         contexts.append(
             ms.TuneContext(
                 mod=task.dispatched[0],
@@ -311,8 +336,9 @@ def tune_module(
         weights.append(float(task.weight))
     summary = {"tasks": len(extracted), "already_tuned": skipped, "tuned": len(contexts)}
     if not contexts:
-        log(f"tune: all {len(extracted)} tasks already have {trials} trials in {db.path}")
-        return summary
+        log(f"tune: all {len(extracted)} tasks already have {trials} trials, or a search that "
+            f"ended before them, in {db.path}")
+        return {**summary, "records": db.records()}
     total = trials * len(contexts)
     deadline = time.monotonic() + minutes * 60 if minutes else None
     log(f"tune: {len(extracted)} distinct kernels, {len(contexts)} to tune, {trials} trials each")
@@ -342,5 +368,15 @@ def tune_module(
     except KeyboardInterrupt:
         log(f"tune: interrupted; {db.path} is valid; run the same command again to resume")
         summary["stopped"] = "interrupted"
+    else:  # every task's search ended: at its budget, or with its space exhausted
+        db.mark_finished(hashes, trials)
     summary["records"] = db.records()
     return summary
+
+
+def task_hash(task_mod: tvm.IRModule) -> str:
+    """A key for a tuning task that is the same in every process (MetaSchedule matches workloads
+    by structure too)."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(task_mod) & (2**64 - 1):016x}"

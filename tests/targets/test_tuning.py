@@ -43,6 +43,24 @@ def test_tuning_again_resumes_instead_of_starting_over(tuned):
     assert again["already_tuned"] == 2 and again["tuned"] == 0
 
 
+def test_a_task_whose_space_ran_out_is_not_searched_again_on_resume(tmp_path):
+    """Our design space of a dense kernel holds a few dozen distinct schedules: with a budget
+    above that, the search ends before the budget, and a second run must not start it again."""
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    lines: list[str] = []
+    first = mbcompile.tune(
+        model, work_dir=tmp_path / "db", seq_len=16, trials=200, max_tasks=1, log=lines.append
+    )
+    assert first["tuned"] == 1 and 0 < first["records"] < 200  # the space ran out
+    again = mbcompile.tune(
+        model, work_dir=tmp_path / "db", seq_len=16, trials=200, max_tasks=1, log=lines.append
+    )
+    assert again["already_tuned"] == 1 and again["tuned"] == 0
+    assert again["records"] == first["records"]
+    # the budget the search ended under is kept: a larger one would search the task again
+    assert list(Database.open(tmp_path / "db").finished().values()) == [200]
+
+
 def test_compile_applies_the_database_and_stays_exact(tuned):
     model, work_dir, _, _ = tuned
     compiled = mbcompile.compile(model, seq_len=16, tuning_db=work_dir)
