@@ -47,13 +47,17 @@ def run_demo(
     else:
         model = random_model(config, head)
         log(f"model: {type(model).__name__}, {config} architecture, random weights (seed 0)")
-    from mbcompile.targets.registry import host_cpu_name
+    from mbcompile.targets.registry import host_cpu_name, host_target
 
     threads = torch.get_num_threads()
-    log(f"machine: {host_cpu_name()}, {os.cpu_count()} cores; PyTorch threads {threads}")
+    log(f"machine: {host_cpu_name()} ({host_target().llvm['mcpu']}), {os.cpu_count()} cores; "
+        f"PyTorch threads {threads}")
     start = time.perf_counter()
     compiled = mbcompile.compile(model, seq_len=seq_len, target=target)
     log(f"compiled for {compiled.target} in {time.perf_counter() - start:.1f} s: {compiled}")
+    tuned = compiled.metadata.get("tuned_kernels", 0)
+    log(f"kernel schedules: {tuned} from the tuning database {compiled.metadata['tuning_db']}"
+        if tuned else "kernel schedules: untuned (no shipped tuning database matches this CPU)")
 
     ids, mask, types = example_inputs(model.config, compiled.signature.input_shape, seed=1)
     mask[..., seq_len - seq_len // 4 :] = 0  # padding at the end
