@@ -99,6 +99,22 @@ TARGETS: dict[str, Target] = {
             llvm={**_X86, "mcpu": "skylake-avx512"},
             features=("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
         ),
+        # AMD EPYC/Ryzen by generation: LLVM tunes for the core, and each has a tuning database
+        # in targets/databases/ that applies by default.
+        Target(
+            name="x86-64-zen3",
+            description="AMD Zen 3 (EPYC 7003, Ryzen 5000): AVX2 and FMA",
+            arch="x86_64",
+            llvm={**_X86, "mcpu": "znver3"},
+            features=("avx2", "fma"),
+        ),
+        Target(
+            name="x86-64-zen4",
+            description="AMD Zen 4 (EPYC 9004, Ryzen 7000): AVX-512, scheduled with 256-bit vectors",
+            arch="x86_64",
+            llvm={**_X86, "mcpu": "znver4"},
+            features=("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+        ),
         Target(
             name="aarch64",
             description="64-bit ARM Linux with NEON (ARMv8-A)",

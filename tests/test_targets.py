@@ -40,3 +40,19 @@ def test_foreign_architecture_cannot_run_here():
     other = "aarch64" if host_arch() == "x86_64" else "x86-64"
     reason = can_run_here(TARGETS[other])
     assert reason is not None and "remote" in reason
+
+
+@pytest.mark.parametrize("name", ["x86-64-zen3", "x86-64-zen4"])
+def test_amd_zen_targets_by_name_get_their_shipped_tuning_database(name):
+    from mbcompile.targets.tuning import resolve_database
+
+    target = resolve_target(name, num_cores=2).tvm_target()
+    db = resolve_database("default", target)
+    assert db is not None and db.manifest["target"]["mcpu"] == TARGETS[name].llvm["mcpu"]
+
+
+def test_generic_x86_targets_get_no_cpu_specific_database():
+    from mbcompile.targets.tuning import resolve_database
+
+    for name in ("x86-64", "x86-64-avx512"):
+        assert resolve_database("default", resolve_target(name).tvm_target()) is None
