@@ -322,7 +322,7 @@ def tune_module(
         if done >= trials or finished.get(key, 0) >= trials:
             skipped += 1
             continue
-        hashes.append(key)
+        hashes.append((key, task_mod))
         contexts.append(
             ms.TuneContext(
                 mod=task.dispatched[0],
@@ -368,8 +368,12 @@ def tune_module(
     except KeyboardInterrupt:
         log(f"tune: interrupted; {db.path} is valid; run the same command again to resume")
         summary["stopped"] = "interrupted"
-    else:  # every task's search ended: at its budget, or with its space exhausted
-        db.mark_finished(hashes, trials)
+    else:
+        # Every task's search ended: at its budget, or with its space exhausted. A task with no
+        # valid measurement (a device that failed, a gather) stays open for the next run.
+        db.mark_finished(
+            [key for key, mod in hashes if ms_db.get_top_k(ms_db.commit_workload(mod), 1)], trials
+        )
     summary["records"] = db.records()
     return summary
 
