@@ -55,9 +55,13 @@ def run_demo(
     start = time.perf_counter()
     compiled = mbcompile.compile(model, seq_len=seq_len, target=target)
     log(f"compiled for {compiled.target} in {time.perf_counter() - start:.1f} s: {compiled}")
-    tuned = compiled.metadata.get("tuned_kernels", 0)
-    log(f"kernel schedules: {tuned} from the tuning database {compiled.metadata['tuning_db']}"
-        if tuned else "kernel schedules: untuned (no shipped tuning database matches this CPU)")
+    tuned, database = compiled.metadata.get("tuned_kernels", 0), compiled.metadata["tuning_db"]
+    if tuned:
+        log(f"kernel schedules: {tuned} from the tuning database {database}")
+    elif database:
+        log(f"kernel schedules: untuned (the tuning database {database} has none of these kernels)")
+    else:
+        log("kernel schedules: untuned (no shipped tuning database is for this target)")
 
     ids, mask, types = example_inputs(model.config, compiled.signature.input_shape, seed=1)
     mask[..., seq_len - seq_len // 4 :] = 0  # padding at the end

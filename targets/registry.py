@@ -68,6 +68,8 @@ class Target:
 _X86 = {"mtriple": "x86_64-linux-gnu"}
 _AARCH64 = {"mtriple": "aarch64-linux-gnu"}
 _ANDROID = {"mtriple": "aarch64-linux-android"}
+_AVX2 = ("avx2", "fma")
+_AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512dq", "avx512vl")
 
 # CPU flags a target may require, as /proc/cpuinfo spells them ("flags" on x86, "Features" on
 # aarch64: asimd = NEON, asimddp = the ARMv8.2 dot-product instructions SDOT/UDOT).
@@ -90,14 +92,14 @@ TARGETS: dict[str, Target] = {
             description="x86-64 with AVX2 and FMA (Haswell and later, AMD Zen)",
             arch="x86_64",
             llvm={**_X86, "mcpu": "haswell"},
-            features=("avx2", "fma"),
+            features=_AVX2,
         ),
         Target(
             name="x86-64-avx512",
             description="x86-64 with AVX-512 (Skylake-SP and later)",
             arch="x86_64",
             llvm={**_X86, "mcpu": "skylake-avx512"},
-            features=("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+            features=_AVX512,
         ),
         # AMD EPYC/Ryzen by generation: LLVM tunes for the core, and each has a tuning database
         # in targets/databases/ that applies by default.
@@ -106,14 +108,14 @@ TARGETS: dict[str, Target] = {
             description="AMD Zen 3 (EPYC 7003, Ryzen 5000): AVX2 and FMA",
             arch="x86_64",
             llvm={**_X86, "mcpu": "znver3"},
-            features=("avx2", "fma"),
+            features=_AVX2,
         ),
         Target(
             name="x86-64-zen4",
             description="AMD Zen 4 (EPYC 9004, Ryzen 7000): AVX-512, scheduled with 256-bit vectors",
             arch="x86_64",
             llvm={**_X86, "mcpu": "znver4"},
-            features=("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+            features=_AVX512,
         ),
         Target(
             name="aarch64",
