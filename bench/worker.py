@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mbcompile.targets.registry import host_cpu_name, host_features, host_target
 
 import mbcompile
-from mbcompile.models import random_model
+from mbcompile.capture import random_model
+from mbcompile.targets.registry import host_cpu_name, host_features, host_target
 
 from . import peers
 
@@ -86,11 +86,11 @@ def _compiled(model, head: str, seq: int, variant: str, log) -> tuple:
         kwargs.update(logits_for="masked", max_masked=1)
     if path.exists() and os.environ.get("MBCOMPILE_BENCH_RECOMPILE") != "1":
         compiled = mbcompile.load(path)
-        return compiled, compiled.metadata.get("compile_seconds", {})
+        return compiled, compiled.metadata.compile_seconds
     log(f"compiling {key} ...")
     compiled = mbcompile.compile(model, **kwargs)
     compiled.save(path)
-    return compiled, compiled.metadata.get("compile_seconds", {})
+    return compiled, compiled.metadata.compile_seconds
 
 
 def _fill_mask_runner(compiled, ids):
@@ -126,10 +126,10 @@ def main() -> None:
     wanted = None if args.backends == "all" else set(args.backends.split(","))
     for variant in args.variants.split(","):
         compiled, seconds = _compiled(model, args.head, args.seq, variant, log)
-        tuned = compiled.metadata.get("tuned_kernels", 0) > 0
+        tuned = compiled.metadata.tuned_kernels > 0
         name = "mbcompile" if variant == "default" else f"mbcompile {variant}"
         if tuned:  # kernels from the shipped database (targets/databases/) for this model + target
-            n = compiled.metadata["tuned_kernels"]
+            n = compiled.metadata.tuned_kernels
             name += f" (tuned: {n} kernel{'s' if n != 1 else ''})"
         extra[name] = {"compile_seconds": seconds, "tuned": tuned,
                        "matmul_flops": compiled.report().get("final", {}).get("matmul_flops")}

@@ -8,75 +8,52 @@ Public API::
     again = mbcompile.load("model.mbc")        # numpy + TVM only: no torch, no transformers
     fill = mbcompile.pipeline("fill-mask", again, tokenizer="path/to/checkpoint")
 
-``compile`` imports torch and transformers when called; ``load`` never does.
+The stages, in the order data flows (each a package or module here, ``passes/`` and
+``targets/`` installed as ``mbcompile.passes`` and ``mbcompile.targets``): ``capture`` →
+``passes`` → ``targets`` → ``artifact`` → ``runtime``; ``compiler`` and ``tuner`` drive them,
+and ``devices``, ``pipelines`` and ``cli`` sit on top. ``compile`` imports torch and
+transformers when called; ``load`` never does.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .errors import (
+from mbcompile.compiler import compile
+from mbcompile.devices.remote import load
+from mbcompile.errors import (
     ArtifactError,
+    EmulatorError,
     InputError,
     MbcompileError,
     ModelError,
+    OptionError,
+    PipelineError,
+    RemoteError,
     TargetError,
     ToolchainError,
 )
-from .outputs import ModelOutput
-from .runtime import CompiledModel, load
-
-
-def compile(model, **kwargs) -> CompiledModel:
-    """Compile a Hugging Face MobileBERT; see :func:`mbcompile.compiler.compile`."""
-    from .compiler import compile as _compile
-
-    return _compile(model, **kwargs)
-
-
-def tune(model, **kwargs) -> dict:
-    """Tune a model's kernels with MetaSchedule; see :func:`mbcompile.tuner.tune`."""
-    from .tuner import tune as _tune
-
-    return _tune(model, **kwargs)
-
-
-def pipeline(task: str, model, tokenizer=None):
-    """A tokenizer-based pipeline ("fill-mask", "question-answering", ...) over a compiled model;
-    see :func:`mbcompile.pipelines.pipeline`."""
-    from .pipelines import pipeline as _pipeline
-
-    return _pipeline(task, model, tokenizer)
-
-
-def __getattr__(name: str):
-    if name == "Target":
-        from .targets.registry import Target
-
-        return Target
-    if name == "RemoteError":
-        from .remote import RemoteError
-
-        return RemoteError
-    if name == "PipelineError":
-        from .pipelines import PipelineError
-
-        return PipelineError
-    raise AttributeError(f"module 'mbcompile' has no attribute {name!r}")
-
+from mbcompile.options import CompileOptions
+from mbcompile.pipelines import pipeline
+from mbcompile.runtime import CompiledModel, ModelOutput
+from mbcompile.targets.registry import Target
+from mbcompile.tuner import tune
+from mbcompile.version import __version__
 
 __all__ = [
     "ArtifactError",
+    "CompileOptions",
     "CompiledModel",
+    "EmulatorError",
     "InputError",
     "MbcompileError",
     "ModelError",
     "ModelOutput",
+    "OptionError",
     "PipelineError",
     "RemoteError",
     "Target",
     "TargetError",
     "ToolchainError",
+    "__version__",
     "compile",
     "load",
     "pipeline",

@@ -1,4 +1,9 @@
-"""The compile driver: capture → MobileBERT passes → target pipeline → CompiledModel."""
+"""The compile driver: capture → MobileBERT passes → target pipeline → linked library → model.
+
+Every stage runs before ``compile`` returns, linking (and cross-compiling) included: a missing
+cross toolchain is reported by ``compile``, and the model it returns holds the library's bytes,
+ready to save or, on a CPU that can run it, to call.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,33 @@ import dataclasses
 import os
 import platform
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from . import __version__, artifact
-from .capture import Captured, capture, check_model
-from .errors import ModelError
-from .runtime import CompiledModel, _Library
-from .signature import OutputSpec
-from .stats import kernel_calls, module_stats
+from mbcompile import artifact
+from mbcompile.artifact import Artifact, Metadata
+from mbcompile.errors import ModelError, OptionError
+from mbcompile.options import CompileOptions
+from mbcompile.report import kernel_calls, module_stats
+from mbcompile.runtime import CompiledModel
+from mbcompile.signature import OutputSpec
+from mbcompile.version import __version__
 
 # Heads with vocabulary logits, which ``logits_for="masked"`` prunes.
 PRUNABLE_HEADS = ("masked-lm", "pretraining")
+
+
+@dataclass
+class Prepared:
+    """A model captured and rewritten for one target: what ``compile`` and ``tune`` share."""
+
+    target: Any  # mbcompile.targets.registry.Target
+    tvm_target: Any  # tvm.target.Target
+    captured: Any  # mbcompile.capture.Captured (its signature describes the final interface)
+    mod: Any  # the Relax module after the passes
+    report: dict[str, Any]
+    timings: dict[str, float]
 
 
 def _versions() -> dict[str, str]:
@@ -45,14 +66,17 @@ def _run_pass(p, mod) -> tuple[Any, dict]:
     return mod, row
 
 
-def listed_passes(passes) -> list:
-    """Pass instances for ``compile(passes=...)``; refuses ``PruneMaskedLMHead``, which is the
-    ``logits_for`` option's."""
+def listed_passes(passes, target=None) -> list:
+    """Pass instances for ``compile(passes=...)`` (passes that emit kernels are built for
+    ``target``); refuses ``PruneMaskedLMHead``, which is the ``logits_for`` option's."""
     from mbcompile.passes import PruneMaskedLMHead, resolve_passes
 
-    resolved = resolve_passes(passes)
+    try:
+        resolved = resolve_passes(passes, target=target)
+    except ValueError as err:
+        raise OptionError(str(err)) from None
     if any(p.name == PruneMaskedLMHead.name for p in resolved):
-        raise ValueError(
+        raise OptionError(
             "PruneMaskedLMHead changes the compiled function's inputs and outputs, so it is "
             "not a pass to list: ask for it with compile(..., logits_for='masked', "
             "max_masked=..., mask_token_id=...)"
@@ -61,38 +85,38 @@ def listed_passes(passes) -> list:
 
 
 def run_passes(mod, passes) -> tuple[Any, list[dict]]:
-    """Run MobileBERT passes in order; returns the module and one report row per pass."""
+    """Run pass instances in order; returns the module and one report row per pass."""
     rows = []
-    for p in listed_passes(passes):
+    for p in passes:
         mod, row = _run_pass(p, mod)
         rows.append(row)
     return mod, rows
 
 
-def masked_head_pass(model, *, seq_len: int, logits_for: str, max_masked: int, mask_token_id):
-    """The ``PruneMaskedLMHead`` that ``logits_for`` asks for (None for ``"all"``), after
-    checking the options against the model."""
+def masked_head_pass(model, options: CompileOptions):
+    """The ``PruneMaskedLMHead`` that ``options.logits_for`` asks for (None for ``"all"``),
+    after checking the options against the model."""
+    from mbcompile.capture import check_model
     from mbcompile.passes.prune_masked_lm_head import DEFAULT_MASK_TOKEN_ID, PruneMaskedLMHead
 
-    if logits_for not in ("all", "masked"):
-        raise ValueError(f"logits_for must be 'all' or 'masked', got {logits_for!r}")
-    if logits_for == "all":
+    if options.logits_for == "all":
         return None
     head = check_model(model)
     if head not in PRUNABLE_HEADS:
-        raise ValueError(f"logits_for='masked' applies to the heads {PRUNABLE_HEADS}, not {head!r}")
-    if not isinstance(max_masked, int) or not 1 <= max_masked <= seq_len:
-        raise ValueError(f"max_masked must be an integer in [1, seq_len], got {max_masked!r}")
+        raise OptionError(
+            f"logits_for='masked' applies to the heads {PRUNABLE_HEADS}, not {head!r}"
+        )
+    mask_token_id = options.mask_token_id
     mask_token_id = DEFAULT_MASK_TOKEN_ID if mask_token_id is None else mask_token_id
     vocab_size = model.config.vocab_size
-    if not isinstance(mask_token_id, int) or not 0 <= mask_token_id < vocab_size:
-        raise ValueError(
+    if not 0 <= mask_token_id < vocab_size:
+        raise OptionError(
             f"mask_token_id {mask_token_id!r} is outside [0, {vocab_size}) (vocab_size)"
         )
-    return PruneMaskedLMHead(max_masked=max_masked, mask_token_id=mask_token_id)
+    return PruneMaskedLMHead(max_masked=options.max_masked, mask_token_id=mask_token_id)
 
 
-def prune_masked_lm_head(captured: Captured, prune) -> tuple[Captured, dict]:
+def prune_masked_lm_head(captured, prune) -> tuple[Any, dict]:
     """Run ``prune`` (a ``PruneMaskedLMHead``) on the captured module and describe the new
     interface: a ``masked_positions`` input, the logits at ``max_masked`` positions and the
     positions as the last output. Returns the new Captured and the pass's report row."""
@@ -120,70 +144,55 @@ def prune_masked_lm_head(captured: Captured, prune) -> tuple[Captured, dict]:
     return dataclasses.replace(captured, mod=mod, signature=signature), row
 
 
-def prepare(
-    model,
-    *,
-    target="host",
-    seq_len: int = 128,
-    batch_size: int = 1,
-    num_choices: int | None = None,
-    passes="default",
-    logits_for: str = "all",
-    max_masked: int = 8,
-    mask_token_id: int | None = None,
-):
-    """Capture ``model`` and run the MobileBERT passes: what ``compile`` and ``tune`` share.
-
-    Returns (target spec, TVM target, Captured, Relax module after the passes, report, timings).
-    """
+def prepare(model, options: CompileOptions) -> Prepared:
+    """Capture ``model`` and run the MobileBERT passes for ``options.target``."""
+    from mbcompile.capture import capture
     from mbcompile.targets.registry import resolve_target
 
-    spec = resolve_target(target)
+    spec = resolve_target(options.target)
     tvm_target = spec.tvm_target()
-    passes = listed_passes(passes)  # checked before the slow work
-    prune = masked_head_pass(
-        model,
-        seq_len=seq_len,
-        logits_for=logits_for,
-        max_masked=max_masked,
-        mask_token_id=mask_token_id,
-    )
+    passes = listed_passes(options.passes, tvm_target)  # checked before the slow work
+    prune = masked_head_pass(model, options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    captured = capture(model, seq_len=seq_len, batch_size=batch_size, num_choices=num_choices)
+    captured = capture(
+        model,
+        seq_len=options.seq_len,
+        batch_size=options.batch_size,
+        num_choices=options.num_choices,
+    )
     timings["capture"] = time.perf_counter() - start
     start = time.perf_counter()
     report: dict[str, Any] = {"imported": module_stats(captured.mod), "passes": []}
     if prune is not None:  # first, whatever ``passes`` says: it defines the function's interface
         captured, row = prune_masked_lm_head(captured, prune)
         report["passes"].append(row)
-    mod = captured.mod
-    with tvm_target:  # passes that emit kernels (FuseAttention) size them for the target
-        if passes:
-            mod, rows = run_passes(mod, passes)
-            report["passes"] += rows
+    mod, rows = run_passes(captured.mod, passes)
+    report["passes"] += rows
     timings["passes"] = time.perf_counter() - start
-    return spec, tvm_target, captured, mod, report, timings
+    return Prepared(spec, tvm_target, captured, mod, report, timings)
 
 
 def compile(
     model,
     *,
+    target: Any = "host",
     seq_len: int = 128,
     batch_size: int = 1,
     num_choices: int | None = None,
-    target="host",
-    passes="default",
+    passes: str | Sequence[Any] | None = "default",
     logits_for: str = "all",
     max_masked: int = 8,
     mask_token_id: int | None = None,
-    tuning_db="default",
+    tuning_db: str | os.PathLike | None = "default",
     tokenizer: str | os.PathLike | None = None,
 ) -> CompiledModel:
     """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
 
-    ``passes`` is ``"default"``, an explicit list of passes (instances, classes or names), or
-    ``()`` for none. Weights become compile-time constants of the compiled library.
+    The options before ``tuning_db`` are :class:`mbcompile.options.CompileOptions` (see it for
+    each; ``mbcompile.tune`` takes the same). ``target`` is a name (``mbcompile targets``) or a
+    ``Target``. ``passes`` is ``"default"``, an explicit list of passes (instances, classes or
+    names), or ``()`` for none. Weights become compile-time constants of the linked library.
 
     ``logits_for="masked"`` (MaskedLM, PreTraining): vocabulary logits only at the positions of
     ``mask_token_id`` (default 103, [MASK] of the uncased vocabulary), at most ``max_masked`` per
@@ -199,24 +208,27 @@ def compile(
     ``tokenizer``: a folder whose tokenizer files (vocab.txt, tokenizer.json, ...) are saved with
     the model, so that ``mbcompile.pipeline(task, compiled)`` needs no tokenizer; by default the
     checkpoint folder the model was loaded from, if it is here and holds any.
+
+    The library is linked (cross-compiled for an ARM target) before this returns.
     """
+    options = CompileOptions.pick(locals())
+    return _compile(model, options, tuning_db, tokenizer)
+
+
+def _compile(
+    model,
+    options: CompileOptions,
+    tuning_db: str | os.PathLike | None,
+    tokenizer: str | os.PathLike | None,
+) -> CompiledModel:
     import tvm
 
-    from mbcompile.targets.export import export_library
+    from mbcompile.targets.export import link_library
     from mbcompile.targets.pipeline import build_pipeline
     from mbcompile.targets.tuning import resolve_database
 
-    spec, tvm_target, captured, mod, report, timings = prepare(
-        model,
-        target=target,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        num_choices=num_choices,
-        passes=passes,
-        logits_for=logits_for,
-        max_masked=max_masked,
-        mask_token_id=mask_token_id,
-    )
+    prepared = prepare(model, options)
+    spec, tvm_target, timings = prepared.target, prepared.tvm_target, prepared.timings
     database = resolve_database(tuning_db, tvm_target)
     fused: dict[str, int] = {}
 
@@ -230,32 +242,26 @@ def compile(
 
     start = time.perf_counter()
     pipeline = build_pipeline(tvm_target, database=database, on_fused=on_fused, on_tuned=on_tuned)
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
+    executable = tvm.compile(prepared.mod, target=tvm_target, relax_pipeline=pipeline)
     timings["build"] = time.perf_counter() - start
-    report["final"] = {**module_stats(mod), **fused}
+    start = time.perf_counter()
+    lib = link_library(executable, spec)
+    timings["link"] = time.perf_counter() - start
+    report = {**prepared.report, "final": {**module_stats(prepared.mod), **fused}}
 
-    metadata = {
-        "model_class": captured.signature.model_class,
-        "head": captured.signature.head,
-        "config": captured.config,
-        "target": spec.to_dict(),
-        "tvm_target": str(tvm_target),
-        "tuning_db": None if database is None else str(database.path),
-        # kernels whose schedule came from the database (0: none of its workloads matched)
-        "tuned_kernels": fused.get("tuned_kernels", 0),
-        "versions": _versions(),
-        "report": report,
-        "compile_seconds": {k: round(v, 2) for k, v in timings.items()},
-    }
-
-    def _export(ex, path):
-        export_library(ex, spec, path)
-
+    captured = prepared.captured
+    metadata = Metadata(
+        signature=captured.signature,
+        config=captured.config,
+        target=spec.to_dict(),
+        tvm_target=str(tvm_target),
+        tuning_db=None if database is None else str(database.path),
+        tuned_kernels=fused.get("tuned_kernels", 0),
+        versions=_versions(),
+        report=report,
+        compile_seconds={k: round(v, 2) for k, v in timings.items()},
+        options=options.to_dict(),
+    )
     source = tokenizer if tokenizer is not None else captured.config.get("_name_or_path")
     tokenizer_files = artifact.tokenizer_files(source) if source else {}
-    return CompiledModel(
-        captured.signature,
-        metadata,
-        _Library(executable=executable, export=_export),
-        tokenizer_files=tokenizer_files,
-    )
+    return CompiledModel(Artifact(metadata, lib, tokenizer_files))

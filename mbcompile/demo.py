@@ -38,8 +38,7 @@ def run_demo(
     import torch
 
     import mbcompile
-    from mbcompile.capture import example_inputs
-    from mbcompile.models import load_checkpoint, random_model
+    from mbcompile.capture import example_inputs, load_checkpoint, random_model
 
     if checkpoint:
         model = load_checkpoint(checkpoint, head=None if head == "base" else head)
@@ -55,7 +54,7 @@ def run_demo(
     start = time.perf_counter()
     compiled = mbcompile.compile(model, seq_len=seq_len, target=target)
     log(f"compiled for {compiled.target} in {time.perf_counter() - start:.1f} s: {compiled}")
-    tuned, database = compiled.metadata.get("tuned_kernels", 0), compiled.metadata["tuning_db"]
+    tuned, database = compiled.metadata.tuned_kernels, compiled.metadata.tuning_db
     if tuned:
         log(f"kernel schedules: {tuned} from the tuning database {database}")
     elif database:
@@ -96,4 +95,4 @@ def run_demo(
         f"PyTorch eager {statistics.median(torch_ms):.1f} ms "
         f"[{min(torch_ms):.1f}-{max(torch_ms):.1f}]"
     )
-    return DemoResult(errors, compiled_ms, torch_ms, compiled.metadata["compile_seconds"])
+    return DemoResult(errors, compiled_ms, torch_ms, compiled.metadata.compile_seconds)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import ModelError
+from mbcompile.errors import ModelError
 
 # short name → transformers class name, in the order of transformers' documentation.
 HEADS: dict[str, str] = {

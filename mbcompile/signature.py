@@ -43,6 +43,10 @@ class Signature:
     # logits_for="masked": vocabulary logits only at (up to max_masked) positions of mask_token_id.
     max_masked: int | None = None
     mask_token_id: int | None = None
+    # The compiled main takes each row's real length (``lengths``, int64 of the input shape
+    # without its last axis) after the three inputs: positions past it are padding that must not
+    # change the outputs. False in artifacts made before it existed.
+    takes_lengths: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:

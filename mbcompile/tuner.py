@@ -7,8 +7,15 @@ cross-linked for the target here and uploaded).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from collections.abc import Sequence
+from typing import Any
+
+from mbcompile.compiler import prepare
+from mbcompile.errors import OptionError, RemoteError
+from mbcompile.options import CompileOptions
 
 # A device's RPC server must have this (it is in TVM's libtvm_runtime_extra.so) for MetaSchedule.
 RANDOM_FILL = "tvm.contrib.random.random_fill_for_measure"
@@ -18,13 +25,14 @@ def tune(
     model,
     *,
     work_dir: str | os.PathLike,
-    target="host",
+    target: Any = "host",
     seq_len: int = 128,
     batch_size: int = 1,
     num_choices: int | None = None,
-    passes="default",
+    passes: str | Sequence[Any] | None = "default",
     logits_for: str = "all",
     max_masked: int = 8,
+    mask_token_id: int | None = None,
     trials: int = 64,
     minutes: float | None = None,
     max_tasks: int | None = None,
@@ -37,58 +45,67 @@ def tune(
 ) -> dict:
     """Tune the kernels ``compile`` would build for this model and target into ``work_dir``.
 
+    The options from ``target`` to ``mask_token_id`` are ``compile``'s
+    (:class:`mbcompile.options.CompileOptions`): a database tuned with them applies to a compile
+    with the same ones.
+
     The 24 layers share their kernels, so each distinct kernel is one task. ``trials`` is the
     budget per task, ``minutes`` an optional wall-clock budget; running again with the same
-    ``work_dir`` resumes (tasks that already have ``trials`` records are skipped). Ctrl-C leaves a
-    valid database. Apply it with ``compile(..., tuning_db=work_dir)``. The search space holds
-    the untuned schedules too, so a tuned kernel is never slower than an untuned one as measured.
-    ``max_tasks`` tunes only the kernels with the most FLOPs per forward.
+    ``work_dir`` resumes, each kernel getting only the trials it lacks. Ctrl-C stops the search
+    within seconds and raises KeyboardInterrupt, leaving a valid database (a line of it torn by
+    a kill is skipped with a warning, here and in ``compile``). Apply it with
+    ``compile(..., tuning_db=work_dir)``. The search space holds the untuned schedules too, so a
+    tuned kernel is never slower than an untuned one as measured. ``max_tasks`` tunes only the
+    kernels with the most FLOPs per forward.
 
     ``tracker="HOST:PORT"`` with ``key``: measure on the devices registered with that TVM RPC
     tracker under ``key`` (their servers need ``--load-library`` of the device TVM's
     ``libtvm_runtime_extra.so``); ``target`` must be their CPU. Checked before anything is
     captured: RemoteError if the tracker cannot be reached, lists no device under ``key`` or its
     device cannot measure. ``session_timeout``: seconds a device may take per candidate (60).
-    ``runner``/``builder``: MetaSchedule objects of your own instead.
+    ``runner``/``builder``: functions returning MetaSchedule objects of your own instead; the
+    search runs in a process of its own, which calls them, so they must pickle (module-level
+    functions, or ``functools.partial`` of one).
     """
-    from mbcompile.compiler import prepare
+    from mbcompile.devices.rpc import parse_address
     from mbcompile.targets.pipeline import fused_module
-    from mbcompile.targets.tuning import Database, tune_module
+    from mbcompile.targets.rpc_tuning import SESSION_TIMEOUT, rpc_builder, rpc_runner
+    from mbcompile.targets.tuning import Database, sigint_held, tune_module
+
+    options = CompileOptions.pick(locals())
 
     if tracker is not None or key is not None:
         if runner is not None or builder is not None:
-            raise ValueError("give tracker= and key=, or runner= and builder=, not both")
+            raise OptionError("give tracker= and key=, or runner= and builder=, not both")
         devices = _check_tracker(tracker, key)
     start = time.perf_counter()
-    spec, tvm_target, _, mod, _, _ = prepare(
-        model,
-        target=target,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        num_choices=num_choices,
-        passes=passes,
-        logits_for=logits_for,
-        max_masked=max_masked,
-    )
-    if tracker is not None:
-        from mbcompile.remote import parse_address
-        from mbcompile.targets.rpc_tuning import SESSION_TIMEOUT, rpc_builder, rpc_runner
-
-        host, port = parse_address(tracker, "tracker")
-        builder = rpc_builder(spec)
-        runner = rpc_runner(
-            host, port, key,
-            session_timeout=session_timeout or SESSION_TIMEOUT,
-            max_workers=devices,
-            f_create_session=_runner_session,
+    try:
+        prepared = prepare(model, options)
+        spec, tvm_target, mod = prepared.target, prepared.tvm_target, prepared.mod
+        if tracker is not None:
+            host, port = parse_address(tracker, "tracker")
+            # Made in the tuning search process: functions that make them, which pickle.
+            builder = functools.partial(rpc_builder, spec)
+            runner = functools.partial(
+                rpc_runner, host, port, key,
+                session_timeout=session_timeout or SESSION_TIMEOUT,
+                max_workers=devices,
+                f_create_session=_runner_session,
+            )
+            log(f"tune: measuring on {devices} device(s) with key {key!r} from tracker {tracker}")
+        db = Database.create(work_dir, tvm_target)
+        with sigint_held():  # TVM passes calling Python: Ctrl-C takes effect after them
+            fused = fused_module(mod, tvm_target)
+        summary = tune_module(
+            fused, tvm_target, db, trials=trials, minutes=minutes, max_tasks=max_tasks, log=log,
+            runner=runner, builder=builder,
         )
-        log(f"tune: measuring on {devices} device(s) with key {key!r} from tracker {tracker}")
-    db = Database.create(work_dir, tvm_target)
-    summary = tune_module(
-        fused_module(mod, tvm_target), tvm_target, db, trials=trials, minutes=minutes,
-        max_tasks=max_tasks, log=log,
-        runner=runner, builder=builder,
-    )
+    except KeyboardInterrupt as err:
+        if err.args:
+            raise  # tune_module stopped the search and said so
+        message = (f"tune: stopped by Ctrl-C before the search measured anything; run the same "
+                   f"command again to tune into {work_dir}")
+        raise KeyboardInterrupt(message) from None
     summary["seconds"] = round(time.perf_counter() - start, 1)
     summary["work_dir"] = str(db.path)
     if tracker is not None:
@@ -99,7 +116,8 @@ def tune(
 def _check_tracker(tracker: str | None, key: str | None) -> int:
     """How many devices the tracker lists under ``key``, after one of them showed it can measure
     (has ``random_fill_for_measure``); RemoteError naming the problem otherwise."""
-    from mbcompile.remote import RemoteError, check_device_options, request_device
+    from mbcompile.devices.rpc import check_device_options
+    from mbcompile.devices.tracker import request_device, tracker_devices
 
     check_device_options(tracker=tracker, key=key)
     session, address = request_device(tracker, key, timeout=120, session_timeout=60)
@@ -114,15 +132,13 @@ def _check_tracker(tracker: str | None, key: str | None) -> int:
         ) from None
     finally:
         del session  # ends the session: the device registers as free again
-    from mbcompile.remote import tracker_devices
-
     return max(1, tracker_devices(tracker).get(key, {}).get("registered", 1))
 
 
 def _runner_session(rpc_config):
     """MetaSchedule's ``f_create_session`` (in a runner worker process): a device from the
     tracker, waiting at most 10 minutes for one to be free instead of forever."""
-    from mbcompile.remote import connect_tracker
+    from mbcompile.devices.tracker import connect_tracker
 
     return connect_tracker(
         f"{rpc_config.tracker_host}:{rpc_config.tracker_port}",

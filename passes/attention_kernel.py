@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import tvm
 from tvm.script import tirx as T
-from tvm.target import codegen
+
+from mbcompile.cpu import DEFAULT_CPU
 
 # Marks the PrimFunc for the report (a fused attention counts as one matmul).
 KIND_ATTR = "mbcompile.kind"
@@ -56,42 +57,6 @@ class RowsLayout:
     v_offset: int
 
 
-def vector_lanes(target: tvm.target.Target | None = None) -> int:
-    """float32 lanes of a SIMD register of ``target`` (default: the current target; 8 if none).
-
-    Any value gives correct code (LLVM splits or pads vectors); the right one keeps the register
-    tiles in registers. (``targets/schedules/target_info.py`` answers the same for the schedules;
-    passes run before targets, so it is not imported here.)
-    """
-    target = target or tvm.target.Target.current(allow_none=True)
-    if target is None or target.kind.name != "llvm":
-        return 8
-
-    def has(feature: str) -> bool:
-        try:
-            return bool(codegen.target_has_features(feature, target))
-        except tvm.TVMError:
-            return False
-
-    if has("avx512f") and not splits_512_bit_vectors(target):
-        return 16
-    if has("avx"):
-        return 8
-    return 4  # NEON, SSE, or an unknown CPU
-
-
-# CPUs with AVX-512 whose cores execute a 512-bit vector operation as two 256-bit halves
-# (AMD Zen 4): 512-bit vectors bring no more FLOPs per cycle there, only panels twice as wide.
-# Measured on a 2-core Zen 4 (EPYC, znver4), the encoder at seq 128, 2 threads: schedules with
-# 256-bit vectors 27.4–28.8 ms against 30.7–32.1 with 512-bit ones.
-SPLIT_512_BIT_CPUS = frozenset({"znver4"})
-
-
-def splits_512_bit_vectors(target: tvm.target.Target) -> bool:
-    """Whether ``target``'s CPU runs 512-bit vector operations at half width (see above)."""
-    return str(target.attrs.get("mcpu", "")) in SPLIT_512_BIT_CPUS
-
-
 def attention_kernel(
     bh: int,
     seq_q: int,
@@ -108,14 +73,17 @@ def attention_kernel(
 
     q (bh, seq_q, dim); kt (bh, dim, seq_k); v (bh, seq_k, dim_v); bias 4-D, broadcastable to
     (bh / heads, heads, seq_q, seq_k); out (bh, seq_q, dim_v); ``bh = batch · heads``.
-    ``lanes``: fp32 lanes per vector, by default ``vector_lanes()`` of the current target.
+    ``lanes``: fp32 lanes per vector, ``cpu_info(target).lanes("float32")`` of the target the
+    kernel is for (``mbcompile.cpu``); by default 8, the lanes of :data:`~mbcompile.cpu.DEFAULT_CPU`.
+    Any value gives correct code (LLVM splits or pads vectors); the right one keeps the register
+    tiles in registers.
 
     ``rows_layout`` (batch 1 only): q, v and out in the linears' layout instead, one row per
     token with head ``h`` at columns ``offset + h · dim`` (see RowsLayout). The kernel reads and
     writes them through strided views, so no transpose kernel runs before or after it.
     """
     b0, h0, i0, j0 = bias_shape
-    lanes = lanes or vector_lanes()
+    lanes = lanes or DEFAULT_CPU.lanes("float32")
     rows = min(ROWS, seq_q)
     blocks = (seq_q + rows - 1) // rows
     key_tile = 2 * lanes  # keys per scores tile
@@ -203,40 +171,40 @@ def attention_kernel(
                         s[r, seq_k + j] = neg_inf
             # 2. guarded softmax, row by row, in place
             for r in range(rows):
-                for l in T.vectorized(lanes):
-                    part[l] = s[r, l]
+                for ln in T.vectorized(lanes):
+                    part[ln] = s[r, ln]
                 for c in range(1, padded // lanes):
-                    for l in T.vectorized(lanes):
-                        part[l] = T.max(part[l], s[r, c * lanes + l])
-                for l in range(1, lanes):
-                    part[0] = T.max(part[0], part[l])
+                    for ln in T.vectorized(lanes):
+                        part[ln] = T.max(part[ln], s[r, c * lanes + ln])
+                for ln in range(1, lanes):
+                    part[0] = T.max(part[0], part[ln])
                 # Every key masked: 1/sum becomes 0, and the shift 0 keeps -inf - max from NaN.
                 inv[r] = T.Select(part[0] == neg_inf, T.float32(0), T.float32(1))
                 shift[r] = T.Select(part[0] == neg_inf, T.float32(0), -part[0] * T.float32(LOG2E))
-                for l in T.vectorized(lanes):
-                    part[l] = T.float32(0)
+                for ln in T.vectorized(lanes):
+                    part[ln] = T.float32(0)
                 for c in range(padded // lanes):
                     # exp(s - max) = 2^t, t = n + f, n integer, |f| <= 1/2; t >= -126 keeps
                     # 2^n normal (a masked key gives 1e-38, nothing next to the max's 1).
-                    for l in T.vectorized(lanes):
-                        t[l] = T.max(
-                            s[r, c * lanes + l] * T.float32(LOG2E) + shift[r], T.float32(-126)
+                    for ln in T.vectorized(lanes):
+                        t[ln] = T.max(
+                            s[r, c * lanes + ln] * T.float32(LOG2E) + shift[r], T.float32(-126)
                         )
-                    for l in T.vectorized(lanes):
-                        n[l] = T.nearbyint(t[l])
-                    for l in T.vectorized(lanes):
-                        t[l] = t[l] - n[l]
-                    for l in T.vectorized(lanes):
-                        e[l] = (
-                            ((((c5 * t[l] + c4) * t[l] + c3) * t[l] + c2) * t[l] + c1) * t[l]
+                    for ln in T.vectorized(lanes):
+                        n[ln] = T.nearbyint(t[ln])
+                    for ln in T.vectorized(lanes):
+                        t[ln] = t[ln] - n[ln]
+                    for ln in T.vectorized(lanes):
+                        e[ln] = (
+                            ((((c5 * t[ln] + c4) * t[ln] + c3) * t[ln] + c2) * t[ln] + c1) * t[ln]
                             + T.float32(1)
-                        ) * T.reinterpret("float32", T.shift_left(T.Cast("int32", n[l]) + 127, 23))
-                    for l in T.vectorized(lanes):
-                        s[r, c * lanes + l] = e[l]
-                    for l in T.vectorized(lanes):
-                        part[l] = part[l] + e[l]
-                for l in range(1, lanes):
-                    part[0] = part[0] + part[l]
+                        ) * T.reinterpret("float32", T.shift_left(T.Cast("int32", n[ln]) + 127, 23))
+                    for ln in T.vectorized(lanes):
+                        s[r, c * lanes + ln] = e[ln]
+                    for ln in T.vectorized(lanes):
+                        part[ln] = part[ln] + e[ln]
+                for ln in range(1, lanes):
+                    part[0] = part[0] + part[ln]
                 inv[r] = inv[r] / part[0]
             # 3. context
             for c in range(dim_v // dim_tile):

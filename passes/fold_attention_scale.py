@@ -19,11 +19,24 @@ user still needs the unscaled value.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .base import Graph, LinearPattern, MobileBertPass, call, dtype_of
+from mbcompile.passes.base import MobileBertPass
+from mbcompile.passes.graph import Graph, call, dtype_of
+from mbcompile.passes.linear import LinearPattern
+
+
+@dataclass
+class _Scaled:
+    """A matched ``x · s`` and, once ``why_not`` accepts it, the layout calls from ``x`` back to
+    the linear, the linear's root last."""
+
+    found: dict
+    chain: list[relax.Call] = field(default_factory=list)
 
 
 class FoldAttentionScale(MobileBertPass):
@@ -41,29 +54,13 @@ class FoldAttentionScale(MobileBertPass):
         )(wildcard())
         self.linear = LinearPattern()
 
-    def find_rewrites(self, graph: Graph) -> list[dict[relax.Var, relax.Expr]]:
-        rewrites = []
-        for var, value in graph.bindings():
-            m = graph.match(self.pattern, value)
-            if m is None:
-                continue
-            chain: list[relax.Call] = []
-            why = self.why_not(graph, m, chain)
-            if why is not None:
-                self.refuse(var, why)
-                continue
-            scale = np.float64(graph.constant(m[self.scale]).reshape(()))
-            linear = self.linear.match(graph, graph.value(chain[-1]))
-            bias = None if linear.bias is None else linear.bias.astype(np.float64) * scale
-            new = linear.rebuild(linear.kernel.astype(np.float64) * scale, bias)
-            for layout in reversed(chain[:-1]):
-                new = call(layout, new, *layout.args[1:])
-            rewrites.append({var: new})
-        return rewrites
+    def match(self, graph: Graph, var: relax.Var, value: relax.Expr) -> _Scaled | None:
+        found = super().match(graph, var, value)
+        return None if found is None else _Scaled(found)
 
-    def why_not(self, graph: Graph, m: dict, chain: list[relax.Expr]) -> str | None:
-        """Why this multiply cannot fold (None: it can); fills ``chain`` with the layout calls
-        from the multiply's input back to the linear, the linear's root last."""
+    def why_not(self, graph: Graph, var: relax.Var, match: _Scaled) -> str | None:
+        """Why this multiply cannot fold (None: it can); fills ``match.chain`` as it walks it."""
+        m, chain = match.found, match.chain
         x = m[self.x]
         scale = graph.constant(m[self.scale])
         if scale.size != 1:
@@ -90,3 +87,13 @@ class FoldAttentionScale(MobileBertPass):
                 return "the scaled tensor does not come from a linear through reshapes/permutes"
             chain.append(value)
             expr = value.args[0]
+
+    def rewrite(self, graph: Graph, var: relax.Var, match: _Scaled) -> dict[relax.Var, relax.Expr]:
+        chain = match.chain
+        scale = np.float64(graph.constant(match.found[self.scale]).reshape(()))
+        linear = self.linear.match(graph, graph.value(chain[-1]))
+        bias = None if linear.bias is None else linear.bias.astype(np.float64) * scale
+        new = linear.rebuild(linear.kernel.astype(np.float64) * scale, bias)
+        for layout in reversed(chain[:-1]):
+            new = call(layout, new, *layout.args[1:])
+        return {var: new}

@@ -33,17 +33,15 @@ two users and stay.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .base import (
+from mbcompile.passes.base import MobileBertPass
+from mbcompile.passes.graph import (
     Graph,
-    Linear,
-    LinearPattern,
-    MobileBertPass,
     call,
     dtype_of,
     fold_const,
@@ -51,6 +49,7 @@ from .base import (
     shape_values,
     static_shape,
 )
+from mbcompile.passes.linear import Linear, LinearPattern
 
 
 @dataclass
@@ -80,6 +79,14 @@ class _Term:
         return out
 
 
+@dataclass
+class _NoNorm:
+    """A matched ``x * γ + β`` and, once ``why_not`` accepts it, the terms of the sum ``x``."""
+
+    found: dict
+    terms: list[_Term] = field(default_factory=list)
+
+
 class FoldNoNorm(MobileBertPass):
     """``(Σ terms) * γ + β → Σ terms'`` with γ, β folded into weights, biases and tables."""
 
@@ -97,31 +104,13 @@ class FoldNoNorm(MobileBertPass):
         self.gather = is_op("relax.take")(is_const(), wildcard())
         self.linear = LinearPattern()
 
-    def find_rewrites(self, graph: Graph) -> list[dict[relax.Var, relax.Expr]]:
-        rewrites = []
-        for var, value in graph.bindings():
-            m = graph.match(self.pattern, value)
-            if m is None:
-                continue
-            terms: list[_Term] = []
-            why = self.why_not(graph, m, terms)
-            if why is not None:
-                self.refuse(var, why)
-                continue
-            channels = static_shape(var)[-1]
-            gamma = last_axis_vector(graph.constant(m[self.gamma]), channels)
-            beta = last_axis_vector(graph.constant(m[self.beta]), channels)
-            # β joins one bias: a linear's if there is one, else the first table.
-            home = next((t for t in terms if t.linear is not None), terms[0])
-            new = None
-            for term in terms:
-                out = term.rebuild(gamma, beta if term is home else None)
-                new = out if new is None else relax.op.add(new, out)
-            rewrites.append({var: new})
-        return rewrites
+    def match(self, graph: Graph, var: relax.Var, value: relax.Expr) -> _NoNorm | None:
+        found = super().match(graph, var, value)
+        return None if found is None else _NoNorm(found)
 
-    def why_not(self, graph: Graph, m: dict, terms: list[_Term]) -> str | None:
-        """Why this NoNorm cannot fold (None: it can); fills ``terms`` as it checks them."""
+    def why_not(self, graph: Graph, var: relax.Var, match: _NoNorm) -> str | None:
+        """Why this NoNorm cannot fold (None: it can); fills ``match.terms`` as it checks them."""
+        m = match.found
         x = m[self.x]
         shape = static_shape(x)
         if shape is None or not shape:
@@ -136,7 +125,20 @@ class FoldNoNorm(MobileBertPass):
                 return f"{role} of shape {value.shape} does not broadcast along the last axis only"
         if graph.users(m[self.scaled]) > 1:
             return "the scaled tensor x·γ has another user"
-        return self._collect(graph, x, channels, terms)
+        return self._collect(graph, x, channels, match.terms)
+
+    def rewrite(self, graph: Graph, var: relax.Var, match: _NoNorm) -> dict[relax.Var, relax.Expr]:
+        channels = static_shape(var)[-1]
+        gamma = last_axis_vector(graph.constant(match.found[self.gamma]), channels)
+        beta = last_axis_vector(graph.constant(match.found[self.beta]), channels)
+        # β joins one bias: a linear's if there is one, else the first table.
+        terms = match.terms
+        home = next((t for t in terms if t.linear is not None), terms[0])
+        new = None
+        for term in terms:
+            out = term.rebuild(gamma, beta if term is home else None)
+            new = out if new is None else relax.op.add(new, out)
+        return {var: new}
 
     def _collect(
         self, graph: Graph, expr: relax.Expr, channels: int, terms: list[_Term]

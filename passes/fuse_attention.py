@@ -23,6 +23,10 @@ The kernel reads q and v in the linears' row layout (a merged linear's output, a
 offset of the slice) and writes the output rows the attention output linear reads, through
 strided views: three transpose kernels per layer fewer, and the values are the same.
 
+The kernel's register tiles are sized for the CPU given as ``FuseAttention(target=...)``
+(``mbcompile.cpu.cpu_info``: 8 fp32 lanes on AVX2, 16 on AVX-512, 4 on NEON; 8 without a target),
+never for the ambient ``tvm.target.Target.current``.
+
 Bails (``refusals`` says why) unless everything is float32 with static shapes, the bias
 broadcasts to (B, H, Sq, Sk), and ``s2``, ``p`` and the guarded probabilities have no other user
 (e.g. ``output_attentions`` returning them).
@@ -34,17 +38,24 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .attention_kernel import RowsLayout, attention_kernel
-from .base import Graph, MobileBertPass, column_slice, static_shape
+from mbcompile.cpu import TargetLike, cpu_info
+from mbcompile.passes.attention_kernel import RowsLayout, attention_kernel
+from mbcompile.passes.base import MobileBertPass
+from mbcompile.passes.graph import Graph, column_slice, is_call, static_shape
 
 
 class FuseAttention(MobileBertPass):
     """``matmul(guarded_softmax(q·kt + bias), v) → call_tir(fused_attention, q, kt, v, bias)``."""
 
     name = "FuseAttention"
+    takes_target = True
 
-    def __init__(self) -> None:
+    def __init__(self, target: TargetLike | None = None) -> None:
+        """``target``: the CPU the kernel's register tiles are sized for (``mbcompile.cpu``);
+        None sizes them for 8 fp32 lanes, which any CPU runs correctly."""
         super().__init__()
+        self.target = target
+        self.lanes = cpu_info(target).lanes("float32")
         self.q, self.kt, self.v, self.bias = wildcard(), wildcard(), wildcard(), wildcard()
         self.scores = is_op("relax.matmul")(self.q, self.kt)
         self.biased = is_op("relax.add")(
@@ -71,7 +82,10 @@ class FuseAttention(MobileBertPass):
             mod[gvar] = func
         return mod, fired
 
-    def why_not(self, graph: Graph, m: dict) -> str | None:
+    def __repr__(self) -> str:
+        return f"{self.name}()" if self.target is None else f"{self.name}(target={self.target!r})"
+
+    def why_not(self, graph: Graph, var: relax.Var, m: dict) -> str | None:
         # Users inside the pattern: s2 → softmax and equal; p → full_like and where.
         for part, inside in ((self.biased, 2), (self.probs, 2), (self.guarded, 1)):
             if graph.users(m[part]) != inside:
@@ -95,35 +109,25 @@ class FuseAttention(MobileBertPass):
             return "the guard does not test for -inf"
         return None
 
-    def find_rewrites(self, graph: Graph) -> list[dict[relax.Var, relax.Expr]]:
-        rewrites = []
-        for var, value in graph.bindings():
-            m = graph.match(self.pattern, value)
-            if m is None:
-                continue
-            why = self.why_not(graph, m)
-            if why is not None:
-                self.refuse(var, why)
-                continue
-            q, v, bias = static_shape(m[self.q]), static_shape(m[self.v]), static_shape(m[self.bias])
-            heads = static_shape(m[self.biased])[1]
-            key = f"fused_attention_{q[0]}x{q[1]}x{v[1]}x{q[2]}x{v[2]}_h{heads}_b{'x'.join(map(str, bias))}"
-            rows = self._rows_layout(graph, var, m, heads) if q[0] == heads else None
-            if rows is None:
-                args, layout, replaced = [m[self.q], m[self.kt], m[self.v], m[self.bias]], None, var
-                out = relax.TensorType((q[0], q[1], v[2]), "float32")
-            else:
-                layout, q_rows, v_rows, replaced = rows
-                args = [q_rows, m[self.kt], v_rows, m[self.bias]]
-                out = relax.TensorType((1, q[1], heads * v[2]), "float32")
-                key += f"_rows_q{layout.q_width}o{layout.q_offset}_v{layout.v_width}o{layout.v_offset}"
-            if key not in self._kernels:
-                func = attention_kernel(
-                    q[0], q[1], v[1], q[2], v[2], heads, bias, rows_layout=layout
-                )
-                self._kernels[key] = (self._builder.add_func(func, key), func)
-            rewrites.append({replaced: relax.call_tir(self._kernels[key][0], args, out)})
-        return rewrites
+    def rewrite(self, graph: Graph, var: relax.Var, m: dict) -> dict[relax.Var, relax.Expr]:
+        q, v, bias = static_shape(m[self.q]), static_shape(m[self.v]), static_shape(m[self.bias])
+        heads = static_shape(m[self.biased])[1]
+        key = f"fused_attention_{q[0]}x{q[1]}x{v[1]}x{q[2]}x{v[2]}_h{heads}_b{'x'.join(map(str, bias))}"
+        rows = self._rows_layout(graph, var, m, heads) if q[0] == heads else None
+        if rows is None:
+            args, layout, replaced = [m[self.q], m[self.kt], m[self.v], m[self.bias]], None, var
+            out = relax.TensorType((q[0], q[1], v[2]), "float32")
+        else:
+            layout, q_rows, v_rows, replaced = rows
+            args = [q_rows, m[self.kt], v_rows, m[self.bias]]
+            out = relax.TensorType((1, q[1], heads * v[2]), "float32")
+            key += f"_rows_q{layout.q_width}o{layout.q_offset}_v{layout.v_width}o{layout.v_offset}"
+        if key not in self._kernels:
+            func = attention_kernel(
+                q[0], q[1], v[1], q[2], v[2], heads, bias, lanes=self.lanes, rows_layout=layout
+            )
+            self._kernels[key] = (self._builder.add_func(func, key), func)
+        return {replaced: relax.call_tir(self._kernels[key][0], args, out)}
 
     def _rows_layout(self, graph: Graph, var: relax.Var, m: dict, heads: int):
         """(RowsLayout, q rows, v rows, the var of the merged output) when q and v come from
@@ -142,14 +146,14 @@ class FuseAttention(MobileBertPass):
         ``reshape(permute_dims(reshape(rows[:, offset : offset + H·D], (1, S, H, D)), [0, 2, 1, 3]))``."""
         shape = static_shape(x)
         outer = graph.value(x)
-        if shape is None or len(shape) != 3 or not _is_op(outer, "relax.reshape"):
+        if shape is None or len(shape) != 3 or not is_call(outer, "relax.reshape"):
             return None
         _, seq, dim = shape
         permute = graph.value(outer.args[0])
-        if not _is_op(permute, "relax.permute_dims") or _axes(permute) != [0, 2, 1, 3]:
+        if not is_call(permute, "relax.permute_dims") or _axes(permute) != [0, 2, 1, 3]:
             return None
         inner = graph.value(permute.args[0])
-        if not _is_op(inner, "relax.reshape") or static_shape(inner) != (1, seq, heads, dim):
+        if not is_call(inner, "relax.reshape") or static_shape(inner) != (1, seq, heads, dim):
             return None
         rows = inner.args[0]
         if static_shape(rows) not in ((seq, heads * dim), (1, seq, heads * dim)):
@@ -181,19 +185,15 @@ class FuseAttention(MobileBertPass):
             chain.append(graph.value(current))
         first, permute, last = chain
         if not (
-            _is_op(first, "relax.reshape")
+            is_call(first, "relax.reshape")
             and static_shape(first) == (1, heads, seq, dim_v)
-            and _is_op(permute, "relax.permute_dims")
+            and is_call(permute, "relax.permute_dims")
             and _axes(permute) == [0, 2, 1, 3]
-            and _is_op(last, "relax.reshape")
+            and is_call(last, "relax.reshape")
             and static_shape(last) == (1, seq, heads * dim_v)
         ):
             return None
         return current
-
-
-def _is_op(expr: relax.Expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
 
 
 def _axes(permute: relax.Call) -> list[int] | None:

@@ -28,11 +28,23 @@ Groups of fewer than two linears are left alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
-from .base import Graph, Linear, LinearPattern, MobileBertPass, call, fold_const, static_shape
+from mbcompile.passes.base import MobileBertPass
+from mbcompile.passes.graph import Graph, call, fold_const, static_shape
+from mbcompile.passes.linear import Linear, LinearPattern
+
+
+@dataclass
+class _Member:
+    """A linear of a group, and the group's first linear in program order."""
+
+    linear: Linear
+    first: relax.Var
 
 
 class MergeSharedInputLinears(MobileBertPass):
@@ -46,6 +58,8 @@ class MergeSharedInputLinears(MobileBertPass):
         self.reshape = is_op("relax.reshape")(wildcard(), wildcard())
 
     def find_rewrites(self, graph: Graph) -> list[dict[relax.Var, relax.Expr]]:
+        """One rewrite per group of linears reading one tensor (not per binding, as the base
+        class's loop goes); ``why_not`` is asked for every member."""
         found: dict[relax.Var, Linear] = {}
         for var, value in graph.bindings():
             linear = self.linear.match(graph, value)
@@ -69,7 +83,7 @@ class MergeSharedInputLinears(MobileBertPass):
             members.sort(key=lambda member: graph.order[member[0]])
             kept = []
             for var, linear in members:
-                why = self.why_not(graph, members[0], (var, linear))
+                why = self.why_not(graph, var, _Member(linear, first=members[0][0]))
                 if why is None:
                     kept.append((var, linear))
                 else:
@@ -88,15 +102,12 @@ class MergeSharedInputLinears(MobileBertPass):
             return None
         return (source, shape, linear.dtype, linear.kernel.shape[0])
 
-    def why_not(
-        self, graph: Graph, first: tuple[relax.Var, Linear], member: tuple[relax.Var, Linear]
-    ) -> str | None:
-        """Why ``member`` cannot join the group whose first linear is ``first`` (None: it can)."""
-        var, linear = member
-        for inner in linear.intermediates:
+    def why_not(self, graph: Graph, var: relax.Var, member: _Member) -> str | None:
+        """Why the linear bound to ``var`` cannot join its group (None: it can)."""
+        for inner in member.linear.intermediates:
             if graph.users(inner) > 1:
                 return "the matmul inside this linear has another user besides its bias add"
-        if graph.block[var] != graph.block[first[0]]:
+        if graph.block[var] != graph.block[member.first]:
             return "this linear is in another binding block than the rest of its group"
         return None
 

@@ -45,15 +45,17 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .base import (
+from mbcompile.errors import OptionError
+from mbcompile.passes.base import MobileBertPass
+from mbcompile.passes.graph import (
     Graph,
-    MobileBertPass,
     call,
+    is_call,
     is_constant_expr,
     last_axis_vector,
-    rewrite_bindings,
     static_shape,
 )
+from mbcompile.passes.rewrite import rewrite_bindings
 
 # [MASK] in the uncased MobileBERT/BERT vocabulary; pass the tokenizer's mask_token_id otherwise.
 DEFAULT_MASK_TOKEN_ID = 103
@@ -110,9 +112,9 @@ class PruneMaskedLMHead(MobileBertPass):
     ):
         super().__init__()
         if not isinstance(max_masked, int) or max_masked < 1:
-            raise ValueError(f"max_masked must be a positive integer, got {max_masked!r}")
+            raise OptionError(f"max_masked must be a positive integer, got {max_masked!r}")
         if not isinstance(mask_token_id, int) or mask_token_id < 0:
-            raise ValueError(f"mask_token_id must be a token id (≥ 0), got {mask_token_id!r}")
+            raise OptionError(f"mask_token_id must be a token id (≥ 0), got {mask_token_id!r}")
         self.max_masked = max_masked
         self.mask_token_id = mask_token_id
         self.pruned_output: int | None = None  # which output of main became the pruned logits
@@ -175,13 +177,13 @@ class PruneMaskedLMHead(MobileBertPass):
         params = set(graph.func.params)
         found = []
         for _, value in graph.bindings():
-            if not _is_op(value, "relax.take"):
+            if not is_call(value, "relax.take"):
                 continue
             table = graph.constant(value.args[0])
             if table is None or table.ndim != 2:
                 continue
             source = value.args[1]
-            while _is_op(graph.value(source), "relax.astype", "relax.reshape"):
+            while is_call(graph.value(source), "relax.astype", "relax.reshape"):
                 source = graph.value(source).args[0]
             shape = static_shape(source) if source in params else None
             if shape is None or len(shape) != 2 or not str(source.ty.dtype).startswith("int"):
@@ -206,7 +208,7 @@ class PruneMaskedLMHead(MobileBertPass):
             if operand is None:
                 break
             chain.append(current)
-            if _is_op(value, "relax.matmul") and static_shape(current)[-1] == vocab:
+            if is_call(value, "relax.matmul") and static_shape(current)[-1] == vocab:
                 projection = True
             if isinstance(graph.value(operand), relax.Var) or graph.users(operand) > 1:
                 current = operand
@@ -352,14 +354,6 @@ class PruneMaskedLMHead(MobileBertPass):
             center=bool(attrs.center),
             scale=bool(attrs.scale),
         )
-
-
-def _is_op(expr: relax.Expr, *names: str) -> bool:
-    return (
-        isinstance(expr, relax.Call)
-        and isinstance(expr.op, tvm.ir.Op)
-        and expr.op.name in names
-    )
 
 
 def _is_rows(shape: tuple[int, ...] | None, batch: int, seq: int) -> bool:

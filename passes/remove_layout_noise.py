@@ -20,10 +20,13 @@ keep the intermediate alive and add a second op reading the same input, saving n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import relax
 from tvm.relax.dpl import is_op, wildcard
 
-from .base import Graph, MobileBertPass, call, shape_values, static_shape
+from mbcompile.passes.base import MobileBertPass
+from mbcompile.passes.graph import Graph, call, shape_values, static_shape
 
 
 def _axes(permute: relax.Call, ndim: int) -> tuple[int, ...]:
@@ -31,6 +34,15 @@ def _axes(permute: relax.Call, ndim: int) -> tuple[int, ...]:
     if axes is None:
         return tuple(reversed(range(ndim)))
     return tuple(int(a) % ndim for a in axes)
+
+
+@dataclass
+class _LayoutOp:
+    """A matched layout op and, once ``why_not`` accepts it, what replaces it (None: it is
+    needed as it is)."""
+
+    found: dict
+    new: relax.Expr | None = None
 
 
 class RemoveLayoutNoise(MobileBertPass):
@@ -47,35 +59,31 @@ class RemoveLayoutNoise(MobileBertPass):
         self.permute = is_op("relax.permute_dims")(self.inner_permute | self.x)
         self.broadcast = is_op("relax.broadcast_to")(self.x, wildcard())
         self.pattern = self.reshape | self.permute | self.broadcast
+        self._changed: set[relax.Var] = set()  # bindings rewritten in the current round
 
     def find_rewrites(self, graph: Graph) -> list[dict[relax.Var, relax.Expr]]:
-        rewrites = []
-        changed: set[relax.Var] = set()
-        for var, value in graph.bindings():
-            m = graph.match(self.pattern, value)
-            if m is None:
-                continue
-            inner = m.get(self.inner_reshape, m.get(self.inner_permute))
-            if inner is not None and graph.var_of(inner) in changed:
-                continue  # its inner op goes this round; look again at the next
-            new: list[relax.Expr] = []
-            why = self.why_not(graph, var, m, new)
-            if why is not None:
-                self.refuse(var, why)
-            elif new:
-                rewrites.append({var: new[0]})
-                changed.add(var)
-        return rewrites
+        self._changed = set()
+        return super().find_rewrites(graph)
 
-    def why_not(self, graph: Graph, var: relax.Var, m: dict, new: list) -> str | None:
+    def match(self, graph: Graph, var: relax.Var, value: relax.Expr) -> _LayoutOp | None:
+        found = super().match(graph, var, value)
+        if found is None:
+            return None
+        inner = found.get(self.inner_reshape, found.get(self.inner_permute))
+        if inner is not None and graph.var_of(inner) in self._changed:
+            return None  # its inner op goes this round; look again at the next
+        return _LayoutOp(found)
+
+    def why_not(self, graph: Graph, var: relax.Var, match: _LayoutOp) -> str | None:
         """Why this layout op stays (None: it goes, or it is simply needed); puts the
-        replacement in ``new``."""
+        replacement in ``match.new``."""
+        m = match.found
         x = m[self.x]
         in_shape, out_shape = static_shape(x), static_shape(var)
         if in_shape is None or out_shape is None:
             return "a shape is not static"
         if in_shape == out_shape and self._is_identity_on(m, in_shape):
-            new.append(x)
+            match.new = x
             return None
         if self.inner_reshape in m:
             target = shape_values(m[self.reshape].args[1])
@@ -83,15 +91,23 @@ class RemoveLayoutNoise(MobileBertPass):
                 return "the reshape's target is not a list of positive sizes"
             if graph.users(m[self.inner_reshape]) > 1:
                 return "the inner reshape has another user"
-            new.append(call(m[self.reshape], x, m[self.reshape].args[1]))
+            match.new = call(m[self.reshape], x, m[self.reshape].args[1])
         elif self.inner_permute in m:
             if graph.users(m[self.inner_permute]) > 1:
                 return "the inner permute_dims has another user"
             p = _axes(m[self.inner_permute], len(in_shape))
             q = _axes(m[self.permute], len(in_shape))
             composed = [p[i] for i in q]
-            new.append(relax.op.permute_dims(x, composed))
+            match.new = relax.op.permute_dims(x, composed)
         return None
+
+    def rewrite(
+        self, graph: Graph, var: relax.Var, match: _LayoutOp
+    ) -> dict[relax.Var, relax.Expr]:
+        if match.new is None:
+            return {}
+        self._changed.add(var)
+        return {var: match.new}
 
     def _is_identity_on(self, m: dict, shape: tuple[int, ...]) -> bool:
         """Whether the matched op returns its input ``x`` unchanged (shapes already equal)."""

@@ -33,7 +33,8 @@ import math
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from .base import Graph, MobileBertPass, call, is_constant_expr, static_shape
+from mbcompile.passes.base import MobileBertPass
+from mbcompile.passes.graph import Graph, call, is_constant_expr, static_shape
 
 
 class RemoveLinearReshapes(MobileBertPass):
@@ -50,19 +51,6 @@ class RemoveLinearReshapes(MobileBertPass):
         self.biased = is_op("relax.add")(self.matmul, self.bias)  # matches either order
         self.pattern = is_op("relax.reshape")(self.biased | self.matmul, wildcard())
         self.flatten = is_op("relax.reshape")(wildcard(), wildcard())
-
-    def find_rewrites(self, graph: Graph) -> list[dict[relax.Var, relax.Expr]]:
-        rewrites = []
-        for var, value in graph.bindings():
-            m = graph.match(self.pattern, value)
-            if m is None:
-                continue
-            why = self.why_not(graph, var, m)
-            if why is not None:
-                self.refuse(var, why)
-                continue
-            rewrites.append({var: self._rebuild(graph, var, m)})
-        return rewrites
 
     def why_not(self, graph: Graph, var: relax.Var, m: dict) -> str | None:
         """Why this reshape pair stays around its linear (None: it goes)."""
@@ -92,7 +80,7 @@ class RemoveLinearReshapes(MobileBertPass):
             return "the 2-D output of the linear has another user besides the reshape"
         return None
 
-    def _rebuild(self, graph: Graph, var: relax.Var, m: dict) -> relax.Expr:
+    def rewrite(self, graph: Graph, var: relax.Var, m: dict) -> dict[relax.Var, relax.Expr]:
         """The linear on the N-D input: its leading axes are the reshape's, last axis K."""
         out_shape = static_shape(var)
         matmul = m[self.matmul]
@@ -110,5 +98,4 @@ class RemoveLinearReshapes(MobileBertPass):
             biased = m[self.biased]
             args = [out if graph.value(a).same_as(matmul) else a for a in biased.args]
             out = call(biased, *args)
-        return out
-
+        return {var: out}

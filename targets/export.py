@@ -1,13 +1,19 @@
-"""Link a compiled executable into a shared library for its target (cross-compiling if needed)."""
+"""Link a compiled executable into a shared library for its target (cross-compiling if needed).
+
+``link_library`` is the build's last stage: the compile driver calls it before it returns, so a
+missing cross toolchain is reported by ``compile`` itself.
+"""
 
 from __future__ import annotations
 
 import glob
 import os
 import shutil
+import tempfile
+from pathlib import Path
 
-from ..errors import ToolchainError
-from .registry import Target, host_arch
+from mbcompile.errors import ToolchainError
+from mbcompile.targets.registry import Target, host_arch
 
 # Debian's cross compilers for Linux aarch64.
 AARCH64_LINUX_CC = "aarch64-linux-gnu-g++"
@@ -73,3 +79,11 @@ def export_library(executable, target: Target, path: str) -> None:
         executable.export_library(path)
     else:
         executable.export_library(path, fcompile=fcompile)
+
+
+def link_library(executable, target: Target) -> bytes:
+    """The bytes of ``executable`` linked as a shared library (``lib.so``) for ``target``."""
+    with tempfile.TemporaryDirectory(prefix="mbcompile-link-") as tmp:
+        path = os.path.join(tmp, "lib.so")
+        export_library(executable, target, path)
+        return Path(path).read_bytes()

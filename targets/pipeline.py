@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
 from mbcompile.targets.schedules import (
     PackDenseWeights,
     PrefetchWeightPanels,
     ScheduleKernels,
     default_rules,
 )
-from tvm import relax
-from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 
 def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
@@ -89,7 +90,7 @@ def build_pipeline(
             on_fused(mod)
         with target:
             if database is not None:
-                from .tuning import apply_database_pass
+                from mbcompile.targets.tuning import apply_database_pass
 
                 before = _scheduled_kernels(mod)
                 mod = apply_database_pass(database)(mod)

@@ -11,7 +11,7 @@ import os
 import platform
 from dataclasses import dataclass, field, replace
 
-from ..errors import TargetError
+from mbcompile.errors import TargetError
 
 ARCHES = ("x86_64", "aarch64")
 EXPORTS = ("host-cc", "aarch64-linux-gnu", "android-ndk")

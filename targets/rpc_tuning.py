@@ -1,8 +1,9 @@
 """MetaSchedule measuring on remote devices: a builder that cross-links for a named target and a
 runner that measures on devices registered with a TVM RPC tracker.
 
-``tune_module(..., builder=rpc_builder(spec), runner=rpc_runner(host, port, key))`` tunes on
-the devices the tracker hands out (``mbcompile tune --tracker HOST:PORT --key KEY``).
+``tune_module(..., builder=partial(rpc_builder, spec), runner=partial(rpc_runner, host, port,
+key))`` tunes on the devices the tracker hands out (``mbcompile tune --tracker HOST:PORT --key
+KEY``); the tuning search process calls them.
 
 - MetaSchedule's default export ships a tar of object files that the RPC server would link with
   its own compiler; a device has none (a phone) or the wrong one, so :func:`export_linked` links
@@ -22,9 +23,9 @@ import functools
 import os
 import tempfile
 
-from .export import fcompile_for
-from .registry import Target
-from .tuning import cold_cache_evaluator, meta_schedule, worker_initializer
+from mbcompile.targets.export import fcompile_for
+from mbcompile.targets.metaschedule import cold_cache_evaluator, meta_schedule, worker_initializer
+from mbcompile.targets.registry import Target
 
 ARTIFACT = "mbcompile_kernel.so"  # the name a candidate is uploaded under on the device
 SESSION_TIMEOUT = 60  # seconds a device may take for one candidate (upload, load, measure)

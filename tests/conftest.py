@@ -26,7 +26,7 @@ def tiny_qa_artifact(tiny_qa, tmp_path_factory):
 def device():
     """The emulated aarch64 device's TVM RPC server on 127.0.0.1 (built first if not cached);
     skipped, with the reason, where qemu-user-static or mmdebstrap is missing."""
-    from mbcompile.targets import emulator
+    from mbcompile.devices import emulator
     from mbcompile.targets.registry import host_arch
 
     missing = emulator.missing_tools()
@@ -44,7 +44,7 @@ def device():
 @pytest.fixture(scope="session")
 def tracker():
     """A TVM RPC tracker on 127.0.0.1 (TVM's tracker needs tornado)."""
-    from mbcompile.remote import start_tracker
+    from mbcompile.devices import start_tracker
 
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (pip install tornado)")
     with start_tracker(free_port()) as running:

@@ -40,9 +40,21 @@ def tiny_config(**overrides):
 
 
 def make_model(head: str, config, seed: int = 0):
-    from mbcompile.models import random_model
+    from mbcompile.capture import random_model
 
     return random_model(config, head, seed=seed)
+
+
+def trained_pad_row(model, seed: int = 3):
+    """Give the padding id's word-embedding row values, as trained checkpoints have (BERT-family
+    TF checkpoints learn a [PAD] row; PyTorch's random init zeroes it)."""
+    pad = model.config.pad_token_id or 0
+    table = model.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        table[pad] = torch.randn(table.shape[1], generator=gen) * table.std() * 3
+    assert float(table[pad].detach().abs().sum()) > 0
+    return model
 
 
 def random_inputs(config, shape, *, pad: int = 0, segments: bool = True, seed: int = 1):
@@ -114,7 +126,7 @@ def host_server(tracker_address: str, key: str):
     )
     try:
         deadline = time.monotonic() + 90
-        from mbcompile.remote import tracker_devices
+        from mbcompile.devices import tracker_devices
 
         while key not in tracker_devices(tracker_address):
             assert proc.poll() is None, f"TVM's rpc_server exited with {proc.returncode}"

@@ -12,9 +12,9 @@ import torch
 from helpers import make_model, tiny_config
 
 import mbcompile
+from mbcompile.capture import load_checkpoint
 from mbcompile.cli import main
 from mbcompile.errors import ModelError
-from mbcompile.models import load_checkpoint
 
 
 @pytest.fixture(scope="module")

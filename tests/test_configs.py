@@ -46,3 +46,15 @@ def test_config_variant_matches_eager(head, overrides):
     assert_matches_eager(compiled, model, ids, mask, types)
     ids, mask, types = random_inputs(config, shape[:-1] + (6,), seed=7)
     assert_matches_eager(compiled, model, ids, mask, types)
+
+
+def test_multiple_choice_hidden_states_keep_every_choice_of_every_row():
+    """HF returns the multiple-choice head's hidden states flattened to (batch·choices, ...):
+    cutting the compiled batch back must keep num_choices rows per input row."""
+    config = tiny_config(output_hidden_states=True, output_attentions=True, num_hidden_layers=1)
+    model = make_model("multiple-choice", config)
+    compiled = mbcompile.compile(model, seq_len=SEQ, batch_size=2, num_choices=2, passes=())
+    for batch in (1, 3):  # a padded chunk, and a full chunk then a padded one
+        ids, mask, types = random_inputs(config, (batch, 2, 7), pad=2)
+        out = assert_matches_eager(compiled, model, ids, mask, types)
+        assert out.hidden_states[0].shape[0] == batch * 2

@@ -6,8 +6,8 @@ import pytest
 from helpers import assert_matches_eager, random_inputs
 
 import mbcompile
+from mbcompile.capture import named_config, random_model
 from mbcompile.heads import HEADS
-from mbcompile.models import named_config, random_model
 
 SEQ = 128
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_model, tiny_config
-from mbcompile.passes import DEFAULT_PASSES
 
 import mbcompile
 from mbcompile import InputError
+from mbcompile.passes import DEFAULT_PASSES
 
 MASK = 5
 
@@ -83,7 +83,7 @@ def test_pruned_head_is_saved_and_loaded(pruned, tmp_path):
 
 
 def test_report_and_explain_show_the_pruning_pass_fired(pruned):
-    from mbcompile.cli import format_report
+    from mbcompile.report import format_report
 
     _, compiled = pruned
     report = compiled.report()

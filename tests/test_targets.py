@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import tvm
-from mbcompile.targets.registry import TARGETS, can_run_here, host_arch, resolve_target
 
 from mbcompile import TargetError
+from mbcompile.targets.registry import TARGETS, can_run_here, host_arch, resolve_target
 
 
 def test_required_targets_are_named():

@@ -50,3 +50,66 @@ def test_kernels_use_every_cpu_by_default(tiny_qa_artifact):
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
 def test_tvm_num_threads_still_decides(tiny_qa_artifact):
     assert _run(tiny_qa_artifact, TVM_NUM_THREADS="1") == {"threads": 1, "new_os_threads": 0}
+
+
+def _inputs(compiled, count: int, seed: int = 0) -> list:
+    import numpy as np
+
+    sig = compiled.signature
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, sig.seq_len + 1, count)
+    return [rng.integers(0, sig.vocab_size, (1, int(n)), dtype=np.int64) for n in lengths]
+
+
+def _hammer(models_and_inputs, threads: int, calls: int) -> list[str]:
+    """Call each (model, inputs, expected) from ``threads`` threads ``calls`` times each; the
+    list of calls whose outputs differ from the serial ones."""
+    import threading
+
+    import numpy as np
+
+    wrong: list[str] = []
+    start = threading.Barrier(threads)
+
+    def work(k: int) -> None:
+        start.wait()
+        for j in range(calls):
+            compiled, inputs, expected = models_and_inputs[(k + j) % len(models_and_inputs)]
+            i = (k * 7 + j) % len(inputs)
+            out = compiled(input_ids=inputs[i])
+            for name, want in expected[i].items():
+                if not np.array_equal(out[name], want):
+                    wrong.append(f"thread {k} call {j}: {name}")
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return wrong
+
+
+def _serial(compiled, inputs) -> list[dict]:
+    return [dict(compiled(input_ids=i)) for i in inputs]
+
+
+def test_one_model_called_from_8_threads_gives_the_serial_results(tiny_qa_artifact):
+    """A Relax VM is not re-entrant; the runtime gives each calling thread its own."""
+    import mbcompile
+
+    compiled = mbcompile.load(tiny_qa_artifact)
+    inputs = _inputs(compiled, 12)
+    expected = _serial(compiled, inputs)
+    assert _hammer([(compiled, inputs, expected)], threads=8, calls=200) == []
+
+
+def test_several_models_first_called_in_threads_give_the_serial_results(tiny_qa_artifact):
+    """Three loads of one artifact (three libraries) whose first calls race in threads."""
+    import mbcompile
+
+    reference = mbcompile.load(tiny_qa_artifact)
+    inputs = _inputs(reference, 6, seed=1)
+    expected = _serial(reference, inputs)
+    fresh = [mbcompile.load(tiny_qa_artifact) for _ in range(3)]
+    work = [(m, inputs, expected) for m in fresh]
+    assert _hammer(work, threads=6, calls=40) == []

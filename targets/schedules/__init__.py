@@ -9,13 +9,13 @@ from __future__ import annotations
 import tvm
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .apply import ScheduleKernels
-from .batch_matmul import BatchMatmul
-from .dense import DensePacked
-from .elementwise import Elementwise
-from .pack_weights import PackDenseWeights
-from .prefetch import PrefetchWeightPanels
-from .reduction import RowReduction
+from mbcompile.targets.schedules.apply import ScheduleKernels
+from mbcompile.targets.schedules.batch_matmul import BatchMatmul
+from mbcompile.targets.schedules.dense import DensePacked
+from mbcompile.targets.schedules.elementwise import Elementwise
+from mbcompile.targets.schedules.pack_weights import PackDenseWeights
+from mbcompile.targets.schedules.prefetch import PrefetchWeightPanels
+from mbcompile.targets.schedules.reduction import RowReduction
 
 
 def default_rules(target: tvm.target.Target) -> list[ScheduleRule]:

@@ -17,8 +17,14 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .gemm_tile import find_gemm, inline_around, largest_divisor, register_tile, schedule_gemm
-from .target_info import cpu_info
+from mbcompile.cpu import cpu_info
+from mbcompile.targets.schedules.gemm_tile import (
+    find_gemm,
+    inline_around,
+    largest_divisor,
+    register_tile,
+    schedule_gemm,
+)
 
 logger = logging.getLogger(__name__)
 

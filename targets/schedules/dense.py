@@ -15,8 +15,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .gemm_tile import find_gemm, inline_around, schedule_gemm
-from .target_info import cpu_info
+from mbcompile.cpu import cpu_info
+from mbcompile.targets.schedules.gemm_tile import find_gemm, inline_around, schedule_gemm
 
 logger = logging.getLogger(__name__)
 

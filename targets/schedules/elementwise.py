@@ -26,8 +26,8 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.sym import Analyzer, detect_linear_equation
 from tvm.target import Target
 
-from .block_info import is_spatial, top_level_blocks
-from .target_info import cpu_info
+from mbcompile.cpu import cpu_info
+from mbcompile.targets.schedules.block_info import is_spatial, top_level_blocks
 
 # Below this many elements per loop nest, one thread beats a parallel launch.
 MIN_PARALLEL_ELEMENTS = 16384

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.ir.expr import TensorLoad
 
-from .block_info import is_spatial, top_level_blocks
-from .target_info import CPUInfo
+from mbcompile.cpu import CPUInfo
+from mbcompile.targets.schedules.block_info import is_spatial, top_level_blocks
 
 
 @dataclass

@@ -29,8 +29,8 @@ import numpy as np
 import tvm
 from tvm import relax, te
 
-from ...passes.base import column_slice
-from .target_info import cpu_info
+from mbcompile.cpu import cpu_info
+from mbcompile.passes.graph import column_slice
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, tirx
 
-from .gemm_tile import accumulated_product, const_int, is_packed_index
+from mbcompile.targets.schedules.gemm_tile import accumulated_product, const_int, is_packed_index
 
 logger = logging.getLogger(__name__)
 

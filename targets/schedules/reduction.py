@@ -19,10 +19,10 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from .block_info import is_reduction, is_spatial, top_level_blocks
-from .elementwise import vectorize_inner
-from .gemm_tile import match_gemm
-from .target_info import cpu_info
+from mbcompile.cpu import cpu_info
+from mbcompile.targets.schedules.block_info import is_reduction, is_spatial, top_level_blocks
+from mbcompile.targets.schedules.elementwise import vectorize_inner
+from mbcompile.targets.schedules.gemm_tile import match_gemm
 
 
 def _leading_spatial(sch: s_tir.Schedule, block) -> int:

@@ -11,7 +11,7 @@ _HERE = Path(__file__).parent
 if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 
-from tester import Tester, tiny_model
+from tester import Tester, tiny_model  # noqa: E402 - after the sys.path entry
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+from tester import Tester, tiny_model
+
+import mbcompile.passes
 from mbcompile.passes import (
     DEFAULT_PASSES,
     FoldAttentionScale,
@@ -15,7 +21,6 @@ from mbcompile.passes import (
     count_matmuls,
     resolve_passes,
 )
-from tester import Tester, tiny_model
 
 # (id, model class, config overrides, sequence length, merges per layer)
 VARIANTS = [
@@ -115,14 +120,14 @@ def test_default_passes_reach_a_fixed_point(tiny_base):
 
 
 def test_default_passes_run_folds_before_merges_and_attention_last():
-    assert DEFAULT_PASSES == (
+    assert (
         FoldNoNorm,
         FoldAttentionScale,
         MergeSharedInputLinears,
         RemoveLinearReshapes,
         RemoveLayoutNoise,
         FuseAttention,
-    )
+    ) == DEFAULT_PASSES
     assert [p.name for p in resolve_passes("default")] == [c.__name__ for c in DEFAULT_PASSES]
 
 
@@ -137,3 +142,11 @@ def test_passes_resolve_from_instances_classes_and_names():
 def test_unknown_pass_name_is_refused_with_the_known_ones():
     with pytest.raises(ValueError, match=r"Unknown pass 'FoldLayerNorm'; known: \[.*'FoldNoNorm'"):
         resolve_passes(["FoldLayerNorm"])
+
+
+def test_the_passes_folder_refuses_to_load_under_another_name():
+    """``import passes`` from the repository root would load a second pass registry."""
+    init = Path(mbcompile.passes.__file__)
+    spec = importlib.util.spec_from_file_location("passes", init)
+    with pytest.raises(ImportError, match=r"import mbcompile\.passes, not passes: "):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))

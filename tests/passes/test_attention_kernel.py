@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+
+from mbcompile.cpu import cpu_info
 from mbcompile.passes.attention_kernel import (
     KIND,
     KIND_ATTR,
     RowsLayout,
     attention_kernel,
-    vector_lanes,
 )
 
 NEG_INF = float("-inf")
@@ -111,6 +112,11 @@ def test_kernel_is_marked_scheduled_and_as_attention():
     kernel = attention_kernel(4, 128, 128, 32, 32, 4, (1, 1, 1, 128))
     assert kernel.attrs[KIND_ATTR] == KIND
     assert bool(kernel.attrs["tirx.is_scheduled"])
+
+
+def vector_lanes(target=None) -> int:
+    """The fp32 lanes FuseAttention sizes its kernel for (``mbcompile.cpu``)."""
+    return cpu_info(target).lanes("float32")
 
 
 def test_vector_width_follows_the_target():

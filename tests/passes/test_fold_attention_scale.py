@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from mbcompile.passes import FoldAttentionScale
 from tester import Tester, bind
 from tvm.script import ir as I
 from tvm.script import relax as R
+
+from mbcompile.passes import FoldAttentionScale
 
 RNG = np.random.default_rng(0)
 WEIGHTS = {

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from mbcompile.passes import FoldNoNorm
 from tester import Tester, bind, random_args
 from tvm.script import ir as I
 from tvm.script import relax as R
+
+from mbcompile.passes import FoldNoNorm
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((6, 8)).astype("float32")  # (out, in), as torch stores it

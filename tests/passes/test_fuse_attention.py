@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 import tvm
-from mbcompile.passes import FoldNoNorm
-from mbcompile.passes.attention_kernel import attention_kernel
-from mbcompile.passes.base import Graph, fused_attention_calls, is_constant_expr
-from mbcompile.passes.fuse_attention import FuseAttention
 from tester import SEQ, Tester, max_error, model_inputs, run, tiny_model
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from mbcompile.stats import matmul_calls
+from mbcompile.passes import FoldNoNorm, resolve_passes
+from mbcompile.passes.attention_kernel import attention_kernel
+from mbcompile.passes.count import fused_attention_calls
+from mbcompile.passes.fuse_attention import FuseAttention
+from mbcompile.passes.graph import Graph, is_constant_expr
+from mbcompile.report import matmul_calls
 
 NEG_INF = float("-inf")
 
@@ -199,5 +202,42 @@ def test_with_more_than_one_sequence_the_kernel_keeps_the_head_layout():
     ids, mask, types = (torch.cat([pair[i] for pair in pairs]) for i in range(3))
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    got = run(t.mod, [ids.numpy(), mask.numpy(), types.numpy()])
+    lengths = np.full(ids.shape[:-1], ids.shape[-1], dtype=np.int64)
+    got = run(t.mod, [ids.numpy(), mask.numpy(), types.numpy(), lengths])
     assert max_error(got[:1], [want.last_hidden_state.numpy()]) <= 1e-4
+
+
+# Zen 3 has AVX2 (8 fp32 lanes); Skylake-SP AVX-512 (16). As JSON dicts: TVM 0.27 takes them.
+ZEN3 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}
+SKYLAKE_AVX512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}
+
+
+def _kernel_lanes(mod: tvm.IRModule) -> int:
+    """The fp32 lanes the one fused attention kernel in ``mod`` was sized for: the length of its
+    per-lane buffer of row partials (``part``)."""
+    (call,) = fused_attention_calls(mod)
+    script = mod[call.args[0]].script()
+    return int(re.search(r"part = T\.alloc_buffer\(\((\d+),\)", script).group(1))
+
+
+def test_the_kernel_is_sized_for_the_target_the_pass_is_built_with():
+    zen3 = Tester(Guarded).run_passes([FuseAttention(target=ZEN3)]).check_fired("FuseAttention")
+    avx512 = Tester(Guarded).run_passes([FuseAttention(target=tvm.target.Target(SKYLAKE_AVX512))])
+    assert _kernel_lanes(zen3.mod) == 8
+    assert _kernel_lanes(avx512.mod) == 16
+    avx512.check_matches_unpassed(args=_args(mask_row=True))
+
+
+def test_the_ambient_target_does_not_size_the_kernel():
+    with tvm.target.Target(SKYLAKE_AVX512):
+        t = Tester(Guarded).run_passes([FuseAttention()])
+    assert _kernel_lanes(t.mod) == 8  # no target given: mbcompile.cpu's default
+
+
+def test_resolve_passes_gives_the_target_to_the_passes_it_builds_only():
+    mine = FuseAttention()
+    built = resolve_passes(["FuseAttention", FuseAttention, mine], target=SKYLAKE_AVX512)
+    assert [p.lanes for p in built] == [16, 16, 8]
+    assert built[2] is mine
+    (fuse,) = [p for p in resolve_passes("default", target=SKYLAKE_AVX512) if p.takes_target]
+    assert isinstance(fuse, FuseAttention) and fuse.lanes == 16

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from mbcompile.passes import MergeSharedInputLinears, count_matmuls
-from mbcompile.targets.pipeline import fused_module
 from tester import TARGET, Tester, bind
 from tvm.script import ir as I
 from tvm.script import relax as R
+
+from mbcompile.passes import MergeSharedInputLinears, count_matmuls
+from mbcompile.targets.pipeline import fused_module
 
 RNG = np.random.default_rng(0)
 # Three linears of different widths (6, 5, 4) reading the same 8 channels.

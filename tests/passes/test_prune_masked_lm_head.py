@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from mbcompile.passes import PruneMaskedLMHead, resolve_passes
 from tester import TOL, Tester, bind, run, tiny_model
 from tvm.script import ir as I
 from tvm.script import relax as R
+
+from mbcompile.passes import PruneMaskedLMHead, resolve_passes
 
 RNG = np.random.default_rng(0)
 EMB = RNG.standard_normal((5, 6)).astype("float32")  # 5 words, tied with the decoder
@@ -246,7 +247,8 @@ def test_captured_head_is_pruned_and_equals_eager_at_the_masked_positions(class_
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     requested = np.full((3, k), -1, dtype="int64")
-    outs = run(tester.mod, [ids.numpy(), mask.numpy(), types.numpy(), requested])
+    lengths = np.full(ids.shape[:-1], ids.shape[-1], dtype=np.int64)
+    outs = run(tester.mod, [ids.numpy(), mask.numpy(), types.numpy(), lengths, requested])
     name = "logits" if "logits" in ref else "prediction_logits"
     logits, positions = outs[0], outs[-1]
     assert positions.tolist() == [[1, 6, -1], [-1, -1, -1], [0, 2, 3]]

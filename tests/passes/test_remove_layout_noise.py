@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from mbcompile.passes import RemoveLayoutNoise
 from tester import Tester
 from tvm.script import ir as I
 from tvm.script import relax as R
+
+from mbcompile.passes import RemoveLayoutNoise
 
 
 @I.ir_module

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from mbcompile.passes import DEFAULT_PASSES, RemoveLinearReshapes
-from mbcompile.passes.base import Graph
-from mbcompile.targets.pipeline import fused_module
-from mbcompile.targets.schedules import DensePacked
 from tester import TARGET, Tester, bind, random_args
 from tvm import relax, tirx
 from tvm.relax.dpl import is_const, is_op, wildcard
 from tvm.script import ir as I
 from tvm.script import relax as R
 
-from mbcompile.stats import kernel_calls
+from mbcompile.passes import DEFAULT_PASSES, RemoveLinearReshapes
+from mbcompile.passes.graph import Graph
+from mbcompile.report import kernel_calls
+from mbcompile.targets.pipeline import fused_module
+from mbcompile.targets.schedules import DensePacked
 
 RNG = np.random.default_rng(0)
 W = RNG.standard_normal((6, 8)).astype("float32")  # (out, in), as torch stores it

@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 import tvm
+from tvm import relax
+
 from mbcompile.passes import MobileBertPass, count_matmuls, resolve_passes
 from mbcompile.targets.pipeline import build_pipeline
-from tvm import relax
 
 TOL = 1e-4  # max abs error, fp32
 SEQ = 8
@@ -193,7 +194,10 @@ class Tester:
         for spec in self.signature.outputs:
             value = ref[spec.name] if spec.index is None else ref[spec.name][spec.index]
             want.append(value.numpy())
-        got = run(self.mod, [ids.numpy(), mask.numpy(), types.numpy()])
+        args = [ids.numpy(), mask.numpy(), types.numpy()]
+        if self.signature.takes_lengths:  # every row at full length
+            args.append(np.full(ids.shape[:-1], ids.shape[-1], dtype=np.int64))
+        got = run(self.mod, args)
         err = max_error(got, want)
         assert err <= tol, f"max abs error {err:.3e} > {tol} (passes fired: {self.fired})"
         return self

@@ -1,8 +1,10 @@
-"""aarch64: the named ARM targets, cross-compilation (Linux gcc, Android NDK), the emulated device,
-and every head cross-compiled for aarch64 and run on the emulated device against PyTorch eager.
+"""aarch64: the named ARM targets, cross-compilation (Linux gcc, Android NDK), and every head
+cross-compiled for aarch64 and run on the emulated device against PyTorch eager.
 
 The emulated tests (``slow``) build the device on first use (about a minute; cached in
-.cache/emulator) and skip, with the reason, where qemu-user-static or mmdebstrap is missing.
+~/.cache/mbcompile/emulator, see ``emulator.cache_dir``) and skip, with the reason, where
+qemu-user-static or mmdebstrap is missing. The device itself (cache, tools, server) is tested in
+tests/devices/test_emulator.py.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ import zipfile
 
 import pytest
 from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
-from mbcompile.targets import emulator
-from mbcompile.targets.export import AARCH64_LINUX_PACKAGE, fcompile_for
-from mbcompile.targets.registry import TARGETS, Target, _validate, host_arch
 
 import mbcompile
 from mbcompile import TargetError, ToolchainError
+from mbcompile.capture import named_config, random_model
 from mbcompile.heads import HEADS
-from mbcompile.models import named_config, random_model
+from mbcompile.targets.export import AARCH64_LINUX_PACKAGE, fcompile_for
+from mbcompile.targets.registry import TARGETS, Target, _validate, host_arch
 
 ARM_TARGETS = ("aarch64", "aarch64-dotprod", "android-arm64", "raspberry-pi-4")
 SEQ = 16
@@ -123,8 +124,8 @@ def test_artifact_records_its_aarch64_target(qa_aarch64):
     _, compiled, path = qa_aarch64
     again = mbcompile.load(path)
     assert compiled.target == again.target == "aarch64"
-    assert again.metadata["target"] == TARGETS["aarch64"].to_dict()
-    assert json.loads(again.metadata["tvm_target"])["mtriple"] == "aarch64-linux-gnu"
+    assert again.metadata.target == TARGETS["aarch64"].to_dict()
+    assert json.loads(again.metadata.tvm_target)["mtriple"] == "aarch64-linux-gnu"
 
 
 @cross_only
@@ -138,9 +139,10 @@ def test_aarch64_artifact_refuses_to_run_on_x86_and_points_to_remote(qa_aarch64)
 @cross_only
 def test_missing_cross_compiler_names_the_apt_package(monkeypatch, tmp_path):
     model = make_model("base", tiny_config())
-    compiled = mbcompile.compile(model, seq_len=8, target="aarch64", passes=())
     monkeypatch.setenv("PATH", str(tmp_path))  # no aarch64-linux-gnu-g++ here
     with pytest.raises(ToolchainError, match=re.escape(f"apt-get install {AARCH64_LINUX_PACKAGE}")):
+        # compile links (cross-compiles) the library before it returns
+        compiled = mbcompile.compile(model, seq_len=8, target="aarch64", passes=())
         compiled.save(tmp_path / "base.mbc")
     assert not (tmp_path / "base.mbc").exists()
 
@@ -174,25 +176,7 @@ def test_android_build_links_with_the_ndk_clang(monkeypatch, tmp_path):
     path = compiled.save(tmp_path / "android.mbc")
     assert _elf_machine(_lib_of(path)) == 0xB7
     assert "-static-libstdc++" in calls.read_text()
-    assert mbcompile.load(path).metadata["target"]["llvm"]["mtriple"] == "aarch64-linux-android"
-
-
-# -- the emulated device: cache and tools ----------------------------------------------------
-
-
-def test_emulator_cache_is_keyed_by_its_recipe(monkeypatch, tmp_path):
-    (tmp_path / "root").mkdir()
-    stamp = {"recipe_sha256": emulator.recipe_hash()}
-    (tmp_path / "stamp.json").write_text(json.dumps(stamp))
-    assert emulator.cached(tmp_path) is not None
-    monkeypatch.setitem(emulator.RECIPE, "wheels", [*emulator.RECIPE["wheels"], "extra==1"])
-    assert emulator.cached(tmp_path) is None  # a changed recipe means a rebuild
-
-
-def test_emulator_build_names_missing_tools_and_packages(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ToolchainError, match="apt-get install mmdebstrap qemu-user-static"):
-        emulator.build(tmp_path / "emulator")
+    assert mbcompile.load(path).metadata.target["llvm"]["mtriple"] == "aarch64-linux-android"
 
 
 # -- the emulated device: every head against PyTorch -------------------------------------------
@@ -206,7 +190,7 @@ def assert_device_matches_eager(device, compiled, model, shape, tmp_path, pad):
         ids, mask, types = random_inputs(model.config, shape, pad=pad)
         return assert_matches_eager(remote, model, ids, mask, types)
     finally:
-        remote._program.close()
+        remote.program.close()
 
 
 @pytest.mark.slow
@@ -244,22 +228,12 @@ def test_full_size_head_matches_eager_on_emulated_device_at_seq_128(head, device
         ids, mask, types = random_inputs(model.config, (1, FULL_SEQ), pad=28)
         assert_matches_eager(remote, model, ids, mask, types)
         ran = time.perf_counter()
-        device_seconds = remote._program.time([ids.numpy(), mask.numpy(), types.numpy()], repeat=1)
+        arrays = remote.program_inputs(ids.numpy(), mask.numpy(), types.numpy())
+        device_seconds = remote.program.time(arrays, repeat=1)
     finally:
-        remote._program.close()
+        remote.program.close()
     print(
         f"\n{head} seq {FULL_SEQ}: compile+export {built - start:.0f} s, upload+load "
         f"{loaded - built:.0f} s, first forward (emulated) {ran - loaded:.1f} s, "
         f"time_evaluator {device_seconds[0]:.1f} s; library {os.path.getsize(path) / 1e6:.0f} MB"
     )
-
-
-def test_stopping_a_server_without_a_log_file_removes_nothing():
-    """Regression: the interrupt path of `mbcompile emulator serve` once unlinked os.devnull."""
-    import stat
-    import subprocess
-
-    process = subprocess.Popen(["true"], start_new_session=True)
-    process.wait()
-    emulator.Server(process, 0, "in-process", None).stop()
-    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)

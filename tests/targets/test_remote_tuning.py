@@ -24,14 +24,14 @@ from helpers import (
     random_inputs,
     tiny_config,
 )
-from mbcompile.targets import emulator
-from mbcompile.targets.registry import resolve_target
-from mbcompile.targets.rpc_tuning import ARTIFACT, export_linked, rpc_builder
-from mbcompile.targets.tuning import MANIFEST, RECORDS
 
 import mbcompile
 from mbcompile.cli import main
-from mbcompile.remote import RemoteError, RemoteProgram, load_remote
+from mbcompile.devices import RemoteProgram, emulator, load_remote
+from mbcompile.errors import RemoteError
+from mbcompile.targets.registry import resolve_target
+from mbcompile.targets.rpc_tuning import ARTIFACT, export_linked, rpc_builder
+from mbcompile.targets.tuning import MANIFEST, RECORDS
 
 SEQ = 16
 KEY = "emulated-aarch64"
@@ -96,7 +96,7 @@ def test_the_database_names_the_aarch64_target(tuned):
 def tuned_artifact(model, tuned, tmp_path_factory):
     work_dir, _, _ = tuned
     compiled = mbcompile.compile(model, seq_len=SEQ, target="aarch64", tuning_db=work_dir)
-    assert compiled.metadata["tuning_db"] == str(work_dir)
+    assert compiled.metadata.tuning_db == str(work_dir)
     return compiled.save(tmp_path_factory.mktemp("remote-tuned") / "base-arm.mbc")
 
 
@@ -105,7 +105,7 @@ def test_the_tuned_build_runs_through_the_tracker_and_matches_eager(
     model, tuned_artifact, tracker, emulated
 ):
     compiled = load_remote(tuned_artifact, tracker=tracker.address, key=KEY)
-    program = compiled._program
+    program = compiled.program
     try:
         assert isinstance(program, RemoteProgram) and program.address == emulated.address
         ids, mask, types = random_inputs(model.config, (2, 13), pad=2)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import tvm
 from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
-from mbcompile.targets.registry import resolve_target
-from mbcompile.targets.tuning import MANIFEST, SHIPPED, Database, resolve_database
 
 import mbcompile
 from mbcompile import TargetError
+from mbcompile.targets.registry import resolve_target
+from mbcompile.targets.tuning import MANIFEST, RECORDS, SHIPPED, Database, resolve_database
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +62,43 @@ def test_a_task_whose_space_ran_out_is_not_searched_again_on_resume(tmp_path):
     assert list(Database.open(tmp_path / "db").finished().values()) == [200]
 
 
+def _records_per_task(work_dir) -> list[int]:
+    lines = (work_dir / RECORDS).read_text().splitlines()
+    return sorted(Counter(json.loads(line)[0] for line in lines).values())
+
+
+def test_resume_gives_a_task_only_the_trials_it_lacks(tmp_path):
+    """A task with 2 of its 4 trials in the database (a run stopped early, or tuned with a
+    smaller budget) gets the 2 it lacks, not 4 more; one with all its trials gets none."""
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    work_dir, lines = tmp_path / "db", []
+    mbcompile.tune(model, work_dir=work_dir, seq_len=16, trials=2, max_tasks=1, log=print)
+    assert _records_per_task(work_dir) == [2]
+    again = mbcompile.tune(
+        model, work_dir=work_dir, seq_len=16, trials=4, max_tasks=1, log=lines.append
+    )
+    assert again["tuned"] == 1 and _records_per_task(work_dir) == [4]
+    assert any("1 to tune, 2 trials (4 each, less those already measured)" in line
+               for line in lines), lines
+    third = mbcompile.tune(model, work_dir=work_dir, seq_len=16, trials=4, max_tasks=1, log=print)
+    assert third["already_tuned"] == 1 and third["tuned"] == 0
+    assert _records_per_task(work_dir) == [4]
+
+
+def test_the_time_budget_stops_the_search_after_a_batch(tmp_path):
+    """``minutes``: the search stops at the first batch that ends past the budget (this once
+    came out of MetaSchedule as a bare RuntimeError)."""
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    summary = mbcompile.tune(model, work_dir=tmp_path / "db", seq_len=16, trials=40,
+                             minutes=0.01, max_tasks=1, log=print)
+    assert summary["stopped"] == "time budget" and summary["records"] == 16  # one batch
+
+
 def test_compile_applies_the_database_and_stays_exact(tuned):
     model, work_dir, _, _ = tuned
     compiled = mbcompile.compile(model, seq_len=16, tuning_db=work_dir)
-    assert compiled.metadata["tuning_db"] == str(work_dir)
-    assert compiled.metadata["tuned_kernels"] >= 2  # the two tuned tasks
+    assert compiled.metadata.tuning_db == str(work_dir)
+    assert compiled.metadata.tuned_kernels >= 2  # the two tuned tasks
     ids, mask, types = random_inputs(model.config, (1, 16), pad=3)
     assert_matches_eager(compiled, model, ids, mask, types)
 
@@ -119,7 +152,7 @@ def test_the_shipped_database_was_tuned_by_mbcompile_for_this_tvm_and_its_cpu(cp
 @pytest.fixture(scope="module")
 def default_layer():
     """One layer of the google/mobilebert-uncased architecture: the 24 layers' kernels."""
-    from mbcompile.models import named_config, random_model
+    from mbcompile.capture.models import named_config, random_model
 
     return random_model(named_config("mobilebert-uncased", num_hidden_layers=1), "base")
 
@@ -128,13 +161,13 @@ def default_layer():
 def test_the_shipped_database_holds_every_kernel_of_the_default_encoder_at_seq_128(
     default_layer, cpu
 ):
+    from mbcompile.compiler import prepare
+    from mbcompile.options import CompileOptions
     from mbcompile.targets.pipeline import fused_module
     from mbcompile.targets.tuning import meta_schedule
 
-    from mbcompile.compiler import prepare
-
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
-    _, _, _, mod, _, _ = prepare(default_layer, target="host", seq_len=128)
+    mod = prepare(default_layer, CompileOptions(target="host", seq_len=128)).mod
     tasks = meta_schedule().relax_integration.extract_tasks(
         fused_module(mod, target), target, module_equality="structural"
     )
@@ -149,8 +182,25 @@ def test_the_shipped_database_holds_every_kernel_of_the_default_encoder_at_seq_1
         if ms_db.query_tuning_record(t.dispatched[0], target, "main") is None
     ]
     # a gather whose measurement failed (random ids out of range) has no valid record and keeps
-    # its untuned schedule; every kernel with FLOPs has one
-    assert all(any(w in name for w in ("take", "index", "where")) for name in missing), missing
+    # its untuned schedule, and so does the elementwise kernel that masks the padding's word
+    # embeddings (made after the databases were tuned); every kernel with FLOPs has one
+    with_flops = [t.task_name for t in tunable if t.task_name in missing
+                  and _has_reduction(t.dispatched[0]["main"])]
+    assert with_flops == [], missing
+    assert all(any(w in name for w in ("take", "index", "where", "multiply")) for name in missing)
+
+
+def _has_reduction(func) -> bool:
+    """Whether a PrimFunc has a block with a reduction axis (a matmul, a sum: FLOPs to tune)."""
+    from tvm import s_tir, tirx
+
+    sch = s_tir.Schedule(func)
+    todo, found = list(sch.get_child_blocks(sch.get_sblock("root"))), False
+    while todo:
+        block = todo.pop()
+        todo += list(sch.get_child_blocks(block))
+        found |= any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+    return found
 
 
 def test_compile_applies_the_shipped_database_by_default_on_zen3_or_zen4_and_stays_exact(
@@ -162,9 +212,9 @@ def test_compile_applies_the_shipped_database_by_default_on_zen3_or_zen4_and_sta
         pytest.skip(f"no shipped database is for this CPU ({host.attrs.get('mcpu')}) and TVM "
                     f"{tvm.__version__}: they are for {sorted(SHIPPED_X86)}")
     compiled = mbcompile.compile(default_layer, seq_len=128)
-    assert compiled.metadata["tuning_db"] == str(matching[0])
+    assert compiled.metadata.tuning_db == str(matching[0])
     # a layer runs 15 kernels, 14 of them tunable (the attention kernel comes scheduled); with the
     # embedding's and the pooler's, 19 distinct kernels come from the database
-    assert compiled.metadata["tuned_kernels"] >= 18
+    assert compiled.metadata.tuned_kernels >= 18
     ids, mask, types = random_inputs(default_layer.config, (1, 128), pad=5)
     assert_matches_eager(compiled, default_layer, ids, mask, types)

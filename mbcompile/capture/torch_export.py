@@ -1,0 +1,206 @@
+"""Capture a Hugging Face MobileBERT with ``torch.export`` and import it into Relax.
+
+The model is wrapped so that the exported function always takes the four inputs
+``(input_ids, attention_mask, token_type_ids, lengths)`` at the compiled static shape and returns
+the ModelOutput's tensors as a flat tuple (``lengths``: see ``_FlatOutputs``). Weights are bound into the Relax module as constants, so
+later passes can fold them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import tvm
+from tvm.relax.frontend.torch import from_exported_program
+
+from mbcompile.errors import ModelError, OptionError
+from mbcompile.heads import head_of_class
+from mbcompile.options import check_shape
+from mbcompile.signature import OutputSpec, Signature
+
+DEFAULT_NUM_CHOICES = 4
+
+
+@dataclass
+class Captured:
+    mod: tvm.IRModule
+    signature: Signature
+    config: dict
+
+
+class _FlatOutputs(torch.nn.Module):
+    """Calls the HF model with all its inputs and returns its outputs as a flat tuple.
+
+    The exported function takes a fourth input, ``lengths``: each row's real length (the rest is
+    padding the runtime added). The word embeddings are looked up here and zeroed past it before
+    the model reads them (as ``inputs_embeds``): MobileBERT's trigram input concatenates each
+    token's embedding with its neighbours', so the embedding of the padding id (not zero in
+    trained checkpoints) would otherwise leak into the last real token whenever an input is
+    padded. With ``lengths`` at full length the product is by 1.0, HF's result bit for bit.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def outputs(self, input_ids, attention_mask, token_type_ids, lengths) -> dict:
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        real = (positions < lengths.unsqueeze(-1)).unsqueeze(-1)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        return self.model(
+            inputs_embeds=embeds * real.to(embeds.dtype),
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+        )
+
+    def forward(self, input_ids, attention_mask, token_type_ids, lengths):
+        return tuple(_flatten(self.outputs(input_ids, attention_mask, token_type_ids, lengths)))
+
+
+def _flatten(out) -> list:
+    flat = []
+    for value in out.values():
+        if isinstance(value, (tuple, list)):
+            flat.extend(value)
+        else:
+            flat.append(value)
+    return flat
+
+
+def _bounded_gathers(mod: tvm.IRModule) -> tvm.IRModule:
+    """``R.take(mode="fast")`` → ``mode="clip"``.
+
+    The importer's gathers (embedding tables, the pooler's first token) skip the bounds check.
+    The runtime range-checks token and type ids before anything runs; clipped gathers keep even
+    an unchecked caller (a remote program, a hand-made call) from reading outside a table, for
+    the cost of two integer compares per index.
+    """
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    data, indices = wildcard(), wildcard()
+    pattern = is_op("relax.take")(data, indices)
+
+    def clip(call, matches):
+        if call.attrs.mode != "fast":
+            return call
+        axis = None if call.attrs.axis is None else int(call.attrs.axis)
+        return tvm.relax.op.take(matches[data], matches[indices], axis=axis, mode="clip")
+
+    mod = mod.clone()
+    mod["main"] = rewrite_call(pattern, clip, mod["main"])
+    return mod
+
+
+def check_model(model) -> str:
+    """The head name of ``model``, or ModelError if it is not a Hugging Face MobileBERT."""
+    try:
+        from transformers import MobileBertPreTrainedModel
+    except ImportError as err:  # pragma: no cover - transformers is a compile dependency
+        raise ModelError("compiling needs transformers: pip install 'mbcompile[compile]'") from err
+    if not isinstance(model, MobileBertPreTrainedModel):
+        raise ModelError(
+            f"expected a transformers MobileBERT model (MobileBertPreTrainedModel), "
+            f"got {type(model).__module__}.{type(model).__name__}"
+        )
+    return head_of_class(type(model).__name__)
+
+
+def example_inputs(config, shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Valid random inputs of ``shape``: token ids, a mask of ones, one segment."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, shape, generator=gen)
+    return ids, torch.ones(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+
+
+def _export_inputs(config, shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` and every row's length (all full) for the exported function."""
+    lengths = torch.full(shape[:-1], shape[-1], dtype=torch.long)
+    return (*example_inputs(config, shape, seed), lengths)
+
+
+def _output_specs(
+    wrapper, config, shape: tuple[int, ...]
+) -> tuple[tuple[OutputSpec, ...], tuple[str, ...]]:
+    """Names, shapes and sequence axes of the outputs, found by running eager at two lengths."""
+    seq_len = shape[-1]
+    other = seq_len - 1 if seq_len > 1 else seq_len + 1
+    with torch.no_grad():
+        out = wrapper.outputs(*_export_inputs(config, shape))
+        out_other = wrapper.outputs(*_export_inputs(config, shape[:-1] + (other,)))
+    specs = []
+    for (name, value), value_other in zip(out.items(), out_other.values()):
+        grouped = isinstance(value, (tuple, list))
+        tensors = list(value) if grouped else [value]
+        others = list(value_other) if grouped else [value_other]
+        for i, (t, t_other) in enumerate(zip(tensors, others)):
+            seq_axes = tuple(a for a, (n, m) in enumerate(zip(t.shape, t_other.shape)) if n != m)
+            specs.append(
+                OutputSpec(
+                    name=name,
+                    shape=tuple(t.shape),
+                    dtype=str(t.dtype).removeprefix("torch."),
+                    seq_axes=seq_axes,
+                    index=i if grouped else None,
+                )
+            )
+    return tuple(specs), tuple(out.keys())
+
+
+def capture(
+    model: torch.nn.Module,
+    *,
+    seq_len: int,
+    batch_size: int = 1,
+    num_choices: int | None = None,
+) -> Captured:
+    """Export ``model`` at a static ``(batch, [choices,] seq)`` shape and import it into Relax.
+
+    The module computes everything the model returns (logits at every position included);
+    ``compile(..., logits_for="masked")`` prunes the vocabulary projection afterwards with the
+    ``PruneMaskedLMHead`` pass.
+    """
+    head = check_model(model)
+    config = model.config
+    if head == "multiple-choice" and num_choices is None:
+        num_choices = DEFAULT_NUM_CHOICES
+    check_shape(seq_len, batch_size, num_choices)
+    if seq_len > config.max_position_embeddings:
+        raise OptionError(
+            f"seq_len={seq_len} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
+    if head == "multiple-choice":
+        shape: tuple[int, ...] = (batch_size, num_choices, seq_len)
+    else:
+        if num_choices is not None:
+            raise OptionError(
+                f"num_choices applies to the multiple-choice head only, not {head!r}"
+            )
+        shape = (batch_size, seq_len)
+
+    was_training = model.training
+    model.eval()
+    try:
+        wrapper = _FlatOutputs(model)
+        outputs, fields = _output_specs(wrapper, config, shape)
+        with torch.no_grad():
+            exported = torch.export.export(wrapper, _export_inputs(config, shape))
+        mod = _bounded_gathers(from_exported_program(exported))
+    finally:
+        model.train(was_training)
+
+    signature = Signature(
+        model_class=type(model).__name__,
+        head=head,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        num_choices=num_choices,
+        vocab_size=config.vocab_size,
+        type_vocab_size=config.type_vocab_size,
+        outputs=outputs,
+        fields=fields,
+        takes_lengths=True,
+    )
+    return Captured(mod=mod, signature=signature, config=config.to_dict())

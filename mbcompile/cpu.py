@@ -1,0 +1,98 @@
+"""What the compiler needs to know about a CPU target: vector width, vector registers, cores.
+
+One answer for every stage that sizes code for a CPU: ``FuseAttention`` sizes its attention
+kernel's register tiles with it (``mbcompile.passes``), the schedules their register tiles and
+packed weight panels (``mbcompile.targets.schedules``). Rank 0 of the layout: imports only tvm
+and ``mbcompile.errors``.
+
+``tvm.target.codegen.llvm_get_vector_width`` answers 512 for every x86-64 CPU in TVM 0.27
+(znver3 and haswell included), so the width is derived from the target's features instead;
+a CPU that splits 512-bit operations in two (Zen 4) counts as a 256-bit one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm.target import codegen
+
+from mbcompile.errors import TargetError
+
+# CPUs with AVX-512 whose cores execute a 512-bit vector operation as two 256-bit halves
+# (AMD Zen 4): 512-bit vectors bring no more FLOPs per cycle there, only panels twice as wide.
+# Measured on a 2-core Zen 4 (EPYC, znver4), the encoder at seq 128, 2 threads: schedules with
+# 256-bit vectors 27.4–28.8 ms against 30.7–32.1 with 512-bit ones.
+SPLIT_512_BIT_CPUS = frozenset({"znver4"})
+
+
+@dataclass(frozen=True)
+class CPUInfo:
+    """SIMD facts of one target."""
+
+    vector_bits: int
+    num_vector_registers: int
+    num_cores: int  # the target's ``num-cores``; 0 when it does not say
+
+    def lanes(self, dtype: str = "float32") -> int:
+        """Elements of ``dtype`` in one vector register (at least 1)."""
+        return max(self.vector_bits // tvm.DataType(dtype).bits, 1)
+
+
+# No target, or not an llvm one: 8 fp32 lanes (AVX2's), which any CPU runs correctly (LLVM splits
+# or pads vectors); only the register tiles may spill.
+DEFAULT_CPU = CPUInfo(vector_bits=256, num_vector_registers=16, num_cores=0)
+
+TargetLike = tvm.target.Target | dict | str
+
+
+def _as_target(target: TargetLike) -> tvm.target.Target:
+    """A ``tvm.target.Target`` from itself, a dict (``{"kind": "llvm", "mcpu": "znver3"}``) or a
+    target string."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    try:
+        return tvm.target.Target(target)
+    except (ValueError, TypeError, RuntimeError) as err:  # TVM's FFI raises builtin errors
+        raise TargetError(
+            f"Cannot read {target!r} as a TVM target ({err}); give a tvm.target.Target or a dict "
+            "such as {'kind': 'llvm', 'mtriple': 'x86_64-linux-gnu', 'mcpu': 'znver3'}"
+        ) from err
+
+
+def splits_512_bit_vectors(target: TargetLike) -> bool:
+    """Whether ``target``'s CPU runs 512-bit vector operations at half width (see above)."""
+    return str(_as_target(target).attrs.get("mcpu", "")) in SPLIT_512_BIT_CPUS
+
+
+def _has(feature: str, target: tvm.target.Target) -> bool:
+    try:
+        return bool(codegen.target_has_features(feature, target))
+    except (ValueError, RuntimeError):  # TVM 0.27 has no tvm.TVMError: FFI errors are builtins
+        return False
+
+
+def cpu_info(target: TargetLike | None) -> CPUInfo:
+    """The vector width, vector register count and core count of ``target``.
+
+    ``None`` or a target that is not ``llvm`` gives :data:`DEFAULT_CPU` (8 fp32 lanes). The
+    ambient ``tvm.target.Target.current`` is never consulted: callers pass the target.
+    """
+    if target is None:
+        return DEFAULT_CPU
+    target = _as_target(target)
+    if target.kind.name != "llvm":
+        return DEFAULT_CPU
+    num_cores = int(target.attrs.get("num-cores", 0) or 0)
+    if _has("avx512f", target):
+        if splits_512_bit_vectors(target):
+            # Zen 4: AVX2's tiles (16 registers' worth) measured at least as fast as 32-register
+            # 256-bit tiles (8 rows × 16) in the whole encoder, and faster than 512-bit ones.
+            return CPUInfo(256, 16, num_cores)
+        return CPUInfo(512, 32, num_cores)
+    if _has("avx", target):
+        return CPUInfo(256, 16, num_cores)
+    if _has("neon", target) or _has("asimd", target):
+        return CPUInfo(128, 32, num_cores)
+    # SSE, RISC-V without V, or an unknown CPU: a 128-bit guess keeps the code valid everywhere.
+    return CPUInfo(128, 16, num_cores)

@@ -1,0 +1,120 @@
+"""The compile options: one typed list, shared by ``compile``, ``tune`` and the CLI.
+
+``mbcompile.compile`` and ``mbcompile.tune`` take these as keyword arguments with the same
+names, types and defaults (a test checks), and build a :class:`CompileOptions` from them; the
+CLI makes one flag per field (``seq_len`` → ``--seq-len``) from the field's ``help``. The values
+that shape the kernels are all here, so a tuned database and a compile agree on them.
+
+Checks that need nothing but the value happen here, where it enters; checks against the model
+(``seq_len`` above ``max_position_embeddings``, ``num_choices`` on another head, the
+``logits_for`` head) happen in capture and the compile driver.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mbcompile.errors import OptionError
+
+LOGITS_FOR = ("all", "masked")
+
+
+def _help(text: str, **cli: Any) -> dict:
+    """Field metadata: the help text, and CLI details (``choices``, ``metavar``, ``cli=False``)."""
+    return {"help": text, **cli}
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """What to compile a model into: target, shapes, passes and the fill-mask head."""
+
+    target: Any = field(
+        default="host",
+        metadata=_help("target name (see `mbcompile targets`) or a Target", metavar="NAME"),
+    )
+    seq_len: int = field(default=128, metadata=_help("sequence length the model is compiled for"))
+    batch_size: int = field(default=1, metadata=_help("rows per call of the compiled function"))
+    num_choices: int | None = field(
+        default=None, metadata=_help("choices per question (multiple-choice head only; default 4)")
+    )
+    passes: str | Sequence[Any] | None = field(
+        default="default",
+        metadata=_help("'default', 'none' or comma-separated pass names", metavar="PASSES"),
+    )
+    logits_for: str = field(
+        default="all",
+        metadata=_help(
+            "masked-lm/pretraining: 'masked' computes vocabulary logits at the [MASK] positions "
+            "only (fill-mask)",
+            choices=LOGITS_FOR,
+        ),
+    )
+    max_masked: int = field(
+        default=8, metadata=_help("with logits_for='masked': most [MASK] tokens per sequence")
+    )
+    mask_token_id: int | None = field(
+        default=None,
+        metadata=_help("with logits_for='masked': the [MASK] token id (default 103, uncased)"),
+    )
+
+    def __post_init__(self) -> None:
+        check_shape(self.seq_len, self.batch_size, self.num_choices)
+        if self.logits_for not in LOGITS_FOR:
+            raise OptionError(f"logits_for must be 'all' or 'masked', got {self.logits_for!r}")
+        if self.logits_for == "masked" and (
+            not _is_int(self.max_masked) or not 1 <= self.max_masked <= self.seq_len
+        ):
+            raise OptionError(
+                f"max_masked must be an integer in [1, seq_len], got {self.max_masked!r}"
+            )
+        if self.mask_token_id is not None and (
+            not _is_int(self.mask_token_id) or self.mask_token_id < 0
+        ):
+            raise OptionError(
+                f"mask_token_id must be a non-negative token id, got {self.mask_token_id!r}"
+            )
+        if not (self.passes is None or isinstance(self.passes, (str, Sequence))):
+            raise OptionError(
+                f"passes must be 'default', a list of passes or () for none, got "
+                f"{type(self.passes).__name__}"
+            )
+
+    @classmethod
+    def pick(cls, arguments: dict[str, Any]) -> CompileOptions:
+        """The options among a function's arguments (``compile`` and ``tune`` pass ``locals()``:
+        their keyword parameters are these fields, by name)."""
+        return cls(**{n: arguments[n] for n in cls.names()})
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The option names, in order."""
+        return tuple(f.name for f in fields(cls))
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of ``compile`` and ``tune``."""
+        return {n: getattr(self, n) for n in self.names()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-ready values (passes by name, the target by name)."""
+        passes = self.passes
+        if passes is not None and not isinstance(passes, str):
+            passes = [getattr(p, "name", getattr(p, "__name__", p)) for p in passes]
+        target = self.target if isinstance(self.target, str) else getattr(self.target, "name", "")
+        return {**self.kwargs(), "passes": passes, "target": target}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_shape(seq_len: Any, batch_size: Any, num_choices: Any) -> None:
+    """The compiled shape's numbers are positive integers (OptionError names the one that is not)."""
+    if not _is_int(seq_len) or seq_len < 1:
+        raise OptionError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if not _is_int(batch_size) or batch_size < 1:
+        raise OptionError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if num_choices is not None and (not _is_int(num_choices) or num_choices < 1):
+        raise OptionError(f"num_choices must be a positive integer, got {num_choices!r}")
+

@@ -1,0 +1,116 @@
+"""Tokenizer-based pipelines over a compiled MobileBERT, shaped like transformers' ``pipeline``.
+
+    fill = mbcompile.pipeline("fill-mask", "mlm.mbc")        # the artifact holds its tokenizer
+    fill("the capital of france is [MASK] .")                # [{score, token, token_str, sequence}]
+    qa = mbcompile.pipeline("question-answering", compiled, tokenizer="path/to/checkpoint")
+    qa(question="where is the cat ?", context=long_text)       # {score, start, end, answer}
+
+Each pipeline returns what transformers' pipeline of the same task returns (keys, order, nesting;
+scores as Python floats) and computes it the same way, so a compiled model and its eager original
+agree to the model's 1e-4 tolerance. Question answering follows transformers 4.x's
+QuestionAnsweringPipeline (transformers 5 dropped it), including its stride windows over contexts
+longer than the compiled ``seq_len``.
+
+The model runs with numpy and TVM (no torch); the tokenizer is a transformers tokenizer object, a
+local folder of tokenizer files, or (default) the tokenizer saved in the artifact. Nothing is
+downloaded: folders load with ``local_files_only=True``.
+
+One file per task (``fill_mask.py``, ``question_answering.py``, ...); ``base.py`` holds the
+``Pipeline`` base class and ``tokenizer.py`` the tokenizer loading. Names with a leading
+underscore are shared between these files only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from mbcompile import artifact
+from mbcompile.errors import PipelineError
+from mbcompile.pipelines.base import Pipeline, _config_of
+from mbcompile.pipelines.fill_mask import FillMaskPipeline
+from mbcompile.pipelines.multiple_choice import MultipleChoicePipeline
+from mbcompile.pipelines.next_sentence import NextSentencePredictionPipeline
+from mbcompile.pipelines.question_answering import QuestionAnsweringPipeline
+from mbcompile.pipelines.text_classification import TextClassificationPipeline
+from mbcompile.pipelines.token_classification import TokenClassificationPipeline
+from mbcompile.pipelines.tokenizer import (
+    _checkpoint_tokenizer_files,
+    _load_tokenizer_folder,
+    _tokenizer_from_files,
+)
+from mbcompile.runtime import CompiledModel, load
+
+TASKS: dict[str, type[Pipeline]] = {
+    cls.task: cls
+    for cls in (
+        FillMaskPipeline,
+        QuestionAnsweringPipeline,
+        TextClassificationPipeline,
+        TokenClassificationPipeline,
+        NextSentencePredictionPipeline,
+        MultipleChoicePipeline,
+    )
+}
+ALIASES = {"ner": "token-classification", "sentiment-analysis": "text-classification"}
+
+
+def pipeline(
+    task: str,
+    model: CompiledModel | str | os.PathLike,
+    tokenizer: Any = None,
+) -> Pipeline:
+    """A pipeline for ``task`` over a compiled model (or the path of a saved artifact).
+
+    ``task``: "fill-mask", "question-answering", "text-classification" (alias
+    "sentiment-analysis"), "token-classification" (alias "ner"), "next-sentence-prediction",
+    "multiple-choice". ``tokenizer``: a transformers tokenizer, a local folder holding its files
+    (vocab.txt, tokenizer.json, ...), or None: the tokenizer saved in the artifact (see
+    ``Pipeline.save``), else the one beside the checkpoint the model was compiled from.
+    """
+    name = ALIASES.get(task, task)
+    if name not in TASKS:
+        raise PipelineError(f"Unknown task {task!r}; known: {sorted(TASKS) + sorted(ALIASES)}")
+    cls = TASKS[name]
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source = Path(model)
+        model = load(source)
+    cls.check_head(model)
+
+    files = None
+    config = _config_of(model)
+    if tokenizer is None:
+        # load() and compile() keep the artifact's (or the checkpoint's) tokenizer files.
+        files = model.tokenizer_files or _checkpoint_tokenizer_files(config)
+        if not files:
+            where = f"the artifact {source}" if source is not None else "this compiled model"
+            raise PipelineError(
+                f"{name}: no tokenizer: {where} has none saved with it; pass tokenizer= (a "
+                f"transformers tokenizer or a local folder with vocab.txt / tokenizer.json), or "
+                f"save one into the artifact with mbcompile.pipeline(..., tokenizer=...).save(path)"
+            )
+        tokenizer = _tokenizer_from_files(files, config)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        folder = Path(tokenizer)
+        if not folder.is_dir():
+            raise PipelineError(f"tokenizer: {folder} is not a folder (give a local folder path)")
+        files = artifact.tokenizer_files(folder)
+        tokenizer = _load_tokenizer_folder(folder)
+    return cls(model, tokenizer, tokenizer_files=files or None)
+
+
+__all__ = [
+    "ALIASES",
+    "TASKS",
+    "FillMaskPipeline",
+    "MultipleChoicePipeline",
+    "NextSentencePredictionPipeline",
+    "Pipeline",
+    "PipelineError",
+    "QuestionAnsweringPipeline",
+    "TextClassificationPipeline",
+    "TokenClassificationPipeline",
+    "pipeline",
+]

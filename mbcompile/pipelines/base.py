@@ -1,0 +1,185 @@
+"""The ``Pipeline`` base class and the steps every task shares.
+
+A pipeline holds a compiled MobileBERT and a transformers tokenizer. The base class checks that
+they fit each other and the task (head, vocabulary size, fast tokenizer), tokenizes one text or
+pair without truncation (refusing what is longer than the compiled ``seq_len``), runs token rows
+right-padded in groups of the compiled batch size, and saves the model with its tokenizer.
+
+The model runs with numpy and TVM (no torch); scores are computed in float64 as transformers does.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mbcompile.errors import PipelineError, PipelineTypeError
+from mbcompile.pipelines.tokenizer import _files_of_tokenizer
+from mbcompile.runtime import CompiledModel
+
+# -- helpers shared by the tasks --------------------------------------------------------------
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def _check_positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PipelineError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _config_of(model: CompiledModel) -> dict:
+    """The model's Hugging Face config as a new dict ({} if none was recorded)."""
+    return dict(model.metadata.config or {})
+
+
+def _id2label(config: dict, width: int) -> dict[int, str]:
+    """The config's id2label (its keys are strings once saved as JSON); LABEL_i where missing."""
+    labels = {int(k): str(v) for k, v in (config.get("id2label") or {}).items()}
+    return {i: labels.get(i, f"LABEL_{i}") for i in range(width)}
+
+
+def _texts(inputs, task: str) -> list[str]:
+    texts = [inputs] if isinstance(inputs, str) else list(inputs)
+    if not texts:
+        raise PipelineError(f"{task}: at least one input is required")
+    for t in texts:
+        if not isinstance(t, str):
+            raise PipelineTypeError(f"{task}: inputs must be strings, got {type(t).__name__}")
+    return texts
+
+
+def _tasks_for_head(head: str) -> list[str]:
+    """The tasks whose pipeline can use a model with this head, sorted.
+
+    Each task module defines one subclass of ``Pipeline`` and the package imports them all, so
+    the subclasses are the package's ``TASKS`` (which this module cannot import: no cycles).
+    """
+    return sorted(cls.task for cls in Pipeline.__subclasses__() if cls.task and head in cls.heads)
+
+
+# -- the base class ---------------------------------------------------------------------------
+
+
+class Pipeline:
+    """A compiled MobileBERT and its tokenizer; subclasses implement one task's ``__call__``."""
+
+    task: str = ""
+    heads: tuple[str, ...] = ()  # the compiled heads this task can use
+    needs_fast_tokenizer = False  # character offsets come from a fast (Rust) tokenizer only
+
+    def __init__(self, model: CompiledModel, tokenizer, *, tokenizer_files: dict | None = None):
+        self.check_head(model)
+        if tokenizer is None:
+            raise PipelineError(f"{self.task}: a tokenizer is required")
+        if not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
+            raise PipelineTypeError(
+                f"tokenizer: expected a transformers tokenizer or a local folder path, got "
+                f"{type(tokenizer).__name__}"
+            )
+        sig = model.signature
+        if len(tokenizer) > sig.vocab_size:
+            raise PipelineError(
+                f"tokenizer: its vocabulary has {len(tokenizer)} tokens, the model's vocab_size "
+                f"is {sig.vocab_size}: this tokenizer does not belong to this model"
+            )
+        if self.needs_fast_tokenizer and not getattr(tokenizer, "is_fast", False):
+            raise PipelineError(
+                f"{self.task}: needs a fast tokenizer (character offsets), got "
+                f"{type(tokenizer).__name__}; load one with AutoTokenizer.from_pretrained(folder)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self._tokenizer_files = tokenizer_files
+        self._config: dict = _config_of(model)
+
+    @classmethod
+    def check_head(cls, model: CompiledModel) -> None:
+        if not isinstance(model, CompiledModel):
+            raise PipelineTypeError(
+                f"model: expected a CompiledModel or an artifact path, got {type(model).__name__}"
+            )
+        head = model.signature.head
+        if head not in cls.heads:
+            fitting = _tasks_for_head(head)
+            hint = f"; for this model use {fitting}" if fitting else ""
+            raise PipelineError(
+                f"task {cls.task!r} needs a model with head {list(cls.heads)}, this one is "
+                f"{model.signature.model_class} (head {head!r}){hint}"
+            )
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.signature.seq_len
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the compiled model with this tokenizer in one artifact (written atomically), so
+        that ``mbcompile.pipeline(task, path)`` needs no tokenizer argument."""
+        files = self._tokenizer_files or _files_of_tokenizer(self.tokenizer)
+        return self.model.save(path, tokenizer_files=files)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model!r}, tokenizer={type(self.tokenizer).__name__})"
+
+    # -- shared steps ---------------------------------------------------------------------------
+    def _encode(self, text: str, pair: str | None = None, *, what: str = "input", **kwargs):
+        """Tokenize one text (or pair) without truncation; refuse it if longer than seq_len."""
+        for value in (text, pair) if pair is not None else (text,):
+            if not isinstance(value, str):
+                raise PipelineTypeError(
+                    f"{self.task}: {what} must be a string, got {type(value).__name__}"
+                )
+        enc = self.tokenizer(text, pair, **kwargs)
+        n = len(enc["input_ids"])
+        if n > self.seq_len:
+            raise PipelineError(
+                f"{self.task}: {what} is {n} tokens long (special tokens included), the model "
+                f"was compiled for seq_len={self.seq_len}; shorten it or recompile with "
+                f"seq_len>={n}"
+            )
+        return enc
+
+    def _run(self, rows: Sequence, **kwargs):
+        """Run the model on token rows (dicts of lists), right-padded to the longest row."""
+        length = max(len(r["input_ids"]) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = np.full((len(rows), length), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
+        types = np.zeros((len(rows), length), dtype=np.int64)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = r["input_ids"]
+            mask[i, :n] = r.get("attention_mask", 1)
+            if r.get("token_type_ids") is not None:
+                types[i, :n] = r["token_type_ids"]
+        lengths = self._lengths([len(r["input_ids"]) for r in rows])
+        return self.model(
+            input_ids=ids, attention_mask=mask, token_type_ids=types, **lengths, **kwargs
+        )
+
+    def _lengths(self, lengths) -> dict:
+        """``lengths=`` for the model when rows of different lengths are padded together, so
+        that the padding cannot change any row's outputs ({} for artifacts that predate it)."""
+        if not self.model.signature.takes_lengths:
+            return {}
+        return {"lengths": np.asarray(lengths, dtype=np.int64)}
+
+    def _width(self, field: str) -> int:
+        """The last dimension of an output field (e.g. the number of labels of ``logits``)."""
+        return next(o.shape[-1] for o in self.model.signature.outputs if o.name == field)
+
+    def _batches(self, items: list) -> list[list]:
+        """Groups of the compiled batch size: one compiled call each."""
+        size = self.model.signature.batch_size
+        return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,89 @@
+"""Text classification: labels and scores for texts or text pairs, as transformers' pipeline
+(also under the name "sentiment-analysis")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mbcompile.errors import PipelineError
+from mbcompile.pipelines.base import Pipeline, _check_positive, _id2label, _sigmoid, _softmax
+
+_LEGACY = object()  # top_k not given: transformers' single-best output shape
+
+
+class TextClassificationPipeline(Pipeline):
+    """Classify texts or text pairs, as transformers' TextClassificationPipeline.
+
+    Labels come from the config's ``id2label``. Scores: sigmoid for one label or
+    ``multi_label_classification``, softmax for several labels, none for ``regression`` (or
+    ``function_to_apply="sigmoid" | "softmax" | "none"``). A text gives ``[{label, score}]`` (the
+    best label); a pair is given as ``{"text": ..., "text_pair": ...}``; ``top_k=n`` gives the
+    ``n`` best labels per input, ``top_k=None`` all of them.
+    """
+
+    task = "text-classification"
+    heads = ("sequence-classification",)
+
+    def __call__(
+        self,
+        inputs: str | dict | list[str] | list[dict],
+        *,
+        top_k: Any = _LEGACY,
+        function_to_apply: str | None = None,
+    ) -> list | dict:
+        legacy = top_k is _LEGACY
+        if not legacy and top_k is not None:
+            top_k = _check_positive("top_k", top_k)
+        function = self._function(function_to_apply)
+        items = [inputs] if isinstance(inputs, (str, dict)) else list(inputs)
+        if not items:
+            raise PipelineError("text-classification: at least one input is required")
+        rows = []
+        for i, item in enumerate(items):
+            what = f"input {i}" if len(items) > 1 else "the input"
+            if isinstance(item, dict):
+                unknown = set(item) - {"text", "text_pair"}
+                if "text" not in item or unknown:
+                    raise PipelineError(
+                        f"text-classification: a pair is {{'text': ..., 'text_pair': ...}}, got "
+                        f"keys {sorted(item)}"
+                    )
+                rows.append(self._encode(item["text"], item.get("text_pair"), what=what))
+            else:
+                rows.append(self._encode(item, what=what))
+        logits = np.concatenate([self._run(b).logits for b in self._batches(rows)], axis=0)
+        labels = _id2label(self._config, logits.shape[-1])
+        scores = {"sigmoid": _sigmoid, "softmax": _softmax, "none": np.asarray}[function](logits)
+        results = []
+        for row in scores:
+            if legacy:
+                best = int(row.argmax())
+                results.append({"label": labels[best], "score": float(row[best])})
+                continue
+            ranked = sorted(
+                ({"label": labels[i], "score": float(s)} for i, s in enumerate(row)),
+                key=lambda d: d["score"],
+                reverse=True,
+            )
+            results.append(ranked if top_k is None else ranked[:top_k])
+        if isinstance(inputs, str) and legacy:
+            return results  # transformers: one text gives a list holding one dict
+        return results[0] if isinstance(inputs, (str, dict)) else results
+
+    def _function(self, name: str | None) -> str:
+        if name is not None:
+            name = name.lower()
+            if name not in ("sigmoid", "softmax", "none"):
+                raise PipelineError(
+                    f"function_to_apply: unknown {name!r}; known: ['sigmoid', 'softmax', 'none']"
+                )
+            return name
+        problem = self._config.get("problem_type")
+        num_labels = len(self._config.get("id2label") or {}) or self._width("logits")
+        if problem == "regression":
+            return "none"
+        if problem == "multi_label_classification" or num_labels == 1:
+            return "sigmoid"
+        return "softmax"

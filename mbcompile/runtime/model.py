@@ -1,0 +1,239 @@
+"""A compiled MobileBERT, called from Python: numpy or torch in, the same kind out.
+
+Needs numpy and TVM only; torch is imported only to return torch tensors to a caller who passed
+them (and so is already using torch).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mbcompile import artifact
+from mbcompile.artifact import Artifact, Metadata
+from mbcompile.errors import InputError, InputTypeError, ModelClosedError
+from mbcompile.runtime.inputs import find_masked_positions, pad_to, prepare, real_lengths
+from mbcompile.runtime.library import Library
+from mbcompile.runtime.outputs import ModelOutput
+from mbcompile.runtime.program import LocalProgram
+from mbcompile.signature import Signature
+
+
+def _like_input(arr: np.ndarray, as_torch: bool):
+    if not as_torch:
+        return arr
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _cut(arr: np.ndarray, spec, batch: int, per_row: int, length: int, positions) -> np.ndarray:
+    """Drop batch padding, sequence padding and unused masked-position slots.
+
+    ``per_row``: rows of axis 0 per input row (``num_choices`` for the multiple-choice head's
+    hidden states and attentions, which HF returns flattened to batch·choices; else 1)."""
+    index: list[Any] = [slice(None)] * arr.ndim
+    index[0] = slice(0, batch * per_row)
+    for axis in spec.seq_axes:
+        index[axis] = slice(0, length)
+    if spec.masked_axis is not None:
+        index[spec.masked_axis] = slice(0, positions.shape[1])
+    return arr[tuple(index)]
+
+
+def _blank_unused(arr: np.ndarray, spec, positions: np.ndarray) -> np.ndarray:
+    """NaN where a row has fewer masked tokens than the batch's largest count (position -1)."""
+    if spec.masked_axis is None or (positions >= 0).all():
+        return arr
+    arr = arr.copy()
+    arr[positions < 0] = np.nan
+    return arr
+
+
+class CompiledModel:
+    """A compiled MobileBERT head, callable like the Hugging Face model it came from."""
+
+    def __init__(self, art: Artifact, program=None, *, library: Library | None = None):
+        self.metadata: Metadata = art.metadata
+        self.signature: Signature = art.metadata.signature
+        # The tokenizer's files (vocab.txt, tokenizer.json, ...) saved with the model; {} if none.
+        self.tokenizer_files: dict[str, bytes] = dict(art.tokenizer)
+        self._library = library if library is not None else Library(art.lib)
+        # Anything with run(list of static-shape int64 arrays) -> list of output arrays, and close().
+        self._program = (
+            program if program is not None else LocalProgram(self._library, art.metadata.target)
+        )
+
+    @property
+    def program(self):
+        """What runs ``main``: a ``LocalProgram`` here, or a remote device's program."""
+        return self._program
+
+    @property
+    def library_bytes(self) -> bytes:
+        """The linked shared library (``lib.so``), weights included."""
+        return self._library.bytes
+
+    @property
+    def artifact(self) -> Artifact:
+        """The model as bytes: metadata, library and tokenizer files (what ``save`` writes)."""
+        return Artifact(self.metadata, self._library.bytes, dict(self.tokenizer_files))
+
+    def close(self) -> None:
+        """End this model's programs (VMs, remote sessions); calling it afterwards raises.
+        Also done by garbage collection. (The library itself stays loaded for the process and
+        is shared by every later load of the same artifact: TVM does not unload libraries.)"""
+        if self._program is not None:
+            self._program.close()
+            self._program = None
+
+    def __enter__(self) -> CompiledModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def with_program(self, program) -> CompiledModel:
+        """The same model (signature, checks, outputs) with ``main`` run by ``program``."""
+        return CompiledModel(self.artifact, program, library=self._library)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        *,
+        masked_positions=None,
+        lengths=None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ModelOutput | tuple:
+        """Run on numpy arrays or torch tensors; ``return_dict=False`` gives a tuple, as HF's.
+
+        ``lengths`` (optional, the input's shape without its last axis): each row's real length,
+        when the caller padded rows of different lengths together (as the pipelines do); the
+        outputs at the real positions are then those of each row alone, whatever the padding.
+        Without it every given position is real, as in Hugging Face. The runtime's own padding
+        (up to the compiled ``seq_len`` and ``batch_size``) never changes the outputs.
+        """
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None)
+        if unsupported:
+            raise InputTypeError(
+                f"unsupported inputs {unsupported}; a compiled model takes input_ids, "
+                f"attention_mask and token_type_ids"
+            )
+        sig = self.signature
+        inp, real, positions = self._checked(
+            input_ids, attention_mask, token_type_ids, lengths, masked_positions
+        )
+        length = inp.input_ids.shape[-1]
+        program = self._program
+        if program is None:
+            raise ModelClosedError(f"{self!r} is closed; load the artifact again to run it")
+        chunks: list[list[np.ndarray]] = []
+        for start, stop, arrays in self._chunks(inp, real, positions):
+            outs = program.run(arrays)
+            chunks.append(
+                [
+                    _cut(o, spec, stop - start, spec.shape[0] // sig.batch_size, length, positions)
+                    for o, spec in zip(outs, sig.outputs)
+                ]
+            )
+
+        flat = [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks)]
+        if positions is not None:
+            flat = [_blank_unused(a, spec, positions) for a, spec in zip(flat, sig.outputs)]
+        out = self._assemble(flat, inp.as_torch)
+        if positions is not None:
+            out["masked_positions"] = _like_input(positions, inp.as_torch)
+        return out.to_tuple() if return_dict is False else out
+
+    def program_inputs(
+        self, input_ids, attention_mask=None, token_type_ids=None, *, lengths=None,
+        masked_positions=None,
+    ) -> list[np.ndarray]:
+        """The arrays the compiled ``main`` takes for the first ``batch_size`` rows of these
+        inputs, checked and padded to the compiled shape: for timing a program directly (e.g.
+        ``compiled.program.time(...)`` on a remote device)."""
+        inp, real, positions = self._checked(
+            input_ids, attention_mask, token_type_ids, lengths, masked_positions
+        )
+        return next(self._chunks(inp, real, positions))[2]
+
+    def _checked(self, input_ids, attention_mask, token_type_ids, lengths, masked_positions):
+        """The checked inputs, each row's real length, and the masked positions (or None)."""
+        sig = self.signature
+        inp = prepare(sig, input_ids, attention_mask, token_type_ids)
+        positions = None
+        if sig.max_masked is not None:
+            positions = find_masked_positions(sig, inp.input_ids, masked_positions)
+        elif masked_positions is not None:
+            raise InputError(
+                "masked_positions: this model was compiled with logits at every position; "
+                "compile with logits_for='masked' to request positions"
+            )
+        return inp, real_lengths(sig, inp.input_ids, lengths), positions
+
+    def _chunks(self, inp, real: np.ndarray, positions):
+        """(start, stop, arrays for ``main``) per ``batch_size`` rows, padded to the compiled
+        shape: padding ids 0, mask 0, types 0, lengths 0 (a padded row), positions 0."""
+        sig = self.signature
+        for start in range(0, inp.input_ids.shape[0], sig.batch_size):
+            stop = min(start + sig.batch_size, inp.input_ids.shape[0])
+            arrays = [
+                pad_to(a[start:stop], sig.input_shape)
+                for a in (inp.input_ids, inp.attention_mask, inp.token_type_ids)
+            ]
+            if sig.takes_lengths:
+                arrays.append(pad_to(real[start:stop], sig.input_shape[:-1]))
+            if positions is not None:
+                arrays.append(
+                    pad_to(np.maximum(positions[start:stop], 0), (sig.batch_size, sig.max_masked))
+                )
+            yield start, stop, arrays
+
+    def _assemble(self, flat: list[np.ndarray], as_torch: bool) -> ModelOutput:
+        flat = [_like_input(a, as_torch) for a in flat]
+        out = ModelOutput((name, ()) for name in self.signature.fields)
+        for spec, value in zip(self.signature.outputs, flat):
+            if spec.index is None:
+                out[spec.name] = value
+            else:
+                out[spec.name] = (*out[spec.name], value)
+        return out
+
+    # -- saving and describing -----------------------------------------------------------------
+    def save(self, path: str | os.PathLike, tokenizer_files: dict[str, bytes] | None = None) -> Path:
+        """Write the artifact (one file, written atomically), with the tokenizer files
+        (``tokenizer_files``, else those the model came with) so pipelines need no tokenizer."""
+        files = self.tokenizer_files if tokenizer_files is None else tokenizer_files
+        return artifact.write(path, self.metadata, self._library.bytes, tokenizer=files)
+
+    def report(self) -> dict:
+        """What the compiler did: per-pass fire counts and the final module's statistics."""
+        return dict(self.metadata.report)
+
+    @property
+    def target(self) -> str:
+        return self.metadata.target_name
+
+    def __repr__(self) -> str:
+        sig = self.signature
+        return (
+            f"CompiledModel({sig.model_class}, input shape {sig.input_shape}, "
+            f"target {self.target!r}, outputs {list(sig.output_names)})"
+        )
+
+
+def load(path: str | os.PathLike, expected_sha256: str | None = None) -> CompiledModel:
+    """Load a saved artifact to run here. Needs numpy and TVM only (no torch, no transformers).
+
+    ``expected_sha256``: the SHA-256 of the whole file (``sha256sum model.mbc``); a different
+    file is refused before anything in it is read or any of its native code loads.
+
+    (``mbcompile.load(path, remote=...)`` runs it on another device; see ``mbcompile.devices``.)
+    """
+    return CompiledModel(artifact.read(path, expected_sha256=expected_sha256))

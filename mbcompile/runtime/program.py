@@ -1,0 +1,88 @@
+"""Running the compiled ``main`` on this machine's CPU, and the thread count it runs on."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from mbcompile.errors import TargetError
+from mbcompile.runtime.library import Library
+
+# Threads the kernels run on (None: not yet decided), and the caller threads whose TVM thread
+# pool has been given that count. TVM keeps one pool per calling thread, so each is set once.
+_threads: int | None = None
+_configured = threading.local()
+
+
+def use_all_cpus() -> int:
+    """Give the calling thread's TVM thread pool one thread per CPU this process may run on,
+    unless ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) says otherwise; returns the thread count.
+
+    Left alone, TVM 0.27 assumes two hardware threads per core on x86 and takes half the CPUs:
+    one thread on a 2-CPU machine without SMT, half the speed of two.
+    """
+    global _threads
+    if getattr(_configured, "threads", None) is not None:
+        return _configured.threads
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").strip().isdigit() and int(os.environ[name]) > 0:
+            _threads = _configured.threads = int(os.environ[name])  # TVM reads it itself
+            return _threads
+    import tvm
+
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    # -3: the threads share all the listed CPUs (no pinning of one thread per CPU)
+    tvm.get_global_func("runtime.config_threadpool")(-3, len(cpus), [str(c) for c in cpus])
+    _threads = _configured.threads = len(cpus)
+    return _threads
+
+
+class LocalProgram:
+    """Runs the compiled ``main`` on this machine's CPU with the Relax VM.
+
+    Thread-safe: a Relax VM is not re-entrant (two threads in one VM crash it), so each calling
+    thread gets its own VM over the one loaded library (a VM costs about 50 µs and no memory
+    worth counting: the weights are the library's), and its own TVM thread pool.
+
+    A program is anything with ``run(list of static-shape int64 arrays) -> list of output
+    arrays`` and ``close()``; ``mbcompile.devices.remote.RemoteProgram`` is the other one.
+    """
+
+    def __init__(self, library: Library, target: dict):
+        self._library = library
+        self._target = target
+        self._checked = False
+        self._local = threading.local()
+
+    def _machine(self):
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
+            if not self._checked:
+                from mbcompile.targets.registry import Target, can_run_here
+
+                reason = can_run_here(Target.from_dict(self._target))
+                if reason is not None:
+                    raise TargetError(f"cannot run here: {reason}")
+                self._checked = True
+            import tvm
+
+            use_all_cpus()
+            vm = self._local.vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
+        return vm
+
+    def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        result = self._machine()["main"](*(tvm.runtime.tensor(a) for a in arrays))
+        if isinstance(result, tvm.runtime.Tensor):
+            result = [result]
+        return [r.numpy() for r in result]
+
+    def close(self) -> None:
+        """Drop the VMs (the library stays loaded for the model's other programs)."""
+        self._local = threading.local()

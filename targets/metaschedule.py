@@ -1,0 +1,75 @@
+"""MetaSchedule as tuning uses it: CPU tensor intrinsics only, candidates timed with cold caches.
+
+MetaSchedule registers every tensor intrinsic (CUDA's, ROCm's, Hexagon's …) when a tuning context
+starts, which takes about a minute on 2 cores; :func:`meta_schedule` registers the CPU ones only.
+The tuning search process, its builder and runner worker processes and the database reader all
+load MetaSchedule through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import signal
+import sys
+import threading
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """Ctrl-C inside the block takes effect at its end (KeyboardInterrupt), for TVM code that
+    calls back into Python: raised in such a callback, a KeyboardInterrupt crosses C++, where it
+    has been seen to vanish or to come out as a bare RuntimeError. Only in the main thread, and
+    only while SIGINT has Python's own handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def meta_schedule():
+    """``tvm.s_tir.meta_schedule`` with only the CPU tensor intrinsics registered."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        import tvm.s_tir
+
+        package = types.ModuleType(name)
+        package.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+        package.__package__ = name
+        sys.modules[name] = package
+        tvm.s_tir.tensor_intrin = package
+        with sigint_held():  # half-registered intrinsics could not be registered again
+            for sub in ("x86", "arm_cpu"):
+                setattr(package, sub, importlib.import_module(f"{name}.{sub}"))
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms
+
+
+def cold_cache_evaluator(repeats: int = 10):
+    """How every candidate is timed: ``repeats`` single runs, each after flushing the weights
+    and the output from the caches (the first argument, the activation, stays warm).
+
+    That is how a kernel runs inside the model, whose 80 MB of weights do not fit the L3: timed
+    warm, MetaSchedule picked variants that won alone and lost in the model (1–2%, measured).
+    """
+    ms = meta_schedule()
+    return ms.runner.EvaluatorConfig(
+        number=1, repeat=repeats, min_repeat_ms=0, enable_cpu_cache_flush=True
+    )
+
+
+def worker_initializer() -> None:
+    """For MetaSchedule's builder and runner worker processes: CPU intrinsics only."""
+    meta_schedule()

@@ -1,0 +1,382 @@
+"""A tuning database: the folder ``tune`` writes and ``compile`` applies.
+
+Its files:
+
+- ``manifest.json`` names the LLVM target (triple, cpu, attributes) and the TVM version it was
+  tuned with. Applying a database made for another target or TVM version is refused: its
+  schedules may not even run here.
+- ``database_workload.json`` and ``database_tuning_record.json`` are MetaSchedule's
+  ``JSONDatabase``: one JSON line per kernel (``[structural hash, module]``) and one per measured
+  candidate (``[line of its kernel in the workload file, record]``), appended as the search
+  measures.
+- ``finished_tasks.json``: see ``FINISHED``.
+
+A line can be damaged: cut short when the process appending it was killed, or garbage from
+elsewhere. MetaSchedule then refuses the whole database with a bare RuntimeError; here such a line
+is skipped with a warning naming the file and the line (records keep pointing at the right kernel
+when a workload line before theirs is skipped). ``compile`` reads a cleaned copy and leaves the
+folder as it is (it may be read-only, as the shipped databases are); ``tune``, which appends,
+rewrites the files without those lines first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import tvm
+
+from mbcompile.errors import TargetError
+from mbcompile.targets.metaschedule import meta_schedule
+
+MANIFEST = "manifest.json"
+WORKLOADS = "database_workload.json"
+RECORDS = "database_tuning_record.json"
+# Tasks whose search ended on its own (their design space ran out of new candidates before the
+# trial budget): {structural hash of the task: the per-task budget of that run}. Without it a
+# resumed run would search such a task again, for nothing.
+FINISHED = "finished_tasks.json"
+FORMAT = "mbcompile-tuning-db"
+# Fields of the LLVM target a tuned schedule depends on.
+TARGET_KEYS = ("mtriple", "mcpu", "mattr")
+SHIPPED = Path(__file__).resolve().parent / "databases"
+
+
+def target_key(target: tvm.target.Target) -> dict:
+    """What a database must agree on with the target it is applied to."""
+    attrs = target.attrs
+    key = {"kind": str(target.kind.name), "tvm": tvm.__version__}
+    for field in TARGET_KEYS:
+        value = attrs.get(field)
+        if value is not None and not isinstance(value, str):
+            value = sorted(str(v) for v in value)
+        key[field] = value if value is None or isinstance(value, list) else str(value)
+    return key
+
+
+@dataclass(frozen=True)
+class BadLine:
+    """A line of a database file that is skipped, and why."""
+
+    file: Path
+    line: int  # counted from 1, as an editor shows it
+    why: str
+
+    def warn(self) -> None:
+        warnings.warn(
+            f"tuning database file {self.file}, line {self.line}: {self.why}; skipped it",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+@dataclass
+class Lines:
+    """The usable lines of a database's two files."""
+
+    workloads: list[tuple[int, str]]  # (line number, text)
+    records: list[tuple[int, int, str]]  # (line number, index into workloads, text)
+    bad: list[BadLine]
+    clean: bool  # the files hold exactly these lines, each ending with a newline
+
+    def workload_lines(self) -> list[str]:
+        return [text for _, text in self.workloads]
+
+    def record_lines(self) -> list[str]:
+        return [_with_index(text, index) for _, index, text in self.records]
+
+
+def _with_index(record: str, index: int) -> str:
+    """A record line ``[workload index, record]`` pointing at workload ``index``; unchanged
+    when it does already (the index is the number before the first comma)."""
+    old, rest = record.split(",", 1)
+    return record if int(old.strip().lstrip("[")) == index else f"[{index},{rest}"
+
+
+def _split(file: Path) -> tuple[list[bytes], bool]:
+    """The lines of ``file``, and whether the last one ends with a newline (or there is none)."""
+    if not file.exists():
+        return [], True
+    lines = file.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+        return lines, True
+    return lines, False
+
+
+def _parse(raw: bytes, unterminated: bool) -> tuple[object, str | None]:
+    """The JSON value of a line, or why it has none."""
+    try:
+        return json.loads(raw.decode("utf-8")), None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        if not raw.strip():
+            return None, "an empty line"
+        if unterminated:
+            return None, "not JSON: the last line, cut short (a write interrupted by a kill?)"
+        return None, "not JSON"
+
+
+def read_lines(path: Path) -> Lines:
+    """Parse both files of the database folder ``path``, setting aside the damaged lines."""
+    bad: list[BadLine] = []
+    raw_workloads, workloads_end = _split(path / WORKLOADS)
+    index: dict[int, int] = {}  # workload line (from 0) -> its index among the usable ones
+    workloads: list[tuple[int, str]] = []
+    for i, raw in enumerate(raw_workloads):
+        obj, why = _parse(raw, not workloads_end and i == len(raw_workloads) - 1)
+        if why is None and not (
+            isinstance(obj, list) and len(obj) == 2 and all(isinstance(x, str) for x in obj)
+        ):
+            why = "not a MetaSchedule workload ([structural hash, module])"
+        if why is not None:
+            bad.append(BadLine(path / WORKLOADS, i + 1, why))
+            continue
+        index[i] = len(workloads)
+        workloads.append((i + 1, raw.decode("utf-8")))
+    raw_records, records_end = _split(path / RECORDS)
+    records: list[tuple[int, int, str]] = []
+    for i, raw in enumerate(raw_records):
+        obj, why = _parse(raw, not records_end and i == len(raw_records) - 1)
+        if why is None:
+            if not (
+                isinstance(obj, list) and len(obj) == 2 and type(obj[0]) is int
+                and isinstance(obj[1], list)
+            ):
+                why = "not a MetaSchedule tuning record ([workload line, record])"
+            elif obj[0] not in index:
+                why = f"its kernel, line {obj[0] + 1} of {WORKLOADS}, is missing or skipped"
+        if why is not None:
+            bad.append(BadLine(path / RECORDS, i + 1, why))
+            continue
+        records.append((i + 1, index[obj[0]], raw.decode("utf-8")))
+    clean = not bad and workloads_end and records_end
+    return Lines(workloads, records, bad, clean)
+
+
+def _write_lines(file: Path, lines: list[str]) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, file)  # a kill never leaves half a file
+
+
+def _json_database(folder: Path):
+    return meta_schedule().database.JSONDatabase(
+        path_workload=str(folder / WORKLOADS),
+        path_tuning_record=str(folder / RECORDS),
+        module_equality="structural",
+    )
+
+
+def _unreadable(lines: Lines, path: Path) -> Lines:
+    """``lines`` without those that are JSON of the right shape and that MetaSchedule still
+    cannot read (a module or a trace it cannot parse), found one at a time."""
+    bad = []
+    with tempfile.TemporaryDirectory(prefix="mbcompile-tuning-db-") as tmp:
+        folder = Path(tmp)
+
+        def readable(workload: str, records: list[str]) -> bool:
+            _write_lines(folder / WORKLOADS, [workload])
+            _write_lines(folder / RECORDS, records)
+            try:
+                _json_database(folder)
+            except Exception:  # noqa: BLE001 - any refusal by MetaSchedule means: unreadable
+                return False
+            return True
+
+        kept: dict[int, int] = {}
+        workloads = []
+        for i, (line, text) in enumerate(lines.workloads):
+            if readable(text, []):
+                kept[i] = len(workloads)
+                workloads.append((line, text))
+            else:
+                bad.append(BadLine(path / WORKLOADS, line, "MetaSchedule cannot read this kernel"))
+        records = []
+        for line, index, record in lines.records:
+            if index not in kept:
+                why = "its kernel was skipped"
+            elif readable(workloads[kept[index]][1], [_with_index(record, 0)]):
+                records.append((line, kept[index], record))
+                continue
+            else:
+                why = "MetaSchedule cannot read this record"
+            bad.append(BadLine(path / RECORDS, line, why))
+    return Lines(workloads, records, bad, clean=False)
+
+
+def count_trials(ms_db) -> Counter:
+    """Workload → how many of its candidates the database holds (failed measurements too)."""
+    return Counter(record.workload for record in ms_db.get_all_tuning_records())
+
+
+@dataclass
+class Database:
+    """A tuning database folder and its manifest."""
+
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, target: tvm.target.Target) -> Database:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        manifest_file = path / MANIFEST
+        if manifest_file.exists():
+            db = cls.open(path)
+            db.check(target)
+            return db
+        manifest = {"format": FORMAT, "target": target_key(target),
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        manifest_file.write_text(json.dumps(manifest, indent=2))
+        return cls(path, manifest)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Database:
+        path = Path(path)
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
+            raise TargetError(f"{path}: not an mbcompile tuning database (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TargetError(
+                f"{manifest_file} is not valid JSON ({err}): this tuning database is damaged; "
+                f"tune again into a new folder with `mbcompile tune`"
+            ) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise TargetError(
+                f"{path}: not an mbcompile tuning database ({manifest_file} does not say "
+                f"\"format\": {FORMAT!r})"
+            )
+        if not isinstance(manifest.get("target"), dict):
+            raise TargetError(
+                f"{manifest_file} names no target (\"target\": {{...}} is missing): this tuning "
+                f"database is damaged; tune again into a new folder with `mbcompile tune`"
+            )
+        return cls(path, manifest)
+
+    def mismatch(self, target: tvm.target.Target) -> str | None:
+        """Why this database does not fit ``target`` (None if it does)."""
+        want, have = target_key(target), self.manifest["target"]
+        diffs = [f"{k}: database {have.get(k)!r}, target {want.get(k)!r}"
+                 for k in want if have.get(k) != want.get(k)]
+        return "; ".join(diffs) or None
+
+    def check(self, target: tvm.target.Target) -> None:
+        why = self.mismatch(target)
+        if why is not None:
+            raise TargetError(
+                f"tuning database {self.path} was made for another target or TVM version "
+                f"({why}); tune again for this target with `mbcompile tune`"
+            )
+
+    def ms_database(self, *, repair: bool = False):
+        """MetaSchedule's ``JSONDatabase`` of this folder; damaged lines are skipped with a
+        warning naming the file and the line. ``repair=True`` (for appending to it) rewrites the
+        files without them; otherwise a cleaned copy is read and the folder left as it is."""
+        lines = read_lines(self.path)
+        for bad in lines.bad:
+            bad.warn()
+        try:
+            return self._open(lines, repair)
+        except OSError:
+            raise
+        except Exception:  # noqa: BLE001 - MetaSchedule refused a line: find which, below
+            pass
+        lines = _unreadable(lines, self.path)
+        for bad in lines.bad:
+            bad.warn()
+        try:
+            return self._open(lines, repair)
+        except Exception as err:  # noqa: BLE001 - refused with every bad line skipped
+            raise TargetError(
+                f"MetaSchedule cannot read the tuning database {self.path} ({err}); tune again "
+                f"into a new folder with `mbcompile tune`"
+            ) from None
+
+    def _open(self, lines: Lines, repair: bool):
+        if lines.clean:
+            return _json_database(self.path)
+        if repair:
+            _write_lines(self.path / WORKLOADS, lines.workload_lines())
+            _write_lines(self.path / RECORDS, lines.record_lines())
+            return _json_database(self.path)
+        with tempfile.TemporaryDirectory(prefix="mbcompile-tuning-db-") as tmp:
+            _write_lines(Path(tmp) / WORKLOADS, lines.workload_lines())
+            _write_lines(Path(tmp) / RECORDS, lines.record_lines())
+            return _json_database(Path(tmp))  # it reads both files now: for reading only
+
+    def cut_torn_tails(self) -> None:
+        """End both files at their last whole line, after the process appending to them was
+        killed: a line cut short is dropped, a whole one that lost only its newline gets it."""
+        for file in (self.path / WORKLOADS, self.path / RECORDS):
+            if not file.exists() or file.stat().st_size == 0:
+                continue
+            with file.open("r+b") as data:
+                data.seek(-1, os.SEEK_END)
+                if data.read(1) == b"\n":
+                    continue
+                data.seek(0)
+                whole = data.read()
+                tail = whole[whole.rfind(b"\n") + 1:]
+                if _parse(tail, True)[1] is None:
+                    data.write(b"\n")
+                else:
+                    data.truncate(len(whole) - len(tail))
+
+    def finished(self) -> dict[str, int]:
+        """Task hash → the trial budget its search ended under (see ``FINISHED``)."""
+        file = self.path / FINISHED
+        if not file.exists():
+            return {}
+        try:
+            return {str(k): int(v) for k, v in json.loads(file.read_text()).items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+            warnings.warn(f"{file} is not a JSON object of task hashes to trial budgets: its "
+                          f"tasks will be searched again", RuntimeWarning, stacklevel=2)
+            return {}
+
+    def mark_finished(self, task_hashes: list[str], trials: int) -> None:
+        done = self.finished()
+        for key in task_hashes:
+            done[key] = max(done.get(key, 0), trials)
+        tmp = self.path / (FINISHED + ".tmp")
+        tmp.write_text(json.dumps(done, indent=1, sort_keys=True))
+        os.replace(tmp, self.path / FINISHED)  # a Ctrl-C never leaves half a file
+
+    def records(self) -> int:
+        """How many whole tuning records the folder holds."""
+        return len(read_lines(self.path).records)
+
+
+def resolve_database(spec, target: tvm.target.Target) -> Database | None:
+    """The database ``compile(tuning_db=spec)`` applies: a folder, "default" or None."""
+    if spec is None:
+        return None
+    if isinstance(spec, str) and spec == "default":
+        for manifest in sorted(SHIPPED.glob(f"*/{MANIFEST}")):
+            db = Database.open(manifest.parent)
+            if db.mismatch(target) is None:
+                return db
+        return None
+    db = spec if isinstance(spec, Database) else Database.open(spec)
+    db.check(target)
+    return db
+
+
+def apply_database_pass(db: Database) -> tvm.transform.Pass:
+    """Replace every PrimFunc the database has a record for by its best tuned schedule."""
+    ms_db = db.ms_database()
+
+    @tvm.transform.module_pass(opt_level=0, name="mbcompile_apply_tuning_db")
+    def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with ms_db:
+            return tvm.relax.transform.MetaScheduleApplyDatabase()(mod)
+
+    return _apply
