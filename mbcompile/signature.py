@@ -55,6 +55,12 @@ class Signature:
         return (self.batch_size, self.num_choices, self.seq_len)
 
     @property
+    def input_names(self) -> tuple[str, ...]:
+        """The compiled ``main``'s parameters, in order."""
+        names = INPUT_NAMES + (("lengths",) if self.takes_lengths else ())
+        return names + (("masked_positions",) if self.max_masked is not None else ())
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         """Field names in Hugging Face order."""
         return self.fields

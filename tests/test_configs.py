@@ -58,3 +58,20 @@ def test_multiple_choice_hidden_states_keep_every_choice_of_every_row():
         ids, mask, types = random_inputs(config, (batch, 2, 7), pad=2)
         out = assert_matches_eager(compiled, model, ids, mask, types)
         assert out.hidden_states[0].shape[0] == batch * 2
+
+
+@pytest.fixture(scope="module")
+def three_choices():
+    config = tiny_config(output_hidden_states=True, num_hidden_layers=1)
+    model = make_model("multiple-choice", config)
+    return model, mbcompile.compile(model, seq_len=SEQ, batch_size=2, num_choices=3)
+
+
+@pytest.mark.parametrize("choices", [1, 2, 3, 4, 5])
+def test_multiple_choice_takes_any_number_of_choices(three_choices, choices):
+    """transformers takes any number of choices; a model compiled for 3 scores 1 to 5 (grouped
+    by 3, the last group padded: HF scores each choice on its own)."""
+    model, compiled = three_choices
+    ids, mask, types = random_inputs(model.config, (2, choices, 7), pad=2)
+    out = assert_matches_eager(compiled, model, ids, mask, types)
+    assert out.logits.shape == (2, choices)

@@ -12,20 +12,16 @@ from mbcompile.pipelines.base import Pipeline, _softmax
 
 
 class MultipleChoicePipeline(Pipeline):
-    """Score the compiled number of choices as continuations of a prompt: a list of
-    {choice, index, score} (softmax over the choices), best first."""
+    """Score any number of choices as continuations of a prompt: a list of {choice, index,
+    score} (softmax over the choices), best first."""
 
     task = "multiple-choice"
     heads = ("multiple-choice",)
 
     def __call__(self, prompt: str, choices: Sequence[str]) -> list[dict[str, Any]]:
         choices = list(choices)
-        expected = self.model.signature.num_choices
-        if len(choices) != expected:
-            raise PipelineError(
-                f"multiple-choice: {len(choices)} choices given, the model was compiled for "
-                f"num_choices={expected}"
-            )
+        if not choices:
+            raise PipelineError("multiple-choice: give at least one choice")
         rows = [self._encode(prompt, c, what=f"choice {i}") for i, c in enumerate(choices)]
         length = max(len(r["input_ids"]) for r in rows)
         arrays = {}

@@ -125,11 +125,8 @@ def prepare(
             f"input_ids: sequence length {ids.shape[-1]} exceeds the compiled seq_len "
             f"{sig.seq_len}; truncate the input or recompile with seq_len>={ids.shape[-1]}"
         )
-    if rank == 3 and ids.shape[1] != sig.num_choices:
-        raise InputError(
-            f"input_ids: {ids.shape[1]} choices given, the model was compiled for "
-            f"num_choices={sig.num_choices}"
-        )
+    if rank == 3 and ids.shape[1] < 1:
+        raise InputError(f"input_ids: no choices, shape {tuple(ids.shape)}")
     _check_range("input_ids", ids, sig.vocab_size, "token id", "vocab_size")
 
     if attention_mask is None:

@@ -6,6 +6,7 @@ them (and so is already using torch).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import numpy as np
 from mbcompile import artifact
 from mbcompile.artifact import Artifact, Metadata
 from mbcompile.errors import InputError, InputTypeError, ModelClosedError
-from mbcompile.runtime.inputs import find_masked_positions, pad_to, prepare, real_lengths
+from mbcompile.runtime.inputs import Prepared, find_masked_positions, pad_to, prepare, real_lengths
 from mbcompile.runtime.library import Library
 from mbcompile.runtime.outputs import ModelOutput
 from mbcompile.runtime.program import LocalProgram
@@ -44,6 +45,39 @@ def _cut(arr: np.ndarray, spec, batch: int, per_row: int, length: int, positions
     return arr[tuple(index)]
 
 
+def _group_choices(inp: Prepared, real: np.ndarray, k: int) -> tuple[Prepared, np.ndarray]:
+    """(B, C, S) inputs as (B·G, k, S): the compiled ``num_choices`` = k per row, C padded up to
+    G·k with dummy choices. HF scores each choice on its own (they are rows of one batch inside
+    the model), so grouping them differently changes no score."""
+    batch, choices, seq = inp.input_ids.shape
+    groups = -(-choices // k)
+
+    def regroup(arr: np.ndarray, fill: int) -> np.ndarray:
+        out = np.full((batch, groups * k) + arr.shape[2:], fill, dtype=arr.dtype)
+        out[:, :choices] = arr
+        return out.reshape((batch * groups, k) + arr.shape[2:])
+
+    grouped = dataclasses.replace(
+        inp,
+        input_ids=regroup(inp.input_ids, 0),
+        attention_mask=regroup(inp.attention_mask, 1),
+        token_type_ids=regroup(inp.token_type_ids, 0),
+    )
+    return grouped, regroup(real, seq)
+
+
+def _ungroup_choices(arr: np.ndarray, spec, sig: Signature, choices: int) -> np.ndarray:
+    """An output of the grouped call (see ``_group_choices``) for the caller's ``choices``."""
+    k = sig.num_choices
+    groups = -(-choices // k)
+    if spec.name == "logits":  # (B·G, k): one score per choice
+        return arr.reshape((arr.shape[0] // groups, groups * k))[:, :choices]
+    # hidden states and attentions: HF flattens them to (batch · choices, ...)
+    batch = arr.shape[0] // (groups * k)
+    by_row = arr.reshape((batch, groups * k) + arr.shape[1:])[:, :choices]
+    return by_row.reshape((batch * choices,) + arr.shape[1:])
+
+
 def _blank_unused(arr: np.ndarray, spec, positions: np.ndarray) -> np.ndarray:
     """NaN where a row has fewer masked tokens than the batch's largest count (position -1)."""
     if spec.masked_axis is None or (positions >= 0).all():
@@ -64,7 +98,9 @@ class CompiledModel:
         self._library = library if library is not None else Library(art.lib)
         # Anything with run(list of static-shape int64 arrays) -> list of output arrays, and close().
         self._program = (
-            program if program is not None else LocalProgram(self._library, art.metadata.target)
+            program
+            if program is not None
+            else LocalProgram(self._library, art.metadata.target, art.metadata.signature)
         )
 
     @property
@@ -129,6 +165,10 @@ class CompiledModel:
         inp, real, positions = self._checked(
             input_ids, attention_mask, token_type_ids, lengths, masked_positions
         )
+        choices = None
+        if sig.num_choices is not None and inp.input_ids.shape[1] != sig.num_choices:
+            choices = inp.input_ids.shape[1]
+            inp, real = _group_choices(inp, real, sig.num_choices)
         length = inp.input_ids.shape[-1]
         program = self._program
         if program is None:
@@ -144,6 +184,8 @@ class CompiledModel:
             )
 
         flat = [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks)]
+        if choices is not None:
+            flat = [_ungroup_choices(a, spec, sig, choices) for a, spec in zip(flat, sig.outputs)]
         if positions is not None:
             flat = [_blank_unused(a, spec, positions) for a, spec in zip(flat, sig.outputs)]
         out = self._assemble(flat, inp.as_torch)

@@ -7,8 +7,9 @@ import threading
 
 import numpy as np
 
-from mbcompile.errors import TargetError
+from mbcompile.errors import ArtifactError, TargetError
 from mbcompile.runtime.library import Library
+from mbcompile.signature import Signature
 
 # Threads the kernels run on (None: not yet decided), and the caller threads whose TVM thread
 # pool has been given that count. TVM keeps one pool per calling thread, so each is set once.
@@ -53,9 +54,10 @@ class LocalProgram:
     arrays`` and ``close()``; ``mbcompile.devices.remote.RemoteProgram`` is the other one.
     """
 
-    def __init__(self, library: Library, target: dict):
+    def __init__(self, library: Library, target: dict, signature: Signature | None = None):
         self._library = library
         self._target = target
+        self._signature = signature
         self._checked = False
         self._local = threading.local()
 
@@ -72,16 +74,57 @@ class LocalProgram:
             import tvm
 
             use_all_cpus()
-            vm = self._local.vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
+            vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
+            self._check_parameters(vm)
+            self._local.vm = vm
         return vm
+
+    def _check_parameters(self, vm) -> None:
+        """The library's ``main`` takes the inputs the metadata describes, by name and count;
+        ArtifactError before anything runs if not (crafted or mismatched metadata)."""
+        if self._signature is None:
+            return
+        arity = int(vm.module["get_function_arity"]("main"))
+        names = tuple(str(vm.module["get_function_param_name"]("main", i)) for i in range(arity))
+        if names != self._signature.input_names:
+            raise ArtifactError(
+                f"the artifact's metadata does not match its library: the library's main takes "
+                f"{list(names)}, the metadata describes {list(self._signature.input_names)}; "
+                f"recompile the model"
+            )
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         import tvm
 
-        result = self._machine()["main"](*(tvm.runtime.tensor(a) for a in arrays))
+        vm = self._machine()
+        try:
+            result = vm["main"](*(tvm.runtime.tensor(a) for a in arrays))
+        except (RuntimeError, ValueError) as err:
+            text = " ".join(str(err).split())[:400]
+            if "loc=param" in text:  # TVM checks the shapes main was built for
+                raise ArtifactError(
+                    "the artifact's metadata does not match its library: the library refused "
+                    f"inputs shaped as the metadata describes ({text}); recompile the model"
+                ) from None
+            raise ArtifactError(f"the compiled library failed while running: {text}") from None
         if isinstance(result, tvm.runtime.Tensor):
             result = [result]
-        return [r.numpy() for r in result]
+        outs = [r.numpy() for r in result]
+        self._check_outputs(outs)
+        return outs
+
+    def _check_outputs(self, outs: list[np.ndarray]) -> None:
+        """The library returned what the metadata describes (count, shapes, dtypes)."""
+        if self._signature is None:
+            return
+        specs = self._signature.outputs
+        got = [(tuple(o.shape), str(o.dtype)) for o in outs]
+        want = [(tuple(s.shape), s.dtype) for s in specs]
+        if got != want:
+            raise ArtifactError(
+                f"the artifact's metadata does not match its library: the library returned "
+                f"{got}, the metadata describes {want}; recompile the model"
+            )
 
     def close(self) -> None:
         """Drop the VMs (the library stays loaded for the model's other programs)."""
