@@ -147,6 +147,7 @@ def prune_masked_lm_head(captured, prune) -> tuple[Any, dict]:
 def prepare(model, options: CompileOptions) -> Prepared:
     """Capture ``model`` and run the MobileBERT passes for ``options.target``."""
     from mbcompile.capture import capture
+    from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.registry import resolve_target
 
     spec = resolve_target(options.target)
@@ -155,20 +156,24 @@ def prepare(model, options: CompileOptions) -> Prepared:
     prune = masked_head_pass(model, options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    captured = capture(
-        model,
-        seq_len=options.seq_len,
-        batch_size=options.batch_size,
-        num_choices=options.num_choices,
-    )
+    # TVM calls back into Python here (the importer, the passes): a Ctrl-C raised inside such a
+    # callback crosses C++ and comes out as a bare RuntimeError, so it waits for the block's end
+    with sigint_held():
+        captured = capture(
+            model,
+            seq_len=options.seq_len,
+            batch_size=options.batch_size,
+            num_choices=options.num_choices,
+        )
     timings["capture"] = time.perf_counter() - start
     start = time.perf_counter()
-    report: dict[str, Any] = {"imported": module_stats(captured.mod), "passes": []}
-    if prune is not None:  # first, whatever ``passes`` says: it defines the function's interface
-        captured, row = prune_masked_lm_head(captured, prune)
-        report["passes"].append(row)
-    mod, rows = run_passes(captured.mod, passes)
-    report["passes"] += rows
+    with sigint_held():
+        report: dict[str, Any] = {"imported": module_stats(captured.mod), "passes": []}
+        if prune is not None:  # first, whatever ``passes`` says: it sets the interface
+            captured, row = prune_masked_lm_head(captured, prune)
+            report["passes"].append(row)
+        mod, rows = run_passes(captured.mod, passes)
+        report["passes"] += rows
     timings["passes"] = time.perf_counter() - start
     return Prepared(spec, tvm_target, captured, mod, report, timings)
 
@@ -224,12 +229,14 @@ def _compile(
     import tvm
 
     from mbcompile.targets.export import link_library
+    from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.pipeline import build_pipeline
+    from mbcompile.targets.registry import resolve_target
     from mbcompile.targets.tuning import resolve_database
 
+    database = resolve_database(tuning_db, resolve_target(options.target).tvm_target())  # early
     prepared = prepare(model, options)
     spec, tvm_target, timings = prepared.target, prepared.tvm_target, prepared.timings
-    database = resolve_database(tuning_db, tvm_target)
     fused: dict[str, int] = {}
 
     def on_fused(fused_mod):
@@ -242,7 +249,8 @@ def _compile(
 
     start = time.perf_counter()
     pipeline = build_pipeline(tvm_target, database=database, on_fused=on_fused, on_tuned=on_tuned)
-    executable = tvm.compile(prepared.mod, target=tvm_target, relax_pipeline=pipeline)
+    with sigint_held():  # the build pipeline calls our schedule rules (see prepare)
+        executable = tvm.compile(prepared.mod, target=tvm_target, relax_pipeline=pipeline)
     timings["build"] = time.perf_counter() - start
     start = time.perf_counter()
     lib = link_library(executable, spec)

@@ -73,6 +73,12 @@ def tune(
     from mbcompile.targets.tuning import Database, sigint_held, tune_module
 
     options = CompileOptions.pick(locals())
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise OptionError(f"minutes must be a positive number (a time budget), got {minutes!r}")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise OptionError(f"trials must be a positive integer, got {trials!r}")
+    if max_tasks is not None and (not isinstance(max_tasks, int) or max_tasks < 1):
+        raise OptionError(f"max_tasks must be a positive integer, got {max_tasks!r}")
 
     if tracker is not None or key is not None:
         if runner is not None or builder is not None:

@@ -68,4 +68,13 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None):
             )
         head = head_of_class(archs[0])
     cls = _head_class(head)
-    return cls.from_pretrained(path, local_files_only=True).eval()
+    from transformers.utils import logging as hf_logging
+
+    # transformers 5 draws a "Loading weights" progress bar on stderr: not ours to show
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(path, local_files_only=True).eval()
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

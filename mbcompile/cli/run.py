@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from mbcompile.cli.options import parsed, positive_int
@@ -87,7 +88,7 @@ def register(sub) -> None:
 def parse_ids(text: str) -> list[int]:
     """``--ids "101,2023,102"`` → token ids; InputError naming what is wrong."""
     parts = [p.strip() for p in text.split(",")]
-    if not text.strip() or not all(p.lstrip("-").isdigit() for p in parts):
+    if not text.strip() or not all(re.fullmatch(r"-?[0-9]+", p) for p in parts):
         raise InputError(
             f"--ids: expected comma-separated token ids, e.g. 101,2023,102; got {text!r}"
         )

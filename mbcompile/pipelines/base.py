@@ -33,6 +33,11 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
+def _is_int(value) -> bool:
+    """A whole number (Python or numpy), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise PipelineError(f"{name} must be a positive integer, got {value!r}")
@@ -51,13 +56,28 @@ def _id2label(config: dict, width: int) -> dict[int, str]:
 
 
 def _texts(inputs, task: str) -> list[str]:
+    if not isinstance(inputs, (str, list, tuple)):
+        raise PipelineTypeError(
+            f"{task}: expected a text or a list of texts, got {type(inputs).__name__}"
+        )
     texts = [inputs] if isinstance(inputs, str) else list(inputs)
     if not texts:
         raise PipelineError(f"{task}: at least one input is required")
     for t in texts:
         if not isinstance(t, str):
             raise PipelineTypeError(f"{task}: inputs must be strings, got {type(t).__name__}")
+        _check_unicode(task, "input", t)
     return texts
+
+
+def _check_unicode(task: str, what: str, text: str) -> None:
+    """Text the tokenizer can read: valid Unicode (a lone surrogate is not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PipelineError(
+            f"{task}: {what} is not valid Unicode ({err.reason} at position {err.start})"
+        ) from None
 
 
 def _tasks_for_head(head: str) -> list[str]:
@@ -140,7 +160,8 @@ class Pipeline:
                 raise PipelineTypeError(
                     f"{self.task}: {what} must be a string, got {type(value).__name__}"
                 )
-        enc = self.tokenizer(text, pair, **kwargs)
+            _check_unicode(self.task, what, value)
+        enc = self._tokenize(text, pair, **kwargs)
         n = len(enc["input_ids"])
         if n > self.seq_len:
             raise PipelineError(
@@ -149,6 +170,17 @@ class Pipeline:
                 f"seq_len>={n}"
             )
         return enc
+
+    def _tokenize(self, *args, **kwargs):
+        """The tokenizer's encoding; PipelineError if the tokenizer itself fails (damaged
+        files, e.g. a vocabulary without [UNK], only fail when used)."""
+        try:
+            return self.tokenizer(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - tokenizers raises bare Exception
+            raise PipelineError(
+                f"{self.task}: the tokenizer failed: {type(err).__name__}: "
+                f"{' '.join(str(err).split())[:300]}"
+            ) from None
 
     def _run(self, rows: Sequence, **kwargs):
         """Run the model on token rows (dicts of lists), right-padded to the longest row."""

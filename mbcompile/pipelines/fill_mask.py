@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from mbcompile.errors import PipelineError
-from mbcompile.pipelines.base import Pipeline, _check_positive, _softmax, _texts
+from mbcompile.errors import PipelineError, PipelineTypeError
+from mbcompile.pipelines.base import Pipeline, _check_positive, _check_unicode, _softmax, _texts
 from mbcompile.runtime import CompiledModel
 
 
@@ -116,14 +116,19 @@ class FillMaskPipeline(Pipeline):
 
     def _target_ids(self, targets: str | list[str]) -> np.ndarray:
         """Vocabulary ids of ``targets``; a word not in the vocabulary counts as its first token."""
-        targets = [targets] if isinstance(targets, str) else list(targets)
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise PipelineTypeError(f"targets: expected a word or a list of words, got {targets!r}")
+        for target in targets:
+            _check_unicode("fill-mask", "a target", target)
         vocab = self.tokenizer.get_vocab()
         ids = set()
         for target in targets:
             if target in vocab:
                 ids.add(vocab[target])
                 continue
-            pieces = self.tokenizer(target, add_special_tokens=False)["input_ids"]
+            pieces = self._tokenize(target, add_special_tokens=False)["input_ids"]
             if not pieces:
                 warnings.warn(f"fill-mask: target {target!r} has no token; ignored", stacklevel=3)
                 continue

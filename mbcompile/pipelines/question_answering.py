@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _check_positive
+from mbcompile.pipelines.base import Pipeline, _check_positive, _check_unicode, _is_int
 from mbcompile.pipelines.spans import _char_span, _select_starts_ends
 
 
@@ -45,7 +45,9 @@ class QuestionAnsweringPipeline(Pipeline):
         align_to_words: bool = True,
     ) -> dict[str, Any] | list:
         top_k = _check_positive("top_k", top_k)
-        max_answer_len = _check_positive("max_answer_len", max_answer_len)
+        # no answer is longer than the context: a larger bound changes nothing (and numpy's
+        # span mask cannot be built for 2**70)
+        max_answer_len = min(_check_positive("max_answer_len", max_answer_len), 1 << 20)
         if max_seq_len is None:
             max_seq_len = min(self.seq_len, self.tokenizer.model_max_length)
         max_seq_len = _check_positive("max_seq_len", max_seq_len)
@@ -54,7 +56,7 @@ class QuestionAnsweringPipeline(Pipeline):
                 f"question-answering: max_seq_len={max_seq_len} exceeds the compiled "
                 f"seq_len={self.seq_len}"
             )
-        if doc_stride is not None and (isinstance(doc_stride, bool) or doc_stride < 0):
+        if doc_stride is not None and (not _is_int(doc_stride) or doc_stride < 0):
             raise PipelineError(f"doc_stride must be a non-negative integer, got {doc_stride!r}")
         examples, single = self._examples(question, context)
         results = [
@@ -94,13 +96,14 @@ class QuestionAnsweringPipeline(Pipeline):
                     raise PipelineTypeError(f"question-answering: {name} must be a string, got {value!r}")
                 if not value.strip():
                     raise PipelineError(f"question-answering: {name} cannot be empty")
+                _check_unicode("question-answering", name, value)
         return pairs, single
 
     def _answer(self, question, context, top_k, doc_stride, max_answer_len, max_seq_len,
                 handle_impossible_answer, align_to_words):
         tok = self.tokenizer
         question_first = tok.padding_side == "right"
-        q_len = len(tok(question, add_special_tokens=False)["input_ids"])
+        q_len = len(self._tokenize(question, add_special_tokens=False)["input_ids"])
         room = max_seq_len - q_len - tok.num_special_tokens_to_add(pair=True)
         if room < 1:
             raise PipelineError(
@@ -116,7 +119,7 @@ class QuestionAnsweringPipeline(Pipeline):
                 f"question-answering: doc_stride={doc_stride} must be smaller than the {room} "
                 f"context tokens that fit in one window beside this question"
             )
-        enc = tok(
+        enc = self._tokenize(
             question if question_first else context,
             context if question_first else question,
             truncation="only_second" if question_first else "only_first",

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from mbcompile.errors import PipelineError
+from mbcompile.errors import PipelineError, PipelineTypeError
 from mbcompile.pipelines.base import Pipeline, _check_positive, _id2label, _sigmoid, _softmax
 
 _LEGACY = object()  # top_k not given: transformers' single-best output shape
@@ -37,6 +37,11 @@ class TextClassificationPipeline(Pipeline):
         if not legacy and top_k is not None:
             top_k = _check_positive("top_k", top_k)
         function = self._function(function_to_apply)
+        if not isinstance(inputs, (str, dict, list, tuple)):
+            raise PipelineTypeError(
+                f"text-classification: expected a text, a {{'text', 'text_pair'}} dict or a list "
+                f"of them, got {type(inputs).__name__}"
+            )
         items = [inputs] if isinstance(inputs, (str, dict)) else list(inputs)
         if not items:
             raise PipelineError("text-classification: at least one input is required")
@@ -74,6 +79,10 @@ class TextClassificationPipeline(Pipeline):
 
     def _function(self, name: str | None) -> str:
         if name is not None:
+            if not isinstance(name, str):
+                raise PipelineTypeError(
+                    f"function_to_apply: expected 'sigmoid', 'softmax' or 'none', got {name!r}"
+                )
             name = name.lower()
             if name not in ("sigmoid", "softmax", "none"):
                 raise PipelineError(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _id2label, _softmax, _texts
+from mbcompile.pipelines.base import Pipeline, _id2label, _is_int, _softmax, _texts
 from mbcompile.pipelines.entity_grouping import _AGGREGATIONS, _aggregate, _merge_overlapping
 
 
@@ -44,6 +44,14 @@ class TokenClassificationPipeline(Pipeline):
                 f"aggregation_strategy: unknown {aggregation_strategy!r}; "
                 f"known: {list(_AGGREGATIONS)}"
             )
+        if ignore_labels is not None and (
+            isinstance(ignore_labels, str)
+            or not isinstance(ignore_labels, (list, tuple, set))
+            or not all(isinstance(label, str) for label in ignore_labels)
+        ):
+            raise PipelineTypeError(
+                f"ignore_labels: expected a list of label names, got {ignore_labels!r}"
+            )
         ignore = ["O"] if ignore_labels is None else list(ignore_labels)
         texts = _texts(inputs, self.task)
         max_len = min(self.seq_len, self.tokenizer.model_max_length)
@@ -54,7 +62,7 @@ class TokenClassificationPipeline(Pipeline):
                     "aggregation_strategy other than 'none' (e.g. 'simple')"
                 )
             room = max_len - self.tokenizer.num_special_tokens_to_add(pair=False)
-            if isinstance(stride, bool) or not 0 <= stride < room:
+            if not _is_int(stride) or not 0 <= stride < room:
                 raise PipelineError(
                     f"stride must be in [0, {room}) (the tokens of one window of seq_len "
                     f"{max_len} less the special tokens), got {stride!r}"
@@ -73,7 +81,7 @@ class TokenClassificationPipeline(Pipeline):
             else:
                 if not isinstance(text, str):
                     raise PipelineTypeError(f"{self.task}: inputs must be strings")
-                enc = self.tokenizer(
+                enc = self._tokenize(
                     text, truncation=True, max_length=max_len, stride=stride,
                     return_overflowing_tokens=True, **common,
                 )

@@ -16,8 +16,25 @@ from mbcompile import artifact
 from mbcompile.errors import PipelineError
 
 
-def _load_tokenizer_folder(folder: Path):
-    """A transformers tokenizer from local files only (MobileBERT's tokenizer is BERT's)."""
+def _load_tokenizer_folder(folder: Path, where: str | None = None):
+    """A transformers tokenizer from local files only (MobileBERT's tokenizer is BERT's);
+    PipelineError naming ``where`` (the folder, or the artifact) and its files when they are
+    damaged."""
+    try:
+        tokenizer = _read_tokenizer_folder(folder)
+        tokenizer("a probe . [MASK]")  # damaged vocabularies (no [UNK]) fail only when used
+        return tokenizer
+    except PipelineError:
+        raise
+    except Exception as err:  # noqa: BLE001 - json, tokenizers and transformers raise anything
+        names = sorted(p.name for p in folder.iterdir() if p.name in artifact.TOKENIZER_FILES)
+        raise PipelineError(
+            f"tokenizer: cannot read the tokenizer files {names} of {where or folder}: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from None
+
+
+def _read_tokenizer_folder(folder: Path):
     from transformers import AutoTokenizer, BertTokenizerFast
 
     if (folder / "tokenizer_config.json").is_file() or (folder / "config.json").is_file():
@@ -33,7 +50,7 @@ def _load_tokenizer_folder(folder: Path):
     )
 
 
-def _tokenizer_from_files(files: dict[str, bytes], config: dict | None):
+def _tokenizer_from_files(files: dict[str, bytes], config: dict | None, where: str = "the artifact"):
     """Load a tokenizer from file contents (e.g. an artifact's tokenizer/ members)."""
     with tempfile.TemporaryDirectory(prefix="mbcompile-tokenizer-") as tmp:
         folder = Path(tmp)
@@ -42,7 +59,7 @@ def _tokenizer_from_files(files: dict[str, bytes], config: dict | None):
         if "config.json" not in files:
             # AutoTokenizer finds the tokenizer class through the model type.
             (folder / "config.json").write_text(json.dumps(config or {"model_type": "mobilebert"}))
-        return _load_tokenizer_folder(folder)
+        return _load_tokenizer_folder(folder, where)
 
 
 def _files_of_tokenizer(tokenizer) -> dict[str, bytes]:

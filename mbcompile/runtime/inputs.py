@@ -65,13 +65,17 @@ def _torch_to_numpy(name: str, tensor) -> np.ndarray:
         raise InputError(f"{what} that is quantized ({tensor.dtype}); pass integer token ids")
     if tensor.is_complex():
         raise InputError(f"{what} of dtype {tensor.dtype}; expected an integer dtype")
-    tensor = tensor.detach().resolve_conj().resolve_neg()
-    if tensor.is_floating_point() and tensor.dtype not in (torch.float32, torch.float64):
-        tensor = tensor.to(torch.float32)  # bfloat16/float16/float8 have no numpy dtype
+    dtype = tensor.dtype
+    narrow_float = tensor.is_floating_point() and dtype not in (torch.float32, torch.float64)
+    if narrow_float and name != "attention_mask":  # only the mask may be float (0.0/1.0)
+        raise InputError(f"{name}: expected an integer dtype (int64 or int32), got {dtype}")
     try:
+        tensor = tensor.detach().resolve_conj().resolve_neg()
+        if narrow_float:
+            tensor = tensor.to(torch.float32)  # bfloat16/float16/float8 have no numpy dtype
         return tensor.cpu().numpy()
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise InputError(f"{what} of dtype {tensor.dtype} cannot be read ({err})") from None
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as err:
+        raise InputError(f"{what} of dtype {dtype} cannot be read ({err})") from None
 
 
 def _check_integer(name: str, arr: np.ndarray, allow_bool: bool) -> None:

@@ -367,3 +367,10 @@ def test_inputs_error_is_a_value_error_and_names_the_input(compiled):
     with pytest.raises(ValueError, match="token_type_ids"):
         compiled(input_ids=np.ones((1, 3), np.int64), token_type_ids=np.full((1, 3), 5))
     assert issubclass(mbcompile.InputError, mbcompile.MbcompileError)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e5m2])
+def test_a_torch_float_dtype_is_named_as_the_caller_gave_it(compiled, dtype):
+    """Not as the float32 it is converted to on the way (numpy has no bfloat16)."""
+    with pytest.raises(InputError, match=str(dtype).removeprefix("torch.")):
+        compiled(input_ids=torch.ones(1, 3, dtype=dtype))
