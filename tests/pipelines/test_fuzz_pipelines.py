@@ -146,20 +146,24 @@ def _a_batch(value) -> bool:
 # -- text fuzz, one test per task ---------------------------------------------------------------
 
 
+def _scored_and_each_text_alone_agrees(run, value, **options) -> None:
+    """A result (scores in [0, 1]) or a PipelineError; a batch gives each text's own result."""
+    result = result_or_pipeline_error(run, value, **options)
+    if result is None:
+        return
+    _check_scores(result)
+    if _a_batch(value):
+        for text, got in zip(value, result):
+            assert_close(got, run(text, **options))
+
+
 @FUZZ
 @given(value=inputs(st.one_of(masked_texts, texts)), top_k=st.integers(1, 6))
 @example(value="\ud800 [MASK]", top_k=1)
 @example(value=None, top_k=1)
 @example(value=3, top_k=1)
 def test_fill_mask_gives_a_result_or_a_pipeline_error(pipes, value, top_k):
-    fill = pipes["fill-mask"]
-    result = result_or_pipeline_error(fill, value, top_k=top_k)
-    if result is None:
-        return
-    _check_scores(result)
-    if _a_batch(value):
-        for text, got in zip(value, result):
-            assert_close(got, fill(text, top_k=top_k))
+    _scored_and_each_text_alone_agrees(pipes["fill-mask"], value, top_k=top_k)
 
 
 @FUZZ
@@ -168,14 +172,7 @@ def test_fill_mask_gives_a_result_or_a_pipeline_error(pipes, value, top_k):
 @example(value=None)
 @example(value=3.5)
 def test_text_classification_gives_a_result_or_a_pipeline_error(pipes, value):
-    classify = pipes["text-classification"]
-    result = result_or_pipeline_error(classify, value, top_k=None)
-    if result is None:
-        return
-    _check_scores(result)
-    if _a_batch(value):
-        for text, got in zip(value, result):
-            assert_close(got, classify(text, top_k=None))
+    _scored_and_each_text_alone_agrees(pipes["text-classification"], value, top_k=None)
 
 
 @FUZZ
