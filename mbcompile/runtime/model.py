@@ -162,13 +162,9 @@ class CompiledModel:
                 f"attention_mask and token_type_ids"
             )
         sig = self.signature
-        inp, real, positions = self._checked(
+        inp, real, positions, choices = self._checked(
             input_ids, attention_mask, token_type_ids, lengths, masked_positions
         )
-        choices = None
-        if sig.num_choices is not None and inp.input_ids.shape[1] != sig.num_choices:
-            choices = inp.input_ids.shape[1]
-            inp, real = _group_choices(inp, real, sig.num_choices)
         length = inp.input_ids.shape[-1]
         program = self._program
         if program is None:
@@ -200,13 +196,15 @@ class CompiledModel:
         """The arrays the compiled ``main`` takes for the first ``batch_size`` rows of these
         inputs, checked and padded to the compiled shape: for timing a program directly (e.g.
         ``compiled.program.time(...)`` on a remote device)."""
-        inp, real, positions = self._checked(
+        inp, real, positions, _ = self._checked(
             input_ids, attention_mask, token_type_ids, lengths, masked_positions
         )
         return next(self._chunks(inp, real, positions))[2]
 
     def _checked(self, input_ids, attention_mask, token_type_ids, lengths, masked_positions):
-        """The checked inputs, each row's real length, and the masked positions (or None)."""
+        """The checked inputs, each row's real length, the masked positions (or None), and the
+        caller's number of choices when it differs from the compiled one (the inputs are then
+        regrouped by ``_group_choices``; else None)."""
         sig = self.signature
         inp = prepare(sig, input_ids, attention_mask, token_type_ids)
         positions = None
@@ -217,7 +215,12 @@ class CompiledModel:
                 "masked_positions: this model was compiled with logits at every position; "
                 "compile with logits_for='masked' to request positions"
             )
-        return inp, real_lengths(sig, inp.input_ids, lengths), positions
+        real = real_lengths(sig, inp.input_ids, lengths)
+        choices = None
+        if sig.num_choices is not None and inp.input_ids.shape[1] != sig.num_choices:
+            choices = inp.input_ids.shape[1]
+            inp, real = _group_choices(inp, real, sig.num_choices)
+        return inp, real, positions, choices
 
     def _chunks(self, inp, real: np.ndarray, positions):
         """(start, stop, arrays for ``main``) per ``batch_size`` rows, padded to the compiled
