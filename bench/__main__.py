@@ -41,6 +41,76 @@ def _run_cell(head: str, seq: int, threads: int, args) -> dict:
     return json.loads(lines[-1])
 
 
+def _run_lengths(head: str, threads: int, args) -> dict:
+    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "bench.lengths", "--head", head, "--threads", str(threads),
+           "--lengths", args.lengths, "--rounds", str(args.rounds), "--settle", str(args.settle)]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
+                          stdout=subprocess.PIPE, text=True, check=True)
+    lines = proc.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        print(line, flush=True)
+    return json.loads(lines[-1])
+
+
+def _lengths_table(cells: list[dict]) -> str:
+    """Latency against length: the one artifact, the exact-length build and ORT dynamic."""
+    out = ["| model | threads | length | one artifact ms | exact build ms | one/exact | ORT fp32 dynamic ms | "
+           "ORT/one | max abs diff vs torch (one artifact) |", "|---|---|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        by = {}
+        for r in cell["rows"]:
+            by.setdefault((r["threads"], r["length"]), {})[r["backend"]] = r
+        for (threads, length), rs in sorted(by.items()):
+            one, exact, ort = (rs[n] for n in sorted(rs, key=_lengths_order))
+            model = "MobileBertModel" if one["head"] == "base" else "MaskedLM fill-mask (ORT: full MaskedLM)"
+            out.append(f"| {model} | {threads} | {length} | {one['median_ms']:.1f} | {exact['median_ms']:.1f} | "
+                       f"{one['median_ms'] / exact['median_ms']:.2f} | {ort['median_ms']:.1f} | "
+                       f"{ort['median_ms'] / one['median_ms']:.2f}× | {one['max_abs_diff_vs_torch']:.1e} |")
+    out += ["", "| model | threads | backend | batch 1 × 32: ms per text | batch 8 × 32: ms per text |",
+            "|---|---|---|---|---|"]
+    for cell in cells:
+        by = {}
+        for r in cell["batch_rows"]:
+            by.setdefault((r["threads"], r["backend"]), {})[r["batch"]] = r
+        for (threads, backend), rs in sorted(by.items()):
+            model = "MobileBertModel" if rs[1]["head"] == "base" else "MaskedLM fill-mask"
+            out.append(f"| {model} | {threads} | {backend} | {rs[1]['per_text_ms']:.2f} | {rs[8]['per_text_ms']:.2f} |")
+    sizes = [(c["rows"][0]["head"], c["library_bytes"]) for c in cells]
+    out += [""] + [f"Library size, {head}: one artifact {b['variable'] / 1e6:.1f} MB; exact builds "
+                   + ", ".join(f"{n}: {v / 1e6:.1f}" for n, v in sorted(b['exact'].items(), key=lambda kv: int(kv[0])))
+                   + " MB." for head, b in dict(sizes).items()]
+    return "\n".join(out)
+
+
+def _lengths_order(name: str) -> int:
+    return 0 if "one artifact" in name else 1 if "exactly" in name else 2
+
+
+def _lengths_chart(cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(cells), figsize=(5 * len(cells), 4), squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        backends = sorted({r["backend"] for r in cell["rows"]}, key=_lengths_order)
+        for name in backends:
+            rs = sorted((r for r in cell["rows"] if r["backend"] == name), key=lambda r: r["length"])
+            ax.plot([r["length"] for r in rs], [r["median_ms"] for r in rs], marker="o", label=name)
+        r0 = cell["rows"][0]
+        ax.set_title(f"{'encoder' if r0['head'] == 'base' else 'fill-mask'}, {r0['threads']} thr")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("input length (tokens)")
+        ax.set_ylabel("ms (median)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def _table(cells: list[dict]) -> str:
     out = ["| model | seq | threads | backend | median ms | min–max ms | vs ORT fp32 | GFLOP/s (% of torch.mm roof) | max abs diff vs torch | compile s |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -69,24 +139,34 @@ def _compile_seconds(row: dict) -> str:
 
 def _header(started: str, cells: list[dict], rounds: int, settle: float | None) -> str:
     machine = cells[0]["machine"]
-    roofs = {c["rows"][0]["threads"]: c["roof_gflops"]["1024x1024x1024"] for c in cells}
+    roofs = {c["rows"][0]["threads"]: c["roof_gflops"]["1024x1024x1024"] for c in cells
+             if "roof_gflops" in c}
     cpu = machine["cpu"]
     if machine.get("llvm_cpu"):  # LLVM's name for the CPU and its widest vectors
         cpu += f" ({machine['llvm_cpu']}, {machine.get('simd', '?')})"
     return (f"Measured {started} on {cpu}, {machine['cores']} cores, fp32, batch 1; "
             f"{rounds} interleaved rounds per cell"
             + (f", {settle:g} s pause before each call" if settle else "")
-            + "; torch.mm roof "
-            + ", ".join(f"{t} thr {g:.0f} GFLOP/s" for t, g in sorted(roofs.items())) + ".")
+            + ("; torch.mm roof " + ", ".join(f"{t} thr {g:.0f} GFLOP/s" for t, g in sorted(roofs.items()))
+               if roofs else "") + ".")
 
 
-def _write(out: Path, started: str, cells: list[dict], rounds: int, settle: float | None) -> str:
-    text = _header(started, cells, rounds, settle) + "\n\n" + _table(cells) + "\n"
+def _write(out: Path, started: str, cells: list[dict], rounds: int, settle: float | None,
+           length_cells: list[dict] | None = None) -> str:
+    text = _header(started, cells or length_cells, rounds, settle) + "\n\n"
+    if cells:
+        text += _table(cells) + "\n"
+    if length_cells:
+        text += "\n## Lengths\n\n" + _lengths_table(length_cells) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"started": started, "rounds": rounds, "settle": settle, "cells": cells}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(
+        {"started": started, "rounds": rounds, "settle": settle, "cells": cells,
+         "length_cells": length_cells or []}, indent=2))
     out.with_suffix(".md").write_text(text)
-    _chart(cells, out.with_suffix(".png"))
+    if cells:
+        _chart(cells, out.with_suffix(".png"))
+    if length_cells:
+        _lengths_chart(length_cells, out.with_name(out.name + "-lengths.png"))
     return text
 
 
@@ -127,6 +207,11 @@ def main() -> None:
     p.add_argument("--settle", type=float, default=0.3,
                    help="pause (s) before each timed call, so the previous backend's spinning "
                         "thread pool is idle (matters with 2 threads on 2 cores); 0 for none")
+    p.add_argument("--lengths", default="8,16,32,64,128,256,384,512",
+                   help="the lengths table: latency against input length of the one artifact, "
+                        "exact-length builds and ONNX Runtime with dynamic axes ('none' to skip)")
+    p.add_argument("--length-heads", default="base,masked-lm",
+                   help="heads of the lengths table (masked-lm: the fill-mask build)")
     p.add_argument("--out", default=str(RESULTS / "latest"))
     p.add_argument("--render", metavar="JSON", help="only redraw the table and chart of a run")
     args = p.parse_args()
@@ -138,16 +223,21 @@ def main() -> None:
     if args.render:
         data = json.loads(Path(args.render).read_text())
         print(_write(Path(args.render), data["started"], data["cells"], data.get("rounds", args.rounds),
-                     data.get("settle")))
+                     data.get("settle"), data.get("length_cells")))
         return
 
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     cells = []
-    for head in args.heads.split(","):
+    for head in args.heads.split(",") if args.heads != "none" else ():
         for seq in (int(s) for s in args.seq.split(",")):
             for threads in (int(t) for t in args.threads.split(",")):
                 cells.append(_run_cell(head, seq, threads, args))
-    print(_write(Path(args.out), started, cells, args.rounds, args.settle))
+    length_cells = []
+    if args.lengths != "none":
+        for head in args.length_heads.split(","):
+            for threads in (int(t) for t in args.threads.split(",")):
+                length_cells.append(_run_lengths(head, threads, args))
+    print(_write(Path(args.out), started, cells, args.rounds, args.settle, length_cells))
 
 
 if __name__ == "__main__":

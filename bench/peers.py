@@ -53,7 +53,10 @@ def torch_compile(model) -> Runner:
     return run
 
 
-def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str | None = None) -> Runner:
+def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str | None = None,
+                dynamic: bool = False) -> Runner:
+    """ONNX Runtime on ``torch.onnx.export``'s graph; ``dynamic``: batch and length axes dynamic
+    (one session for every shape, as a user serving varied texts would export it)."""
     import onnxruntime as ort
 
     workdir = workdir or tempfile.mkdtemp(prefix="mbcompile-bench-")
@@ -63,6 +66,7 @@ def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str |
         torch.onnx.export(
             _Flat(model).eval(), tuple(torch.from_numpy(a) for a in example), path,
             input_names=names, dynamo=False, opset_version=17,
+            dynamic_axes={n: {0: "batch", 1: "seq"} for n in names} if dynamic else None,
         )
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic

@@ -57,9 +57,11 @@ def _versions() -> dict[str, str]:
 def _run_pass(p, mod) -> tuple[Any, dict]:
     start = time.perf_counter()
     mod, fired = p(mod)
+    # Per function of the module (one per compiled length): the count in ``main``, the longest.
+    by_function = getattr(p, "fired_by_function", {})
     row = {
         "pass": p.name,
-        "fired": int(fired),
+        "fired": int(by_function.get("main", fired)),
         "seconds": round(time.perf_counter() - start, 3),
         **module_stats(mod),
     }
@@ -150,9 +152,13 @@ def prepare(model, options: CompileOptions) -> Prepared:
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.registry import resolve_target
 
+    from mbcompile.capture import check_model
+
     spec = resolve_target(options.target)
     tvm_target = spec.tvm_target()
     passes = listed_passes(options.passes, tvm_target)  # checked before the slow work
+    check_model(model)
+    seq_lens = options.seq_lens(model.config.max_position_embeddings)
     prune = masked_head_pass(model, options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -161,7 +167,7 @@ def prepare(model, options: CompileOptions) -> Prepared:
     with sigint_held():
         captured = capture(
             model,
-            seq_len=options.seq_len,
+            seq_lens=seq_lens,
             batch_size=options.batch_size,
             num_choices=options.num_choices,
         )
@@ -182,7 +188,8 @@ def compile(
     model,
     *,
     target: Any = "host",
-    seq_len: int = 128,
+    max_seq_len: int | None = None,
+    seq_len: int | None = None,
     batch_size: int = 1,
     num_choices: int | None = None,
     passes: str | Sequence[Any] | None = "default",
@@ -196,7 +203,14 @@ def compile(
 
     The options before ``tuning_db`` are :class:`mbcompile.options.CompileOptions` (see it for
     each; ``mbcompile.tune`` takes the same). ``target`` is a name (``mbcompile targets``) or a
-    ``Target``. ``passes`` is ``"default"``, an explicit list of passes (instances, classes or
+    ``Target``.
+
+    Lengths: by default the model takes every input of 1 to ``max_seq_len`` tokens (default the
+    model's ``max_position_embeddings``, 512 for MobileBERT), and runs each at the shortest of
+    the compiled lengths 8, 16, 32, 64, 128, 256, 384, 512 (up to ``max_seq_len``, which is one)
+    that fits: one library, the weights stored once, a function per length. ``seq_len=N``
+    compiles that one length only (every shorter input is padded to it): the smallest artifact
+    and the quickest compile. ``passes`` is ``"default"``, an explicit list of passes (instances, classes or
     names), or ``()`` for none. Weights become compile-time constants of the linked library.
 
     ``logits_for="masked"`` (MaskedLM, PreTraining): vocabulary logits only at the positions of

@@ -47,6 +47,41 @@ class Signature:
     # without its last axis) after the three inputs: positions past it are padding that must not
     # change the outputs. False in artifacts made before it existed.
     takes_lengths: bool = False
+    # Every sequence length compiled, ascending, the last ``seq_len``: an input runs the
+    # shortest that fits (``function_for``). () for one length (and in artifacts made before).
+    seq_lens: tuple[int, ...] = ()
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """The compiled sequence lengths, ascending (the last is ``seq_len``)."""
+        return self.seq_lens or (self.seq_len,)
+
+    @property
+    def length_option(self) -> str:
+        """The compile option that set the longest length, for messages."""
+        return "max_seq_len" if self.seq_lens else "seq_len"
+
+    def fitting_length(self, n: int) -> int:
+        """The shortest compiled length that holds ``n`` tokens (``n`` ≤ ``seq_len``)."""
+        return next(length for length in self.lengths if length >= n)
+
+    @staticmethod
+    def function_name(length: int, longest: int) -> str:
+        """The library function for ``length`` tokens: ``main`` for the longest."""
+        return "main" if length == longest else f"seq_{length}"
+
+    def function_for(self, length: int) -> str:
+        return self.function_name(length, self.seq_len)
+
+    def input_shape_for(self, length: int) -> tuple[int, ...]:
+        return self.input_shape[:-1] + (length,)
+
+    def output_shape_for(self, spec: OutputSpec, length: int) -> tuple[int, ...]:
+        """``spec``'s shape from the function for ``length`` tokens."""
+        return tuple(
+            length if axis in spec.seq_axes and n == self.seq_len else n
+            for axis, n in enumerate(spec.shape)
+        )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -81,5 +116,10 @@ class Signature:
             )
             for o in data["outputs"]
         )
-        rest = {k: v for k, v in data.items() if k not in ("outputs", "fields")}
-        return cls(outputs=outputs, fields=tuple(data["fields"]), **rest)
+        rest = {k: v for k, v in data.items() if k not in ("outputs", "fields", "seq_lens")}
+        return cls(
+            outputs=outputs,
+            fields=tuple(data["fields"]),
+            seq_lens=tuple(data.get("seq_lens", ())),
+            **rest,
+        )

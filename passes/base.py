@@ -58,15 +58,19 @@ class MobileBertPass:
     def __init__(self) -> None:
         self.refusals: list[str] = []
         self.last_fired = 0
+        # The last call's fire count per function (a module holds one per compiled length).
+        self.fired_by_function: dict[str, int] = {}
 
     def __call__(self, mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
         self.refusals = []
+        self.fired_by_function = {}
         updated: dict[relax.GlobalVar, relax.Function] = {}
         fired = 0
         for gvar, func in mod.functions_items():
             if not isinstance(func, relax.Function) or _is_kernel(func):
                 continue
             new_func, count = self.rewrite_function(func)
+            self.fired_by_function[gvar.name_hint] = count
             if count:
                 updated[gvar] = new_func
                 fired += count

@@ -19,7 +19,7 @@ def _ids(n=10, value=5):
         ({"input_ids": np.zeros((1, 10), dtype=np.float32)}, "input_ids: expected an integer dtype"),
         ({"input_ids": np.zeros((10,), dtype=np.int64)}, "add a batch axis"),
         ({"input_ids": np.zeros((1, 1, 10), dtype=np.int64)}, "expected rank 2"),
-        ({"input_ids": _ids(17)}, "sequence length 17 exceeds the compiled seq_len 16"),
+        ({"input_ids": _ids(17)}, "sequence length 17 exceeds the longest this model was compiled for (seq_len=16)"),
         ({"input_ids": _ids(value=211)}, "token id 211 is outside [0, 211)"),
         ({"input_ids": _ids(value=-1)}, "token id -1 is outside"),
         (

@@ -325,8 +325,12 @@ def _signature(where: str, key: str, data: Any) -> Signature:
         raise invalid(
             where, f"{key}.mask_token_id", sig.mask_token_id, "set exactly when max_masked is set"
         )
+    lens = list(sig.seq_lens)
+    if lens and (lens != sorted(set(lens)) or lens[-1] != sig.seq_len or len(lens) > 64):
+        expected = f"[] or at most 64 ascending lengths, the last seq_len ({sig.seq_len})"
+        raise invalid(where, f"{key}.seq_lens", lens, expected)
     if sig.max_masked is not None:
-        _int_in(1, sig.seq_len)(where, f"{key}.max_masked", sig.max_masked)
+        _int_in(1, sig.lengths[0])(where, f"{key}.max_masked", sig.max_masked)
         _int_in(0, sig.vocab_size - 1)(where, f"{key}.mask_token_id", sig.mask_token_id)
     _check_outputs(where, sig)
     return sig
@@ -353,6 +357,7 @@ _SIGNATURE_CHECKS: dict[str, Check] = {
     "max_masked": _optional(_int_in(1)),
     "mask_token_id": _optional(_int_in(0)),
     "takes_lengths": _flag,
+    "seq_lens": _list_of(_int_in(1)),
 }
 
 # -- the target (read by the runtime as targets.registry.Target.from_dict) -------------------

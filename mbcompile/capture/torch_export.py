@@ -148,16 +148,59 @@ def _output_specs(
     return tuple(specs), tuple(out.keys())
 
 
+def _export(wrapper, args: tuple, seq_lens: tuple[int, ...]) -> tvm.IRModule:
+    """The exported program in Relax: one function per length of ``seq_lens``, each with
+    static shapes (``Signature.function_name``).
+
+    Several lengths are exported once, with the sequence axis dynamic, and the imported
+    function is specialised to each length: one export and one import instead of one per
+    length, and the passes then see static shapes, as for a single length.
+    """
+    if len(seq_lens) == 1:
+        with torch.no_grad():
+            exported = torch.export.export(wrapper, args)
+        return _bounded_gathers(from_exported_program(exported))
+    seq = torch.export.Dim("seq", min=min(seq_lens), max=max(seq_lens))
+    axis = args[0].ndim - 1
+    dynamic = ({axis: seq}, {axis: seq}, {axis: seq}, None)
+    try:
+        with torch.no_grad():
+            exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
+    except Exception as err:  # noqa: BLE001 - torch's export errors have no common base
+        raise ModelError(
+            f"torch.export could not capture the model for lengths {min(seq_lens)} to "
+            f"{max(seq_lens)} at once ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
+            f"compile one fixed length with seq_len=N"
+        ) from None
+    dynamic_main = _bounded_gathers(from_exported_program(exported))["main"]
+    symbolic = list(tvm.relax.analysis.defined_symbolic_vars(dynamic_main))
+    if len(symbolic) != 1:
+        raise ModelError(
+            f"the exported model has {len(symbolic)} symbolic dimensions ({symbolic}), "
+            f"expected one (the sequence length); compile one fixed length with seq_len=N"
+        )
+    functions = {}
+    for n in seq_lens:
+        name = Signature.function_name(n, max(seq_lens))
+        # Fresh variables: Relax functions of one module must not share them.
+        func = tvm.relax.utils.copy_with_new_vars(dynamic_main.bind_symbolic_vars({symbolic[0]: n}))
+        functions[tvm.ir.GlobalVar(name)] = func.with_attr("global_symbol", name)
+    return tvm.IRModule(functions)
+
+
 def capture(
     model: torch.nn.Module,
     *,
-    seq_len: int,
+    seq_len: int | None = None,
     batch_size: int = 1,
     num_choices: int | None = None,
+    seq_lens: tuple[int, ...] | None = None,
 ) -> Captured:
-    """Export ``model`` at a static ``(batch, [choices,] seq)`` shape and import it into Relax.
+    """Export ``model`` at static ``(batch, [choices,] seq)`` shapes and import it into Relax.
 
-    The module computes everything the model returns (logits at every position included);
+    ``seq_lens``: the sequence lengths to compile, each a function of the module (``main``
+    for the longest, ``seq_<n>`` for the others); or ``seq_len`` alone. The module computes
+    everything the model returns (logits at every position included);
     ``compile(..., logits_for="masked")`` prunes the vocabulary projection afterwards with the
     ``PruneMaskedLMHead`` pass.
     """
@@ -165,7 +208,12 @@ def capture(
     config = model.config
     if head == "multiple-choice" and num_choices is None:
         num_choices = DEFAULT_NUM_CHOICES
-    check_shape(seq_len, batch_size, num_choices)
+    if seq_lens is None:
+        seq_lens = (seq_len,)
+    seq_lens = tuple(sorted(set(seq_lens)))
+    for n in seq_lens:
+        check_shape(n, batch_size, num_choices)
+    seq_len = seq_lens[-1]
     if seq_len > config.max_position_embeddings:
         raise OptionError(
             f"seq_len={seq_len} exceeds the model's max_position_embeddings="
@@ -185,9 +233,7 @@ def capture(
     try:
         wrapper = _FlatOutputs(model)
         outputs, fields = _output_specs(wrapper, config, shape)
-        with torch.no_grad():
-            exported = torch.export.export(wrapper, _export_inputs(config, shape))
-        mod = _bounded_gathers(from_exported_program(exported))
+        mod = _export(wrapper, _export_inputs(config, shape), seq_lens)
     finally:
         model.train(was_training)
 
@@ -196,6 +242,7 @@ def capture(
         head=head,
         batch_size=batch_size,
         seq_len=seq_len,
+        seq_lens=seq_lens if len(seq_lens) > 1 else (),
         num_choices=num_choices,
         vocab_size=config.vocab_size,
         type_vocab_size=config.type_vocab_size,

@@ -37,22 +37,24 @@ from mbcompile.devices.tracker import request_device
 from mbcompile.errors import RemoteError
 from mbcompile.runtime import CompiledModel
 from mbcompile.runtime import load as runtime_load
+from mbcompile.signature import Signature
 
 
-def _outputs(arity: Callable, get: Callable, *index: int) -> list:
-    """The leaves of ``main``'s (possibly nested tuple) result, in order.
+def _outputs(arity: Callable, get: Callable, name: str, *index: int) -> list:
+    """The leaves of function ``name``'s (possibly nested tuple) result, in order.
 
     (VirtualMachine.get_outputs does the same with a self-referencing closure, a reference
     cycle that keeps the VM, and so the RPC session, alive until the next garbage collection.)
     """
-    n = arity("main", *index)
+    n = arity(name, *index)
     if n == -1:
-        return [get("main", *index)]
-    return [leaf for i in range(n) for leaf in _outputs(arity, get, *index, i)]
+        return [get(name, *index)]
+    return [leaf for i in range(n) for leaf in _outputs(arity, get, name, *index, i)]
 
 
 class RemoteProgram:
-    """The compiled ``main`` running on a remote device's CPU, driven over TVM RPC.
+    """The compiled functions running on a remote device's CPU, driven over TVM RPC: for inputs
+    of ``n`` tokens, the function ``signature`` names for ``n`` (``main`` without one).
 
     The device is the server at ``address`` ("HOST:PORT"), or a free device registered with
     ``tracker`` ("HOST:PORT") under ``key``. Uploads ``lib`` (the artifact's shared library,
@@ -76,8 +78,11 @@ class RemoteProgram:
         target: dict | None = None,
         timeout: float | None = None,
         call_timeout: float | None = None,
+        signature: Signature | None = None,
     ):
         import tvm
+
+        self._signature = signature
 
         check_device_options(address, tracker, key)
         self.tracker, self.key = tracker, key
@@ -141,40 +146,55 @@ class RemoteProgram:
             raise value
         return value
 
-    def _set_input(self, arrays: list[np.ndarray]) -> None:
+    def _function(self, arrays: list[np.ndarray]) -> str:
+        sig = self._signature
+        if sig is None:
+            return "main"
+        length = int(arrays[0].shape[-1]) if arrays and arrays[0].ndim else 0
+        if length not in sig.lengths:
+            raise RemoteError(
+                f"no compiled function takes {length} tokens; the compiled lengths are "
+                f"{list(sig.lengths)} (pad the inputs to one of them)"
+            )
+        return sig.function_for(length)
+
+    def _set_input(self, name: str, arrays: list[np.ndarray]) -> None:
         import tvm
 
         if self._vm is None:
             raise RemoteError(f"the session with {self.where} is closed")
         tensors = [tvm.runtime.tensor(np.ascontiguousarray(a), self._dev) for a in arrays]
-        self._vm.set_input("main", *tensors)
+        self._vm.set_input(name, *tensors)
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Static-shape int64 inputs in; the outputs of ``main``, in order, as numpy arrays."""
+        """Static-shape int64 inputs in; the function's outputs, in order, as numpy arrays."""
+        name = self._function(arrays)
 
         def call():
-            self._set_input(arrays)
-            self._vm.invoke_stateful("main")
+            self._set_input(name, arrays)
+            self._vm.invoke_stateful(name)
             module = self._vm.module
-            leaves = _outputs(module["get_output_arity"], module["get_output"])
+            leaves = _outputs(module["get_output_arity"], module["get_output"], name)
             return [t.numpy() for t in leaves]
 
         with self._lock:
             return self._bounded(call, "running the model")
 
     def time(self, arrays: list[np.ndarray], *, number: int = 1, repeat: int = 3) -> list[float]:
-        """Seconds per call of ``main`` on the device (TVM's time_evaluator), one per repeat.
+        """Seconds per call of the function for these inputs on the device (TVM's
+        time_evaluator), one per repeat.
 
         Each repeat averages ``number`` calls, timed on the device, so network and upload
         time are excluded.
         """
+        name = self._function(arrays)
 
         def call():
-            self._set_input(arrays)
+            self._set_input(name, arrays)
             timer = self._vm.time_evaluator(
                 "invoke_stateful", self._dev, number=number, repeat=repeat
             )
-            return [float(r) for r in timer("main").results]
+            return [float(r) for r in timer(name).results]
 
         with self._lock:
             return self._bounded(call, "timing the model")
@@ -228,6 +248,7 @@ def load(
     program = RemoteProgram(
         local.library_bytes, remote, tracker=tracker, key=key,
         target=local.metadata.target, timeout=timeout, call_timeout=call_timeout,
+        signature=local.signature,
     )
     return local.with_program(program)
 

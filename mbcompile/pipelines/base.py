@@ -2,8 +2,9 @@
 
 A pipeline holds a compiled MobileBERT and a transformers tokenizer. The base class checks that
 they fit each other and the task (head, vocabulary size, fast tokenizer), tokenizes one text or
-pair without truncation (refusing what is longer than the compiled ``seq_len``), runs token rows
-right-padded in groups of the compiled batch size, and saves the model with its tokenizer.
+pair without truncation (refusing what is longer than the compiled ``seq_len``, the longest),
+runs token rows right-padded to the longest of each group of the compiled batch size (the model
+then runs the shortest compiled length that holds them), and saves the model with its tokenizer.
 
 The model runs with numpy and TVM (no torch); scores are computed in float64 as transformers does.
 """
@@ -164,10 +165,11 @@ class Pipeline:
         enc = self._tokenize(text, pair, **kwargs)
         n = len(enc["input_ids"])
         if n > self.seq_len:
+            option = self.model.signature.length_option
             raise PipelineError(
                 f"{self.task}: {what} is {n} tokens long (special tokens included), the model "
-                f"was compiled for seq_len={self.seq_len}; shorten it or recompile with "
-                f"seq_len>={n}"
+                f"was compiled for at most {option}={self.seq_len}; shorten it or recompile "
+                f"with {option}>={n}"
             )
         return enc
 

@@ -125,9 +125,11 @@ def prepare(
     if ids.shape[0] < 1 or ids.shape[-1] < 1:
         raise InputError(f"input_ids: empty batch or sequence, shape {tuple(ids.shape)}")
     if ids.shape[-1] > sig.seq_len:
+        option = sig.length_option
         raise InputError(
-            f"input_ids: sequence length {ids.shape[-1]} exceeds the compiled seq_len "
-            f"{sig.seq_len}; truncate the input or recompile with seq_len>={ids.shape[-1]}"
+            f"input_ids: sequence length {ids.shape[-1]} exceeds the longest this model was "
+            f"compiled for ({option}={sig.seq_len}); truncate the input or recompile with "
+            f"{option}>={ids.shape[-1]}"
         )
     if rank == 3 and ids.shape[1] < 1:
         raise InputError(f"input_ids: no choices, shape {tuple(ids.shape)}")

@@ -193,8 +193,8 @@ class CompiledModel:
         self, input_ids, attention_mask=None, token_type_ids=None, *, lengths=None,
         masked_positions=None,
     ) -> list[np.ndarray]:
-        """The arrays the compiled ``main`` takes for the first ``batch_size`` rows of these
-        inputs, checked and padded to the compiled shape: for timing a program directly (e.g.
+        """The arrays the compiled function takes for the first ``batch_size`` rows of these
+        inputs, checked and padded to the shortest compiled length that holds them: for timing a program directly (e.g.
         ``compiled.program.time(...)`` on a remote device)."""
         inp, real, positions, _ = self._checked(
             input_ids, attention_mask, token_type_ids, lengths, masked_positions
@@ -223,17 +223,19 @@ class CompiledModel:
         return inp, real, positions, choices
 
     def _chunks(self, inp, real: np.ndarray, positions):
-        """(start, stop, arrays for ``main``) per ``batch_size`` rows, padded to the compiled
-        shape: padding ids 0, mask 0, types 0, lengths 0 (a padded row), positions 0."""
+        """(start, stop, arrays for the compiled function) per ``batch_size`` rows, padded to
+        the shortest compiled length that holds the input (``Signature.fitting_length``):
+        padding ids 0, mask 0, types 0, lengths 0 (a padded row), positions 0."""
         sig = self.signature
+        shape = sig.input_shape_for(sig.fitting_length(inp.input_ids.shape[-1]))
         for start in range(0, inp.input_ids.shape[0], sig.batch_size):
             stop = min(start + sig.batch_size, inp.input_ids.shape[0])
             arrays = [
-                pad_to(a[start:stop], sig.input_shape)
+                pad_to(a[start:stop], shape)
                 for a in (inp.input_ids, inp.attention_mask, inp.token_type_ids)
             ]
             if sig.takes_lengths:
-                arrays.append(pad_to(real[start:stop], sig.input_shape[:-1]))
+                arrays.append(pad_to(real[start:stop], shape[:-1]))
             if positions is not None:
                 arrays.append(
                     pad_to(np.maximum(positions[start:stop], 0), (sig.batch_size, sig.max_masked))

@@ -1,4 +1,4 @@
-"""Running the compiled ``main`` on this machine's CPU, and the thread count it runs on."""
+"""Running the compiled functions on this machine's CPU, and the thread count it runs on."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def use_all_cpus() -> int:
 
 
 class LocalProgram:
-    """Runs the compiled ``main`` on this machine's CPU with the Relax VM.
+    """Runs the compiled functions on this machine's CPU with the Relax VM: for inputs of ``n``
+    tokens, the function compiled for ``n`` (``Signature.function_for``).
 
     Thread-safe: a Relax VM is not re-entrant (two threads in one VM crash it), so each calling
     thread gets its own VM over the one loaded library (a VM costs about 50 µs and no memory
@@ -75,30 +76,52 @@ class LocalProgram:
 
             use_all_cpus()
             vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
-            self._check_parameters(vm)
             self._local.vm = vm
         return vm
 
-    def _check_parameters(self, vm) -> None:
-        """The library's ``main`` takes the inputs the metadata describes, by name and count;
-        ArtifactError before anything runs if not (crafted or mismatched metadata)."""
+    def _function(self, vm, arrays: list[np.ndarray]) -> str:
+        """The library function for inputs of this length (``main`` without a signature), its
+        parameters checked against the signature on first use."""
         if self._signature is None:
-            return
-        arity = int(vm.module["get_function_arity"]("main"))
-        names = tuple(str(vm.module["get_function_param_name"]("main", i)) for i in range(arity))
+            return "main"
+        length = int(arrays[0].shape[-1]) if arrays and arrays[0].ndim else 0
+        if length not in self._signature.lengths:
+            raise ArtifactError(
+                f"no compiled function takes {length} tokens; the compiled lengths are "
+                f"{list(self._signature.lengths)} (pad the inputs to one of them)"
+            )
+        name = self._signature.function_for(length)
+        checked = self._local.__dict__.setdefault("checked", set())
+        if name not in checked:
+            self._check_parameters(vm, name)
+            checked.add(name)
+        return name
+
+    def _check_parameters(self, vm, name: str) -> None:
+        """The library's function ``name`` takes the inputs the metadata describes, by name and
+        count; ArtifactError before anything runs if not (crafted or mismatched metadata)."""
+        try:
+            arity = int(vm.module["get_function_arity"](name))
+            names = tuple(str(vm.module["get_function_param_name"](name, i)) for i in range(arity))
+        except (RuntimeError, ValueError, AttributeError) as err:
+            raise ArtifactError(
+                f"the artifact's metadata does not match its library: the library has no "
+                f"function {name!r} ({' '.join(str(err).split())[:200]}); recompile the model"
+            ) from None
         if names != self._signature.input_names:
             raise ArtifactError(
-                f"the artifact's metadata does not match its library: the library's main takes "
-                f"{list(names)}, the metadata describes {list(self._signature.input_names)}; "
-                f"recompile the model"
+                f"the artifact's metadata does not match its library: the library's {name} "
+                f"takes {list(names)}, the metadata describes "
+                f"{list(self._signature.input_names)}; recompile the model"
             )
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
         import tvm
 
         vm = self._machine()
+        name = self._function(vm, arrays)
         try:
-            result = vm["main"](*(tvm.runtime.tensor(a) for a in arrays))
+            result = vm[name](*(tvm.runtime.tensor(a) for a in arrays))
         except (RuntimeError, ValueError) as err:
             text = " ".join(str(err).split())[:400]
             if "loc=param" in text:  # TVM checks the shapes main was built for
@@ -110,16 +133,16 @@ class LocalProgram:
         if isinstance(result, tvm.runtime.Tensor):
             result = [result]
         outs = [r.numpy() for r in result]
-        self._check_outputs(outs)
+        self._check_outputs(outs, int(arrays[0].shape[-1]))
         return outs
 
-    def _check_outputs(self, outs: list[np.ndarray]) -> None:
+    def _check_outputs(self, outs: list[np.ndarray], length: int) -> None:
         """The library returned what the metadata describes (count, shapes, dtypes)."""
         if self._signature is None:
             return
-        specs = self._signature.outputs
+        sig = self._signature
         got = [(tuple(o.shape), str(o.dtype)) for o in outs]
-        want = [(tuple(s.shape), s.dtype) for s in specs]
+        want = [(sig.output_shape_for(s, length), s.dtype) for s in sig.outputs]
         if got != want:
             raise ArtifactError(
                 f"the artifact's metadata does not match its library: the library returned "
