@@ -148,11 +148,9 @@ def prune_masked_lm_head(captured, prune) -> tuple[Any, dict]:
 
 def prepare(model, options: CompileOptions) -> Prepared:
     """Capture ``model`` and run the MobileBERT passes for ``options.target``."""
-    from mbcompile.capture import capture
+    from mbcompile.capture import capture, check_model
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.registry import resolve_target
-
-    from mbcompile.capture import check_model
 
     spec = resolve_target(options.target)
     tvm_target = spec.tvm_target()

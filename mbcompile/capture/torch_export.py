@@ -8,6 +8,7 @@ later passes can fold them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from mbcompile.options import check_shape
 from mbcompile.signature import OutputSpec, Signature
 
 DEFAULT_NUM_CHOICES = 4
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -148,42 +151,52 @@ def _output_specs(
     return tuple(specs), tuple(out.keys())
 
 
-def _export(wrapper, args: tuple, seq_lens: tuple[int, ...]) -> tvm.IRModule:
-    """The exported program in Relax: one function per length of ``seq_lens``, each with
-    static shapes (``Signature.function_name``).
+def _export_static(wrapper, args: tuple) -> tvm.IRModule:
+    with torch.no_grad():
+        exported = torch.export.export(wrapper, args)
+    return _bounded_gathers(from_exported_program(exported))
 
-    Several lengths are exported once, with the sequence axis dynamic, and the imported
-    function is specialised to each length: one export and one import instead of one per
-    length, and the passes then see static shapes, as for a single length.
-    """
-    if len(seq_lens) == 1:
-        with torch.no_grad():
-            exported = torch.export.export(wrapper, args)
-        return _bounded_gathers(from_exported_program(exported))
+
+def _export_dynamic(wrapper, args: tuple, seq_lens: tuple[int, ...]):
+    """``main`` imported with a symbolic sequence length, and that length's variable; None when
+    torch.export or the importer cannot keep the length symbolic for this model."""
     seq = torch.export.Dim("seq", min=min(seq_lens), max=max(seq_lens))
     axis = args[0].ndim - 1
     dynamic = ({axis: seq}, {axis: seq}, {axis: seq}, None)
     try:
         with torch.no_grad():
             exported = torch.export.export(wrapper, args, dynamic_shapes=dynamic)
-    except Exception as err:  # noqa: BLE001 - torch's export errors have no common base
-        raise ModelError(
-            f"torch.export could not capture the model for lengths {min(seq_lens)} to "
-            f"{max(seq_lens)} at once ({type(err).__name__}: {str(err).splitlines()[0][:300]}); "
-            f"compile one fixed length with seq_len=N"
-        ) from None
-    dynamic_main = _bounded_gathers(from_exported_program(exported))["main"]
-    symbolic = list(tvm.relax.analysis.defined_symbolic_vars(dynamic_main))
-    if len(symbolic) != 1:
-        raise ModelError(
-            f"the exported model has {len(symbolic)} symbolic dimensions ({symbolic}), "
-            f"expected one (the sequence length); compile one fixed length with seq_len=N"
-        )
+        main = _bounded_gathers(from_exported_program(exported))["main"]
+    except Exception as err:  # noqa: BLE001 - torch's and TVM's errors have no common base
+        logger.info("dynamic-length capture failed, exporting each length: %s", err)
+        return None
+    symbolic = list(tvm.relax.analysis.defined_symbolic_vars(main))
+    return (main, symbolic[0]) if len(symbolic) == 1 else None
+
+
+def _export(wrapper, config, shape: tuple[int, ...], seq_lens: tuple[int, ...]) -> tvm.IRModule:
+    """The exported program in Relax: one function per length of ``seq_lens``, each with
+    static shapes (``Signature.function_name``).
+
+    Several lengths are exported once, with the sequence axis dynamic, and the imported
+    function is specialised to each length: one export and one import instead of one per
+    length, and the passes then see static shapes, as for a single length. Where the length
+    cannot stay symbolic (the multiple-choice head's reshapes, in TVM 0.27's importer), each
+    length is exported on its own.
+    """
+    longest = max(seq_lens)
+    if len(seq_lens) == 1:
+        return _export_static(wrapper, _export_inputs(config, shape))
     functions = {}
+    dynamic = _export_dynamic(wrapper, _export_inputs(config, shape), seq_lens)
     for n in seq_lens:
-        name = Signature.function_name(n, max(seq_lens))
-        # Fresh variables: Relax functions of one module must not share them.
-        func = tvm.relax.utils.copy_with_new_vars(dynamic_main.bind_symbolic_vars({symbolic[0]: n}))
+        name = Signature.function_name(n, longest)
+        if dynamic is not None:
+            main, length = dynamic
+            # Fresh variables: Relax functions of one module must not share them.
+            func = tvm.relax.utils.copy_with_new_vars(main.bind_symbolic_vars({length: n}))
+        else:
+            func = _export_static(wrapper, _export_inputs(config, shape[:-1] + (n,)))["main"]
         functions[tvm.ir.GlobalVar(name)] = func.with_attr("global_symbol", name)
     return tvm.IRModule(functions)
 
@@ -233,7 +246,7 @@ def capture(
     try:
         wrapper = _FlatOutputs(model)
         outputs, fields = _output_specs(wrapper, config, shape)
-        mod = _export(wrapper, _export_inputs(config, shape), seq_lens)
+        mod = _export(wrapper, config, shape, seq_lens)
     finally:
         model.train(was_training)
 
