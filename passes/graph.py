@@ -75,6 +75,11 @@ class Graph:
 
     def match(self, pattern: DFPattern, expr: relax.Expr) -> dict[DFPattern, relax.Expr] | None:
         """The pattern's matches on ``expr`` (looking through bindings), or None."""
+        ops = root_ops(pattern)
+        if ops is not None:  # a call of another operator cannot match: skip the matcher
+            value = self.value(expr)
+            if not isinstance(value, relax.Call) or getattr(value.op, "name", None) not in ops:
+                return None
         found = pattern.extract_matched_expr(expr, self._var2val_map)
         return dict(found) if found is not None else None
 
@@ -84,6 +89,34 @@ class Graph:
             for binding in block.bindings:
                 if isinstance(binding, relax.VarBinding):
                     yield binding.var, binding.value
+
+
+_ROOT_OPS: dict[int, tuple[DFPattern, frozenset[str] | None]] = {}
+
+
+def root_ops(pattern: DFPattern) -> frozenset[str] | None:
+    """The operator names a call must have for ``pattern`` to match it at its root (a call
+    pattern of a fixed operator, or an alternative of such), or None when any expression may
+    match. Cached per pattern object."""
+    cached = _ROOT_OPS.get(id(pattern))
+    if cached is not None and cached[0].same_as(pattern):
+        return cached[1]
+    ops = _root_ops(pattern)
+    _ROOT_OPS[id(pattern)] = (pattern, ops)
+    return ops
+
+
+def _root_ops(pattern: DFPattern) -> frozenset[str] | None:
+    from tvm.relax import dpl
+
+    if isinstance(pattern, dpl.OrPattern):
+        left, right = _root_ops(pattern.left), _root_ops(pattern.right)
+        return None if left is None or right is None else left | right
+    if isinstance(pattern, dpl.CallPattern) and isinstance(pattern.op, dpl.ExprPattern):
+        op = pattern.op.expr
+        if isinstance(op, tvm.ir.Op):
+            return frozenset([op.name])
+    return None
 
 
 def is_call(expr: relax.Expr, *ops: str) -> bool:
