@@ -196,8 +196,15 @@ def compile(
     mask_token_id: int | None = None,
     tuning_db: str | os.PathLike | None = "default",
     tokenizer: str | os.PathLike | None = None,
+    head: str | None = None,
 ) -> CompiledModel:
     """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
+
+    ``model``: a transformers MobileBERT, or a checkpoint to load as ``head`` (default: the
+    head its config.json names): a local folder, or a hub id such as
+    ``"google/mobilebert-uncased"``, resolved as transformers does (the local hub cache first,
+    ``HF_HUB_OFFLINE`` honoured; the resolved revision is recorded in the metadata's
+    ``source``).
 
     The options before ``tuning_db`` are :class:`mbcompile.options.CompileOptions` (see it for
     each; ``mbcompile.tune`` takes the same). ``target`` is a name (``mbcompile targets``) or a
@@ -229,7 +236,22 @@ def compile(
     The library is linked (cross-compiled for an ARM target) before this returns.
     """
     options = CompileOptions.pick(locals())
+    model = resolve_model(model, head)
     return _compile(model, options, tuning_db, tokenizer)
+
+
+def resolve_model(model, head: str | None):
+    """``model`` itself, or the checkpoint it names (a folder or hub id) loaded as ``head``."""
+    from mbcompile.capture import check_model, load_checkpoint
+
+    if isinstance(model, (str, os.PathLike)):
+        return load_checkpoint(model, head=head)
+    if head is not None and check_model(model) != head:
+        raise OptionError(
+            f"head={head!r} is for loading a checkpoint; the model given is a "
+            f"{type(model).__name__} (head {check_model(model)!r})"
+        )
+    return model
 
 
 def _compile(
@@ -240,6 +262,7 @@ def _compile(
 ) -> CompiledModel:
     import tvm
 
+    from mbcompile.capture import checkpoint_folder, checkpoint_source
     from mbcompile.targets.export import link_library
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.pipeline import build_pipeline
@@ -281,7 +304,8 @@ def _compile(
         report=report,
         compile_seconds={k: round(v, 2) for k, v in timings.items()},
         options=options.to_dict(),
+        source=checkpoint_source(model.config),
     )
-    source = tokenizer if tokenizer is not None else captured.config.get("_name_or_path")
+    source = tokenizer if tokenizer is not None else checkpoint_folder(model.config)
     tokenizer_files = artifact.tokenizer_files(source) if source else {}
     return CompiledModel(Artifact(metadata, lib, tokenizer_files))

@@ -12,10 +12,12 @@ import numpy as np
 
 @dataclass
 class DemoResult:
-    max_abs_error: dict[str, float]
-    compiled_ms: list[float]
+    max_abs_error: dict[str, float]  # at the longest length checked
+    compiled_ms: list[float]  # at the longest length checked
     torch_ms: list[float]
     compile_seconds: dict[str, float]
+    # Every length checked and timed: (max abs error, compiled ms median, PyTorch ms median).
+    by_length: dict[int, tuple[float, float, float]] | None = None
 
 
 def _max_abs(a, b) -> float:
@@ -28,9 +30,10 @@ def run_demo(
     checkpoint: str | None = None,
     config: str = "mobilebert-uncased",
     head: str = "base",
-    seq_len: int = 128,
+    seq_len: int | None = None,
     target: str = "host",
     repeats: int = 5,
+    lengths: tuple[int, ...] = (12, 128),
     tolerance: float = 1e-4,
     settle: float = 0.3,
     log=print,
@@ -38,7 +41,7 @@ def run_demo(
     import torch
 
     import mbcompile
-    from mbcompile.capture import example_inputs, load_checkpoint, random_model
+    from mbcompile.capture import load_checkpoint, random_model
 
     if checkpoint:
         model = load_checkpoint(checkpoint, head=None if head == "base" else head)
@@ -52,8 +55,11 @@ def run_demo(
     log(f"machine: {host_cpu_name()} ({host_target().llvm['mcpu']}), {os.cpu_count()} cores; "
         f"PyTorch threads {threads}")
     start = time.perf_counter()
+    what = f"length {seq_len}" if seq_len else "every length up to the model's maximum"
+    log(f"compiling for {what} ...")
     compiled = mbcompile.compile(model, seq_len=seq_len, target=target)
-    log(f"compiled for {compiled.target} in {time.perf_counter() - start:.1f} s: {compiled}")
+    log(f"compiled for {compiled.target} in {time.perf_counter() - start:.1f} s: {compiled}; "
+        f"compiled lengths {list(compiled.signature.lengths)}")
     tuned, database = compiled.metadata.tuned_kernels, compiled.metadata.tuning_db
     if tuned:
         log(f"kernel schedules: {tuned} from the tuning database {database}")
@@ -62,13 +68,38 @@ def run_demo(
     else:
         log("kernel schedules: untuned (no shipped tuning database is for this target)")
 
-    ids, mask, types = example_inputs(model.config, compiled.signature.input_shape, seed=1)
-    mask[..., seq_len - seq_len // 4 :] = 0  # padding at the end
-    types[..., seq_len // 2 :] = 1  # two segments
+    lengths = tuple(n for n in lengths if n <= compiled.signature.seq_len) or (
+        compiled.signature.seq_len,
+    )
+    if seq_len is not None:
+        lengths = (seq_len,)
+    by_length = {}
+    for length in lengths:
+        errors, compiled_ms, torch_ms = _check_and_time(
+            compiled, model, length, repeats, tolerance, settle, log
+        )
+        by_length[length] = (
+            max(errors.values()), statistics.median(compiled_ms), statistics.median(torch_ms)
+        )
+    return DemoResult(
+        errors, compiled_ms, torch_ms, compiled.metadata.compile_seconds, by_length
+    )
+
+
+def _check_and_time(compiled, model, length, repeats, tolerance, settle, log):
+    import torch
+
+    from mbcompile.capture import example_inputs
+
+    shape = compiled.signature.input_shape_for(length)
+    ids, mask, types = example_inputs(model.config, shape, seed=1)
+    mask[..., length - length // 4 :] = 0  # padding at the end
+    types[..., length // 2 :] = 1  # two segments
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
     out = compiled(input_ids=ids, attention_mask=mask, token_type_ids=types)
     errors = {name: _max_abs(out[name], ref[name]) for name in out.keys()}  # noqa: SIM118 - ModelOutput iterates its values
+    log(f"{length} tokens (runs the {compiled.signature.fitting_length(length)}-token program):")
     for name, err in errors.items():
         log(f"  {name}: max abs error vs PyTorch {err:.2e}")
     worst = max(errors.values())
@@ -89,10 +120,10 @@ def run_demo(
             model(input_ids=ids, attention_mask=mask, token_type_ids=types)
         torch_ms.append((time.perf_counter() - t) * 1e3)
     log(
-        f"latency, median of {repeats} interleaved runs, {settle:g} s apart (batch 1, seq {seq_len}): "
+        f"  latency, median of {repeats} interleaved runs, {settle:g} s apart (batch 1): "
         f"mbcompile {statistics.median(compiled_ms):.1f} ms "
         f"[{min(compiled_ms):.1f}-{max(compiled_ms):.1f}], "
         f"PyTorch eager {statistics.median(torch_ms):.1f} ms "
         f"[{min(torch_ms):.1f}-{max(torch_ms):.1f}]"
     )
-    return DemoResult(errors, compiled_ms, torch_ms, compiled.metadata.compile_seconds)
+    return errors, compiled_ms, torch_ms

@@ -146,3 +146,14 @@ def test_demo_checks_against_pytorch_and_times_both_interleaved(checkpoint):
     assert "0.01 s apart" in lines[-1] and "mbcompile" in lines[-1]
     # a tiny model's kernels are in no shipped database: the demo says so
     assert any(line.startswith("kernel schedules: untuned") for line in lines)
+
+
+def test_demo_compiles_every_length_and_checks_each_length_asked(checkpoint):
+    from mbcompile.demo import run_demo
+
+    lines = []
+    result = run_demo(str(checkpoint[0]), lengths=(5, 40), repeats=2, settle=0.0, log=lines.append)
+    assert sorted(result.by_length) == [5, 40]
+    assert all(err <= 1e-4 for err, _, _ in result.by_length.values())
+    assert "5 tokens (runs the 8-token program):" in lines
+    assert "40 tokens (runs the 64-token program):" in lines

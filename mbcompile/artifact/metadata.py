@@ -59,6 +59,9 @@ class Metadata:
     compile_seconds: dict[str, float] = field(default_factory=dict)
     # The compile options as given (CompileOptions.to_dict()).
     options: dict[str, Any] = field(default_factory=dict)
+    # Where the model came from: name_or_path (a folder or hub id) and, from the hub, the
+    # resolved revision (commit); {} for a model built in memory.
+    source: dict[str, str] = field(default_factory=dict)
 
     @property
     def model_class(self) -> str:
@@ -395,4 +398,5 @@ _METADATA_CHECKS: dict[str, Check] = {
     "report": _object,
     "compile_seconds": _object_of(_seconds),
     "options": _object,
+    "source": _object_of(_text),
 }

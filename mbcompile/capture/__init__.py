@@ -6,7 +6,14 @@ with the weights bound as constants. Needs torch and transformers (the ``compile
 runtime never imports this package.
 """
 
-from mbcompile.capture.models import CONFIGS, load_checkpoint, named_config, random_model
+from mbcompile.capture.models import (
+    CONFIGS,
+    checkpoint_folder,
+    checkpoint_source,
+    load_checkpoint,
+    named_config,
+    random_model,
+)
 from mbcompile.capture.torch_export import (
     DEFAULT_NUM_CHOICES,
     Captured,
@@ -21,6 +28,8 @@ __all__ = [
     "Captured",
     "capture",
     "check_model",
+    "checkpoint_folder",
+    "checkpoint_source",
     "example_inputs",
     "load_checkpoint",
     "named_config",

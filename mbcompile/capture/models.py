@@ -1,12 +1,15 @@
-"""Build Hugging Face MobileBERT models: from a local checkpoint folder or a named config.
+"""Build Hugging Face MobileBERT models: from a checkpoint (a local folder or a hub id) or a
+named config.
 
-Needs transformers (the ``compile`` extra). Never touches the network: checkpoints load with
-``local_files_only=True`` and named configs are embedded here.
+Needs transformers (the ``compile`` extra). Local folders load with ``local_files_only=True``;
+a hub id is resolved as transformers resolves it (the hub cache first, ``HF_HUB_OFFLINE``
+honoured). Named configs are embedded here.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from mbcompile.errors import ModelError
@@ -46,24 +49,52 @@ def random_model(config, head: str = "base", seed: int = 0):
     return _head_class(head)(config).eval()
 
 
-def load_checkpoint(path: str | os.PathLike, head: str | None = None):
-    """Load a MobileBERT checkpoint folder (config.json + weights) as ``head``.
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hugging Face hub model id (``name`` or ``owner/name``)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set: the hub cache only, no download."""
+    return any(
+        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: str | None = None):
+    """Load a MobileBERT checkpoint as ``head``: a local folder (config.json + weights), or a
+    Hugging Face hub id (``google/mobilebert-uncased``) resolved as transformers does: the local
+    hub cache first, ``HF_HUB_OFFLINE`` honoured, a download only when online and allowed.
+    ``revision``: a hub branch, tag or commit (default ``main``).
 
     Without ``head``, the head is the one named in the checkpoint's ``architectures``.
     """
     from transformers import AutoConfig
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: not a checkpoint folder (no config.json)")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    name = os.fspath(path)
+    local = Path(name)
+    if local.exists() or not is_hub_id(name):
+        if not (local / "config.json").is_file():
+            raise ModelError(f"{local}: not a checkpoint folder (no config.json)")
+        source, hub = str(local), {"local_files_only": True}
+    else:
+        offline = hub_offline()
+        source, hub = name, {"local_files_only": offline, "revision": revision}
+    try:
+        config = AutoConfig.from_pretrained(source, **hub)
+    except (OSError, ValueError) as err:
+        raise ModelError(_not_found(name, hub, err)) from None
     if config.model_type != "mobilebert":
-        raise ModelError(f"{path}: model_type is {config.model_type!r}, not 'mobilebert'")
+        raise ModelError(f"{name}: model_type is {config.model_type!r}, not 'mobilebert'")
     if head is None:
         archs = [a for a in (config.architectures or []) if a in HEADS.values()]
         if not archs:
             raise ModelError(
-                f"{path}: config.json names no MobileBERT head in 'architectures'; "
+                f"{name}: config.json names no MobileBERT head in 'architectures'; "
                 f"choose one with head=..., one of {list(HEADS)}"
             )
         head = head_of_class(archs[0])
@@ -74,7 +105,63 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None):
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return cls.from_pretrained(path, local_files_only=True).eval()
+        model = cls.from_pretrained(source, **hub).eval()
+    except (OSError, ValueError) as err:
+        raise ModelError(_not_found(name, hub, err)) from None
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+    if "revision" in hub and not getattr(model.config, "_commit_hash", None):
+        model.config._commit_hash = _cached_commit(name, revision)
+    return model
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of the hub cache's snapshot that ``revision`` (default ``main``) names."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(cached).parent.name if isinstance(cached, str) else None
+
+
+def _not_found(name: str, hub: dict, err: Exception) -> str:
+    reason = " ".join(str(err).split())[:300]
+    if "revision" not in hub:
+        return f"{name}: cannot load the checkpoint ({reason})"
+    where = (
+        "the Hugging Face cache has it not and HF_HUB_OFFLINE is set (unset it to download, "
+        "or download it first)"
+        if hub["local_files_only"]
+        else "the Hugging Face hub could not provide it"
+    )
+    return f"{name}: not a local folder, and {where}: {reason}"
+
+
+def checkpoint_source(config) -> dict[str, str]:
+    """Where a model loaded by transformers came from: ``name_or_path`` (a folder or hub id)
+    and, for the hub, the resolved ``revision`` (the commit); {} for a model built in memory."""
+    out = {}
+    name = getattr(config, "_name_or_path", "") or ""
+    if name:
+        out["name_or_path"] = str(name)
+    commit = getattr(config, "_commit_hash", None)
+    if commit:
+        out["revision"] = str(commit)
+    return out
+
+
+def checkpoint_folder(config) -> Path | None:
+    """The local folder of the checkpoint ``config`` was loaded from: the folder itself, or
+    the hub cache's snapshot of the resolved revision; None if there is none."""
+    source = checkpoint_source(config)
+    name = source.get("name_or_path")
+    if not name:
+        return None
+    if Path(name).is_dir():
+        return Path(name)
+    if "revision" not in source or not is_hub_id(name):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=source["revision"])
+    return Path(cached).parent if isinstance(cached, str) else None

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from mbcompile.cli.options import add_option_flags, options_from_args, parsed, positive_int
-from mbcompile.errors import ModelError, PipelineError
+from mbcompile.errors import ModelError, OptionError, PipelineError
 from mbcompile.heads import HEADS
 from mbcompile.options import CompileOptions
 
@@ -49,9 +49,10 @@ class DemoArgs:
     checkpoint: str | None = None
     config: str = "mobilebert-uncased"
     head: str = "base"
-    seq_len: int = 128
+    seq_len: int | None = None
     target: str = "host"
     repeats: int = 5
+    lengths: str = "12,128"
 
 
 @dataclass
@@ -61,7 +62,11 @@ class AddTokenizerArgs:
 
 
 def _add_model_source(p: argparse.ArgumentParser, *, random_init: bool) -> None:
-    p.add_argument("checkpoint", nargs="?", help="local checkpoint folder (config.json + weights)")
+    p.add_argument(
+        "checkpoint", nargs="?",
+        help="local checkpoint folder (config.json + weights) or Hugging Face hub id "
+        "(the hub cache first; HF_HUB_OFFLINE honoured)",
+    )
     p.add_argument(
         "--config", help="named architecture instead of a checkpoint, e.g. mobilebert-uncased"
     )
@@ -103,7 +108,10 @@ def register(sub) -> None:
     d.add_argument("--checkpoint", default=None, help="use this checkpoint instead of random weights")
     d.add_argument("--config", default="mobilebert-uncased")
     d.add_argument("--head", default="base", choices=list(HEADS))
-    d.add_argument("--seq-len", type=positive_int, default=128)
+    d.add_argument("--seq-len", type=positive_int, default=None,
+                   help="compile this one length only (default: every length up to the maximum)")
+    d.add_argument("--lengths", default="12,128",
+                   help="input lengths to check against PyTorch and time (comma-separated)")
     d.add_argument("--target", default="host")
     d.add_argument("--repeats", type=positive_int, default=5)
     d.set_defaults(handler=lambda ns: _demo(parsed(DemoArgs, ns)))
@@ -202,7 +210,14 @@ def _targets(ns: argparse.Namespace) -> int:
 def _demo(args: DemoArgs) -> int:
     from mbcompile.demo import run_demo
 
-    run_demo(args.checkpoint, args.config, args.head, args.seq_len, args.target, args.repeats)
+    try:
+        lengths = tuple(int(n) for n in args.lengths.split(","))
+    except ValueError:
+        raise OptionError(f"--lengths: expected comma-separated integers, got {args.lengths!r}") from None
+    if any(n < 1 for n in lengths):
+        raise OptionError(f"--lengths: lengths must be positive, got {args.lengths!r}")
+    run_demo(args.checkpoint, args.config, args.head, args.seq_len, args.target, args.repeats,
+             lengths=lengths)
     return 0
 
 

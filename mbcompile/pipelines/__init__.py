@@ -61,7 +61,9 @@ def pipeline(
     model: CompiledModel | str | os.PathLike,
     tokenizer: Any = None,
 ) -> Pipeline:
-    """A pipeline for ``task`` over a compiled model (or the path of a saved artifact).
+    """A pipeline for ``task`` over a compiled model, the path of a saved artifact, or a
+    checkpoint to compile first for this task's head (a local checkpoint folder or a Hugging Face
+    hub id, resolved as ``mbcompile.compile`` does; needs the ``compile`` extra).
 
     ``task``: "fill-mask", "question-answering", "text-classification" (alias
     "sentiment-analysis"), "token-classification" (alias "ner"), "next-sentence-prediction",
@@ -74,7 +76,9 @@ def pipeline(
         raise PipelineError(f"Unknown task {task!r}; known: {sorted(TASKS) + sorted(ALIASES)}")
     cls = TASKS[name]
     source = None
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) and _is_checkpoint(model):
+        model = _compile_checkpoint(model, cls)
+    elif isinstance(model, (str, os.PathLike)):
         source = Path(model)
         model = load(source)
     cls.check_head(model)
@@ -99,6 +103,24 @@ def pipeline(
         files = artifact.tokenizer_files(folder)
         tokenizer = _load_tokenizer_folder(folder)
     return cls(model, tokenizer, tokenizer_files=files or None)
+
+
+def _is_checkpoint(name: str | os.PathLike) -> bool:
+    """A checkpoint folder (config.json inside), or a hub id that is no file here."""
+    path = Path(name)
+    if path.is_dir():
+        return (path / "config.json").is_file()
+    from mbcompile.capture.models import is_hub_id  # needs no torch: models imports lazily
+
+    return not path.exists() and is_hub_id(os.fspath(name)) and not str(name).endswith(".mbc")
+
+
+def _compile_checkpoint(name: str | os.PathLike, cls: type[Pipeline]) -> CompiledModel:
+    from mbcompile.compiler import compile as compile_model
+
+    head = cls.heads[0]
+    options = {"logits_for": "masked"} if cls.task == "fill-mask" else {}
+    return compile_model(name, head=head, **options)
 
 
 __all__ = [
