@@ -29,6 +29,10 @@ from typing import Any
 from mbcompile import artifact
 from mbcompile.errors import PipelineError
 from mbcompile.pipelines.base import Pipeline, _config_of
+from mbcompile.pipelines.feature_extraction import (
+    FeatureExtractionPipeline,
+    SentenceEmbeddingPipeline,
+)
 from mbcompile.pipelines.fill_mask import FillMaskPipeline
 from mbcompile.pipelines.multiple_choice import MultipleChoicePipeline
 from mbcompile.pipelines.next_sentence import NextSentencePredictionPipeline
@@ -51,6 +55,8 @@ TASKS: dict[str, type[Pipeline]] = {
         TokenClassificationPipeline,
         NextSentencePredictionPipeline,
         MultipleChoicePipeline,
+        FeatureExtractionPipeline,
+        SentenceEmbeddingPipeline,
     )
 }
 ALIASES = {"ner": "token-classification", "sentiment-analysis": "text-classification"}
@@ -67,7 +73,7 @@ def pipeline(
 
     ``task``: "fill-mask", "question-answering", "text-classification" (alias
     "sentiment-analysis"), "token-classification" (alias "ner"), "next-sentence-prediction",
-    "multiple-choice". ``tokenizer``: a transformers tokenizer, a local folder holding its files
+    "multiple-choice", "feature-extraction", "sentence-embedding". ``tokenizer``: a transformers tokenizer, a local folder holding its files
     (vocab.txt, tokenizer.json, ...), or None: the tokenizer saved in the artifact (see
     ``Pipeline.save``), else the one beside the checkpoint the model was compiled from.
     """
@@ -126,6 +132,8 @@ def _compile_checkpoint(name: str | os.PathLike, cls: type[Pipeline]) -> Compile
 __all__ = [
     "ALIASES",
     "TASKS",
+    "FeatureExtractionPipeline",
+    "SentenceEmbeddingPipeline",
     "FillMaskPipeline",
     "MultipleChoicePipeline",
     "NextSentencePredictionPipeline",

@@ -87,7 +87,13 @@ def _tasks_for_head(head: str) -> list[str]:
     Each task module defines one subclass of ``Pipeline`` and the package imports them all, so
     the subclasses are the package's ``TASKS`` (which this module cannot import: no cycles).
     """
-    return sorted(cls.task for cls in Pipeline.__subclasses__() if cls.task and head in cls.heads)
+    found, todo = [], list(Pipeline.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.task and head in cls.heads:
+            found.append(cls.task)
+    return sorted(set(found))
 
 
 # -- the base class ---------------------------------------------------------------------------

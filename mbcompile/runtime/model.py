@@ -169,15 +169,20 @@ class CompiledModel:
         program = self._program
         if program is None:
             raise ModelClosedError(f"{self!r} is closed; load the artifact again to run it")
-        chunks: list[list[np.ndarray]] = []
-        for start, stop, arrays in self._chunks(inp, real, positions):
-            outs = program.run(arrays)
-            chunks.append(
-                [
-                    _cut(o, spec, stop - start, spec.shape[0] // sig.batch_size, length, positions)
-                    for o, spec in zip(outs, sig.outputs)
-                ]
-            )
+        parts = list(self._chunks(inp, real, positions))
+        calls = [arrays for _, _, arrays in parts]
+        # several chunks: side by side where the program can (LocalProgram.run_many)
+        if len(calls) > 1 and hasattr(program, "run_many"):
+            results = program.run_many(calls)
+        else:
+            results = [program.run(arrays) for arrays in calls]
+        chunks: list[list[np.ndarray]] = [
+            [
+                _cut(o, spec, stop - start, spec.shape[0] // sig.batch_size, length, positions)
+                for o, spec in zip(outs, sig.outputs)
+            ]
+            for (start, stop, _), outs in zip(parts, results)
+        ]
 
         flat = [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks)]
         if choices is not None:
