@@ -113,3 +113,56 @@ def test_several_models_first_called_in_threads_give_the_serial_results(tiny_qa_
     fresh = [mbcompile.load(tiny_qa_artifact) for _ in range(3)]
     work = [(m, inputs, expected) for m in fresh]
     assert _hammer(work, threads=6, calls=40) == []
+
+
+NUM_THREADS_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    import mbcompile
+
+    one = mbcompile.load(sys.argv[1], num_threads=1)
+    before = len(os.listdir("/proc/self/task"))
+    one(np.zeros((1, 16), np.int64))
+    with_one = len(os.listdir("/proc/self/task")) - before
+    report = one.benchmark(np.ones((1, 9), np.int64), runs=3, warmup=1)
+    print(json.dumps({"new_os_threads": with_one, "threads": report["threads"],
+                      "runs": len(report["latency_ms"]), "length": report["compiled_length"],
+                      "rss": report["peak_rss_mb"]}))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
+def test_num_threads_on_load_sets_the_threads_per_call(tiny_qa_artifact):
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run(
+        [sys.executable, "-c", NUM_THREADS_SCRIPT, str(tiny_qa_artifact)],
+        env=env, check=True, timeout=300, capture_output=True, text=True,
+    )
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    # one thread: the caller runs the kernels itself (TVM's pool parks one idle worker)
+    assert got["new_os_threads"] <= 1
+    assert got["threads"] == 1 and got["runs"] == 3 and got["length"] == 16
+    assert got["rss"] > 10
+
+
+def test_num_threads_is_checked_and_reaches_the_pipelines(tiny_qa, tiny_qa_artifact):
+    import numpy as np
+
+    import mbcompile
+    from mbcompile.errors import InputError, PipelineError, RemoteError
+
+    with pytest.raises(InputError, match="num_threads must be a positive integer"):
+        mbcompile.load(tiny_qa_artifact, num_threads=0)
+    with pytest.raises(RemoteError, match="num_threads applies to a model run here"):
+        mbcompile.load(tiny_qa_artifact, remote="127.0.0.1:9", num_threads=2)
+    model, compiled = tiny_qa
+    two = compiled.with_threads(2)
+    ids = np.arange(1, 8)[None]
+    assert np.array_equal(two(ids).start_logits, compiled(ids).start_logits)
+    assert two.benchmark(ids, runs=2)["threads"] == 2
+    with pytest.raises(PipelineError, match="num_threads must be a positive integer"):
+        mbcompile.pipeline("question-answering", compiled, tokenizer=object(), num_threads=-1)
+    with pytest.raises(InputError, match="runs must be a positive integer"):
+        compiled.benchmark(ids, runs=0)

@@ -225,8 +225,12 @@ def load(
     timeout: float | None = None,
     call_timeout: float | None = None,
     expected_sha256: str | None = None,
+    num_threads: int | None = None,
 ) -> CompiledModel:
     """Load a saved artifact, to run here or on a remote device (``mbcompile.load``).
+
+    ``num_threads``: kernel threads per call here (default: every CPU the process may use, or
+    ``TVM_NUM_THREADS``); a remote device's server sets its own.
 
     With none of ``remote``, ``tracker``, ``key`` it runs here (``mbcompile.runtime.load``:
     numpy and TVM only). ``remote="HOST:PORT"`` runs it on the device behind that TVM RPC
@@ -242,8 +246,13 @@ def load(
     or any native code loads. (An artifact is native code: load only what you trust.)
     """
     if remote is None and tracker is None and key is None:
-        return runtime_load(path, expected_sha256)
+        return runtime_load(path, expected_sha256, num_threads)
     check_device_options(remote, tracker, key)
+    if num_threads is not None:
+        raise RemoteError(
+            "num_threads applies to a model run here; a remote device's RPC server sets its own "
+            "thread count (TVM_NUM_THREADS in the server's environment)"
+        )
     local = runtime_load(path, expected_sha256)  # reads and checks the artifact; runs nothing
     program = RemoteProgram(
         local.library_bytes, remote, tracker=tracker, key=key,

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mbcompile import artifact
-from mbcompile.errors import PipelineError
+from mbcompile.errors import InputError, PipelineError
 from mbcompile.pipelines.base import Pipeline, _config_of
 from mbcompile.pipelines.feature_extraction import (
     FeatureExtractionPipeline,
@@ -66,6 +66,8 @@ def pipeline(
     task: str,
     model: CompiledModel | str | os.PathLike,
     tokenizer: Any = None,
+    *,
+    num_threads: int | None = None,
 ) -> Pipeline:
     """A pipeline for ``task`` over a compiled model, the path of a saved artifact, or a
     checkpoint to compile first for this task's head (a local checkpoint folder or a Hugging Face
@@ -76,6 +78,8 @@ def pipeline(
     "multiple-choice", "feature-extraction", "sentence-embedding". ``tokenizer``: a transformers tokenizer, a local folder holding its files
     (vocab.txt, tokenizer.json, ...), or None: the tokenizer saved in the artifact (see
     ``Pipeline.save``), else the one beside the checkpoint the model was compiled from.
+    ``num_threads``: kernel threads per call (default: every CPU the process may use, or
+    ``TVM_NUM_THREADS``).
     """
     name = ALIASES.get(task, task)
     if name not in TASKS:
@@ -88,6 +92,11 @@ def pipeline(
         source = Path(model)
         model = load(source)
     cls.check_head(model)
+    if num_threads is not None:
+        try:
+            model = model.with_threads(num_threads)
+        except InputError as err:
+            raise PipelineError(f"{name}: {err}") from None
 
     files = None
     config = _config_of(model)

@@ -19,7 +19,7 @@ from mbcompile.errors import InputError, InputTypeError, ModelClosedError
 from mbcompile.runtime.inputs import Prepared, find_masked_positions, pad_to, prepare, real_lengths
 from mbcompile.runtime.library import Library
 from mbcompile.runtime.outputs import ModelOutput
-from mbcompile.runtime.program import LocalProgram
+from mbcompile.runtime.program import LocalProgram, default_threads
 from mbcompile.signature import Signature
 
 
@@ -131,6 +131,58 @@ class CompiledModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def with_threads(self, num_threads: int | None) -> CompiledModel:
+        """The same model running its kernels on ``num_threads`` threads per call (None: every
+        CPU this process may use, or ``TVM_NUM_THREADS``). Models share the loaded library."""
+        check_threads(num_threads)
+        if not isinstance(self._program, LocalProgram):
+            raise InputError("num_threads applies to a model run on this machine's CPU")
+        program = LocalProgram(
+            self._library, self.metadata.target, self.signature, num_threads=num_threads
+        )
+        return self.with_program(program)
+
+    def benchmark(self, *args, runs: int = 20, warmup: int = 2, pause: float = 0.0, **inputs) -> dict:
+        """Time ``runs`` calls on these inputs (the arguments of a call), after ``warmup``
+        untimed ones, ``pause`` s apart (a spinning thread pool takes a core from whatever
+        runs next on a busy machine). Returns the latencies (ms), their median, mean, p90,
+        min and max, the process's peak resident memory (MB, ``getrusage``), the threads per
+        call and the compiled length that ran."""
+        import resource
+        import statistics
+        import time
+
+        if not isinstance(runs, int) or isinstance(runs, bool) or runs < 1:
+            raise InputError(f"runs must be a positive integer, got {runs!r}")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise InputError(f"warmup must be a non-negative integer, got {warmup!r}")
+        for _ in range(warmup):
+            self(*args, **inputs)
+        times = []
+        for _ in range(runs):
+            if pause:
+                time.sleep(pause)
+            start = time.perf_counter()
+            self(*args, **inputs)
+            times.append((time.perf_counter() - start) * 1e3)
+        ordered = sorted(times)
+        ids = args[0] if args else inputs.get("input_ids")
+        length = np.asarray(ids).shape[-1] if ids is not None else None
+        program = self._program
+        threads = getattr(program, "num_threads", None) if program is not None else None
+        return {
+            "runs": runs,
+            "latency_ms": times,
+            "median_ms": statistics.median(times),
+            "mean_ms": statistics.fmean(times),
+            "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+            "min_ms": ordered[0],
+            "max_ms": ordered[-1],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "threads": threads or default_threads(),
+            "compiled_length": None if length is None else self.signature.fitting_length(length),
+        }
 
     def with_program(self, program) -> CompiledModel:
         """The same model (signature, checks, outputs) with ``main`` run by ``program``."""
@@ -280,12 +332,28 @@ class CompiledModel:
         )
 
 
-def load(path: str | os.PathLike, expected_sha256: str | None = None) -> CompiledModel:
+def check_threads(num_threads) -> None:
+    if num_threads is not None and (
+        not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1
+    ):
+        raise InputError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+
+
+def load(
+    path: str | os.PathLike,
+    expected_sha256: str | None = None,
+    num_threads: int | None = None,
+) -> CompiledModel:
     """Load a saved artifact to run here. Needs numpy and TVM only (no torch, no transformers).
 
     ``expected_sha256``: the SHA-256 of the whole file (``sha256sum model.mbc``); a different
     file is refused before anything in it is read or any of its native code loads.
 
+    ``num_threads``: kernel threads per call (default: every CPU this process may use, or
+    ``TVM_NUM_THREADS``).
+
     (``mbcompile.load(path, remote=...)`` runs it on another device; see ``mbcompile.devices``.)
     """
-    return CompiledModel(artifact.read(path, expected_sha256=expected_sha256))
+    check_threads(num_threads)
+    model = CompiledModel(artifact.read(path, expected_sha256=expected_sha256))
+    return model if num_threads is None else model.with_threads(num_threads)

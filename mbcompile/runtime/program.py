@@ -13,33 +13,48 @@ from mbcompile.errors import ArtifactError, TargetError
 from mbcompile.runtime.library import Library
 from mbcompile.signature import Signature
 
-# Threads the kernels run on (None: not yet decided), and the caller threads whose TVM thread
-# pool has been given that count. TVM keeps one pool per calling thread, so each is set once.
-_threads: int | None = None
+# The thread count each calling thread's TVM pool was given (TVM keeps one pool per thread).
 _configured = threading.local()
 
 
-def use_all_cpus() -> int:
-    """Give the calling thread's TVM thread pool one thread per CPU this process may run on,
-    unless ``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) says otherwise; returns the thread count.
+def _env_threads() -> int | None:
+    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").strip().isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return None
+
+
+def default_threads() -> int:
+    """``TVM_NUM_THREADS`` (or ``OMP_NUM_THREADS``) if set, else the CPUs this process may use."""
+    return _env_threads() or len(_cpus())
+
+
+def use_threads(count: int | None = None) -> int:
+    """Give the calling thread's TVM thread pool ``count`` threads (default
+    :func:`default_threads`), if it has not that many already; returns the count.
 
     Left alone, TVM 0.27 assumes two hardware threads per core on x86 and takes half the CPUs:
     one thread on a 2-CPU machine without SMT, half the speed of two.
     """
-    global _threads
-    if getattr(_configured, "threads", None) is not None:
-        return _configured.threads
-    for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
-        if os.environ.get(name, "").strip().isdigit() and int(os.environ[name]) > 0:
-            _threads = _configured.threads = int(os.environ[name])  # TVM reads it itself
-            return _threads
+    from_env = count is None and _env_threads() is not None
+    count = default_threads() if count is None else count
+    current = getattr(_configured, "threads", None)
+    if current == count:
+        return count
+    if current is None and from_env:  # a new pool reads TVM_NUM_THREADS itself
+        _configured.threads = count
+        return count
     import tvm
 
-    cpus = _cpus()
     # -3: the threads share all the listed CPUs (no pinning of one thread per CPU)
-    tvm.get_global_func("runtime.config_threadpool")(-3, len(cpus), [str(c) for c in cpus])
-    _threads = _configured.threads = len(cpus)
-    return _threads
+    tvm.get_global_func("runtime.config_threadpool")(-3, count, [str(c) for c in _cpus()])
+    _configured.threads = count
+    return count
+
+
+def use_all_cpus() -> int:
+    """``use_threads()``: the default count for the calling thread's TVM thread pool."""
+    return use_threads(None)
 
 
 def _cpus() -> list[int]:
@@ -47,14 +62,6 @@ def _cpus() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return list(range(os.cpu_count() or 1))
-
-
-def _one_kernel_thread() -> None:
-    """Give the calling thread (a batch worker) a TVM thread pool of one thread."""
-    import tvm
-
-    tvm.get_global_func("runtime.config_threadpool")(-3, 1, [str(c) for c in _cpus()])
-    _configured.threads = 1
 
 
 # Worker threads that run the chunks of one batch side by side, one kernel thread each.
@@ -66,9 +73,7 @@ def _batch_workers(count: int) -> ThreadPoolExecutor:
     global _batch_pool
     with _batch_pool_lock:
         if _batch_pool is None or _batch_pool[0] != count:
-            pool = ThreadPoolExecutor(
-                count, thread_name_prefix="mbcompile-batch", initializer=_one_kernel_thread
-            )
+            pool = ThreadPoolExecutor(count, thread_name_prefix="mbcompile-batch")
             _batch_pool = (count, pool)
         return _batch_pool[1]
 
@@ -85,8 +90,17 @@ class LocalProgram:
     arrays`` and ``close()``; ``mbcompile.devices.remote.RemoteProgram`` is the other one.
     """
 
-    def __init__(self, library: Library, target: dict, signature: Signature | None = None):
+    def __init__(
+        self,
+        library: Library,
+        target: dict,
+        signature: Signature | None = None,
+        num_threads: int | None = None,
+    ):
         self._library = library
+        # Kernel threads per call (None: ``default_threads()``), set on the calling thread's
+        # TVM pool before each call (a pool is per calling thread, shared by its models).
+        self.num_threads = num_threads
         self._target = target
         self._signature = signature
         self._checked = False
@@ -104,7 +118,6 @@ class LocalProgram:
                 self._checked = True
             import tvm
 
-            use_all_cpus()
             vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
             self._local.vm = vm
         return vm
@@ -146,8 +159,12 @@ class LocalProgram:
             )
 
     def run(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        return self._run(arrays, self.num_threads)
+
+    def _run(self, arrays: list[np.ndarray], threads: int | None) -> list[np.ndarray]:
         import tvm
 
+        use_threads(threads)
         vm = self._machine()
         name = self._function(vm, arrays)
         try:
@@ -171,10 +188,11 @@ class LocalProgram:
         side, one per CPU, each on one kernel thread: on short inputs a kernel's work is too
         small to split well over threads, and rows are independent, so splitting the batch
         instead gives more texts per second (``bench.lengths`` measures batch 8 against 1)."""
-        workers = min(use_all_cpus(), len(calls))
+        threads = self.num_threads or default_threads()
+        workers = min(threads, len(calls))
         if workers < 2 or os.environ.get("MBCOMPILE_BATCH_THREADS") == "0":
             return [self.run(arrays) for arrays in calls]
-        return list(_batch_workers(use_all_cpus()).map(self.run, calls))
+        return list(_batch_workers(threads).map(lambda arrays: self._run(arrays, 1), calls))
 
     def _check_outputs(self, outs: list[np.ndarray], length: int) -> None:
         """The library returned what the metadata describes (count, shapes, dtypes)."""
