@@ -11,7 +11,7 @@ import dataclasses
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,15 +86,6 @@ def listed_passes(passes, target=None) -> list:
     return resolved
 
 
-def run_passes(mod, passes) -> tuple[Any, list[dict]]:
-    """Run pass instances in order; returns the module and one report row per pass."""
-    rows = []
-    for p in passes:
-        mod, row = _run_pass(p, mod)
-        rows.append(row)
-    return mod, rows
-
-
 def masked_head_pass(model, options: CompileOptions):
     """The ``PruneMaskedLMHead`` that ``options.logits_for`` asks for (None for ``"all"``),
     after checking the options against the model."""
@@ -146,8 +137,13 @@ def prune_masked_lm_head(captured, prune) -> tuple[Any, dict]:
     return dataclasses.replace(captured, mod=mod, signature=signature), row
 
 
-def prepare(model, options: CompileOptions) -> Prepared:
-    """Capture ``model`` and run the MobileBERT passes for ``options.target``."""
+def _quiet(_message: str) -> None:
+    pass
+
+
+def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet) -> Prepared:
+    """Capture ``model`` and run the MobileBERT passes for ``options.target``; ``log`` gets a
+    line as each stage starts and ends."""
     from mbcompile.capture import capture, check_model
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.registry import resolve_target
@@ -160,6 +156,10 @@ def prepare(model, options: CompileOptions) -> Prepared:
     prune = masked_head_pass(model, options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    log(
+        f"capture: torch.export of {type(model).__name__} at "
+        f"{_lengths_text(seq_lens)} ..."
+    )
     # TVM calls back into Python here (the importer, the passes): a Ctrl-C raised inside such a
     # callback crosses C++ and comes out as a bare RuntimeError, so it waits for the block's end
     with sigint_held():
@@ -170,16 +170,28 @@ def prepare(model, options: CompileOptions) -> Prepared:
             num_choices=options.num_choices,
         )
     timings["capture"] = time.perf_counter() - start
+    log(f"capture: done in {timings['capture']:.1f} s")
     start = time.perf_counter()
     with sigint_held():
         report: dict[str, Any] = {"imported": module_stats(captured.mod), "passes": []}
         if prune is not None:  # first, whatever ``passes`` says: it sets the interface
+            log("passes: PruneMaskedLMHead ...")
             captured, row = prune_masked_lm_head(captured, prune)
             report["passes"].append(row)
-        mod, rows = run_passes(captured.mod, passes)
-        report["passes"] += rows
+        mod = captured.mod
+        for i, p in enumerate(passes):
+            log(f"passes: {p.name} ({i + 1}/{len(passes)}) ...")
+            mod, row = _run_pass(p, mod)
+            report["passes"].append(row)
     timings["passes"] = time.perf_counter() - start
+    log(f"passes: done in {timings['passes']:.1f} s")
     return Prepared(spec, tvm_target, captured, mod, report, timings)
+
+
+def _lengths_text(seq_lens) -> str:
+    if len(seq_lens) == 1:
+        return f"length {seq_lens[0]}"
+    return f"{len(seq_lens)} lengths ({', '.join(map(str, seq_lens))})"
 
 
 def compile(
@@ -197,6 +209,7 @@ def compile(
     tuning_db: str | os.PathLike | None = "default",
     tokenizer: str | os.PathLike | None = None,
     head: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> CompiledModel:
     """Compile a Hugging Face MobileBERT (any of its eight heads) for ``target``.
 
@@ -233,11 +246,15 @@ def compile(
     the model, so that ``mbcompile.pipeline(task, compiled)`` needs no tokenizer; by default the
     checkpoint folder the model was loaded from, if it is here and holds any.
 
-    The library is linked (cross-compiled for an ARM target) before this returns.
+    The library is linked (cross-compiled for an ARM target) before this returns. ``log``: a
+    function given a line as each stage (capture, each pass, build, link) starts and ends.
     """
     options = CompileOptions.pick(locals())
+    log = log or _quiet
+    if isinstance(model, (str, os.PathLike)):
+        log(f"loading {os.fspath(model)} ...")
     model = resolve_model(model, head)
-    return _compile(model, options, tuning_db, tokenizer)
+    return _compile(model, options, tuning_db, tokenizer, log)
 
 
 def resolve_model(model, head: str | None):
@@ -259,6 +276,7 @@ def _compile(
     options: CompileOptions,
     tuning_db: str | os.PathLike | None,
     tokenizer: str | os.PathLike | None,
+    log: Callable[[str], None] = _quiet,
 ) -> CompiledModel:
     import tvm
 
@@ -270,7 +288,7 @@ def _compile(
     from mbcompile.targets.tuning import resolve_database
 
     database = resolve_database(tuning_db, resolve_target(options.target).tvm_target())  # early
-    prepared = prepare(model, options)
+    prepared = prepare(model, options, log)
     spec, tvm_target, timings = prepared.target, prepared.tvm_target, prepared.timings
     fused: dict[str, int] = {}
 
@@ -283,13 +301,18 @@ def _compile(
         fused["tuned_kernels"] = count
 
     start = time.perf_counter()
+    log(f"build: lowering, scheduling and code generation for {tvm_target.kind.name} "
+        f"({spec.name}) ...")
     pipeline = build_pipeline(tvm_target, database=database, on_fused=on_fused, on_tuned=on_tuned)
     with sigint_held():  # the build pipeline calls our schedule rules (see prepare)
         executable = tvm.compile(prepared.mod, target=tvm_target, relax_pipeline=pipeline)
     timings["build"] = time.perf_counter() - start
+    log(f"build: done in {timings['build']:.1f} s")
     start = time.perf_counter()
+    log("link: the shared library ...")
     lib = link_library(executable, spec)
     timings["link"] = time.perf_counter() - start
+    log(f"link: done in {timings['link']:.1f} s")
     report = {**prepared.report, "final": {**module_stats(prepared.mod), **fused}}
 
     captured = prepared.captured

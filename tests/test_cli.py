@@ -157,3 +157,20 @@ def test_demo_compiles_every_length_and_checks_each_length_asked(checkpoint):
     assert all(err <= 1e-4 for err, _, _ in result.by_length.values())
     assert "5 tokens (runs the 8-token program):" in lines
     assert "40 tokens (runs the 64-token program):" in lines
+
+
+def test_compile_shows_progress_on_a_terminal_only(checkpoint, tmp_path, monkeypatch, capsys):
+    from mbcompile.cli import main
+
+    out = tmp_path / "p.mbc"
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert main(["compile", str(checkpoint[0]), "--seq-len", "16", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    for stage in ("loading", "capture: torch.export", "passes: FoldNoNorm (1/", "build: done in",
+                  "link: done in"):
+        assert stage in err, (stage, err)
+    assert main(["compile", str(checkpoint[0]), "--seq-len", "16", "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr("sys.stdout.isatty", lambda: False)
+    assert main(["compile", str(checkpoint[0]), "--seq-len", "16", "-o", str(out)]) == 0
+    assert capsys.readouterr().err == ""

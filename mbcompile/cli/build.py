@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 
 from mbcompile.cli.options import add_option_flags, options_from_args, parsed, positive_int
@@ -30,6 +31,7 @@ class CompileArgs:
     output: str
     explain: bool = False
     tuning_db: str = "default"
+    quiet: bool = False
 
 
 @dataclass
@@ -83,6 +85,8 @@ def register(sub) -> None:
     c.add_argument("--tuning-db", default="default",
                    help="tuning database folder from `mbcompile tune`, 'default' or 'none'")
     c.add_argument("-o", "--output", required=True, help="artifact path, e.g. model.mbc")
+    c.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines (there are none when stdout is not a terminal)")
     c.set_defaults(handler=_compile)
 
     t = sub.add_parser("tune", help="tune the kernels with MetaSchedule into a database folder")
@@ -138,6 +142,15 @@ def _model(args: ModelArgs):
     raise ModelError("give a checkpoint folder, or --config NAME --random-init")
 
 
+def progress(quiet: bool):
+    """Where progress lines go: stderr, timestamped, when stdout is a terminal and not
+    ``quiet``; nowhere otherwise (a pipe or a file gets the results only)."""
+    if quiet or not sys.stdout.isatty():
+        return lambda _line: None
+    start = time.monotonic()
+    return lambda line: print(f"[{time.monotonic() - start:6.1f} s] {line}", file=sys.stderr, flush=True)
+
+
 def _compile(ns: argparse.Namespace) -> int:
     from mbcompile.compiler import compile
     from mbcompile.report import format_report
@@ -145,10 +158,14 @@ def _compile(ns: argparse.Namespace) -> int:
     args = parsed(
         CompileArgs, ns, model=parsed(ModelArgs, ns), options=options_from_args(ns)
     )
+    log = progress(args.quiet)
+    if args.model.checkpoint:
+        log(f"loading {args.model.checkpoint} ...")
     compiled = compile(
         _model(args.model),
         **args.options.kwargs(),
         tuning_db=None if args.tuning_db == "none" else args.tuning_db,
+        log=log,
     )
     path = compiled.save(args.output)
     print(f"wrote {path}: {compiled}")
@@ -188,7 +205,11 @@ def _info(path: str) -> int:
         f"config:     {cfg.get('num_hidden_layers')} layers, hidden {cfg.get('hidden_size')}, "
         f"vocab {cfg.get('vocab_size')}, {cfg.get('normalization_type')}, {cfg.get('hidden_act')}"
     )
-    print(f"inputs:     input_ids, attention_mask, token_type_ids: int64 {sig.input_shape}")
+    shape = ", ".join(map(str, sig.input_shape[:-1]))
+    print(f"inputs:     input_ids, attention_mask, token_type_ids: int64 ({shape}, length), "
+          f"length 1 to {sig.seq_len}, compiled for {list(sig.lengths)}")
+    if meta.source:
+        print("source:     " + ", ".join(f"{k} {v}" for k, v in meta.source.items()))
     for o in sig.outputs:
         name = o.name if o.index is None else f"{o.name}[{o.index}]"
         print(f"output:     {name}: {o.dtype} {tuple(o.shape)}")
