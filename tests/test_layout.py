@@ -40,6 +40,7 @@ STAGES = {
     "mbcompile.tuner": 7,
     "mbcompile.report": 7,
     "mbcompile.pipelines": 8,
+    "mbcompile.transformers": 8,
     "mbcompile.cli": 9,
     "mbcompile.demo": 9,
     "mbcompile": 9,  # the package itself: the public API

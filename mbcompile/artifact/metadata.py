@@ -59,8 +59,7 @@ class Metadata:
     compile_seconds: dict[str, float] = field(default_factory=dict)
     # The compile options as given (CompileOptions.to_dict()).
     options: dict[str, Any] = field(default_factory=dict)
-    # Where the model came from: name_or_path (a folder or hub id) and, from the hub, the
-    # resolved revision (commit); {} for a model built in memory.
+    # Where the model came from: name_or_path (a folder or hub id), revision (hub commit) or {}.
     source: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -328,9 +327,8 @@ def _signature(where: str, key: str, data: Any) -> Signature:
         raise invalid(
             where, f"{key}.mask_token_id", sig.mask_token_id, "set exactly when max_masked is set"
         )
-    lens = list(sig.seq_lens)
+    lens, expected = list(sig.seq_lens), f"[] or ≤ 64 ascending lengths ending at {sig.seq_len}"
     if lens and (lens != sorted(set(lens)) or lens[-1] != sig.seq_len or len(lens) > 64):
-        expected = f"[] or at most 64 ascending lengths, the last seq_len ({sig.seq_len})"
         raise invalid(where, f"{key}.seq_lens", lens, expected)
     if sig.max_masked is not None:
         _int_in(1, sig.lengths[0])(where, f"{key}.max_masked", sig.max_masked)
