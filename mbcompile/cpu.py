@@ -33,6 +33,10 @@ class CPUInfo:
     vector_bits: int
     num_vector_registers: int
     num_cores: int  # the target's ``num-cores``; 0 when it does not say
+    # FMA by a vector lane (AArch64 ``fmla v.4s, v.4s, v.s[i]``): a matmul loads a row's next
+    # k values with one vector load and multiplies by each lane, instead of one scalar load per
+    # k value. x86 has no such form; it broadcasts from memory instead.
+    fma_by_lane: bool = False
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of ``dtype`` in one vector register (at least 1)."""
@@ -93,6 +97,6 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
     if _has("avx", target):
         return CPUInfo(256, 16, num_cores)
     if _has("neon", target) or _has("asimd", target):
-        return CPUInfo(128, 32, num_cores)
+        return CPUInfo(128, 32, num_cores, fma_by_lane=True)
     # SSE, RISC-V without V, or an unknown CPU: a 128-bit guess keeps the code valid everywhere.
     return CPUInfo(128, 16, num_cores)

@@ -46,6 +46,7 @@ class Gemm:
     k_extent: int
     dtype: str
     packed_block: int | None  # nb when B is packed as [N/nb, K, nb]
+    lhs: tirx.Buffer | None = None  # A, the buffer read as A[..., i, k]
 
 
 def _var(expr) -> tirx.Var | None:
@@ -170,6 +171,7 @@ def match_gemm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> Gemm | No
         k_extent=extents[-1],
         dtype=dtype,
         packed_block=packed_block,
+        lhs=lhs.source,
     )
 
 
@@ -267,10 +269,33 @@ def schedule_gemm(
         sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
     _vectorize_tile(sch, writer, lanes)
 
+    if info.fma_by_lane:
+        _load_rows_as_vectors(sch, gemm, ko, info)
+
     sch.unroll(ki)
     sch.unroll(ii)
     sch.vectorize(ji)
     sch.decompose_reduction(gemm.block, ko)
+
+
+def _load_rows_as_vectors(sch: s_tir.Schedule, gemm: Gemm, ko, info: CPUInfo) -> None:
+    """Stage the tile's ``A[i, ko·u : ko·u + u]`` (u: the K unroll) in a small buffer, one
+    vector load per row, so that the k steps multiply by its lanes (AArch64's FMA by element)
+    instead of loading each A value with a scalar load: 8 loads per 4 k steps for an 8-row
+    tile instead of 32. Left as is where A is not read directly (an inlined producer)."""
+    reads = [r.source for r in sch.get(gemm.block).reads]
+    index = next(
+        (n for n, b in enumerate(reads) if gemm.lhs is not None and b.same_as(gemm.lhs)), None
+    )
+    if index is None:
+        return
+    staged = sch.cache_read(gemm.block, index, "global")
+    sch.compute_at(staged, ko, preserve_unit_loops=True)
+    loops = sch.get_loops(staged)
+    rows, ks = loops[-2], loops[-1]
+    if const_int(sch.get(ks).extent) in (2, 4, 8, 16):
+        sch.vectorize(ks)
+    sch.unroll(rows)
 
 
 def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
