@@ -68,6 +68,7 @@ def attention_kernel(
     *,
     lanes: int | None = None,
     rows_layout: RowsLayout | None = None,
+    fma_by_lane: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """``out[bh, i, :] = softmax_guarded(q[bh, i] · kt[bh] + bias[b, h, i]) · v[bh]``.
 
@@ -77,6 +78,11 @@ def attention_kernel(
     kernel is for (``mbcompile.cpu``); by default 8, the lanes of :data:`~mbcompile.cpu.DEFAULT_CPU`.
     Any value gives correct code (LLVM splits or pads vectors); the right one keeps the register
     tiles in registers.
+
+    ``fma_by_lane`` (AArch64, ``cpu_info(target).fma_by_lane``): each unrolled group of the
+    reductions first loads every row's group of q values (scores) and of probabilities
+    (context) with one vector load per row into a small buffer, and the steps multiply by its
+    lanes (``fmla v.4s, v.4s, v.s[i]``) instead of loading one scalar per row per step.
 
     ``rows_layout`` (batch 1 only): q, v and out in the linears' layout instead, one row per
     token with head ``h`` at columns ``offset + h · dim`` (see RowsLayout). The kernel reads and
@@ -94,6 +100,10 @@ def attention_kernel(
     neg_inf = T.float32("-inf")
     c1, c2, c3, c4, c5 = (T.float32(c) for c in EXP2_POLY)
 
+    # Staged groups (fma_by_lane): whole groups of UNROLL values, one vector load per row.
+    stage_dim = fma_by_lane and unroll_dim % 4 == 0 and dim >= unroll_dim
+    stage_keys = fma_by_lane and unroll_keys % 4 == 0 and seq_k >= unroll_keys
+
     @T.macro
     def scores_step(q, kt, acc, b, blk, start, width, d):
         for r in T.unroll(rows):
@@ -103,7 +113,17 @@ def attention_kernel(
                 )
 
     @T.macro
-    def scores_tile(q, kt, bias, s, acc, b, blk, start, width):
+    def scores_group(q, kt, acc, qs, b, blk, start, width, d0):
+        for r in T.unroll(rows):
+            for d1 in T.vectorized(unroll_dim):
+                qs[r, d1] = q[b, T.min(blk * rows + r, seq_q - 1), d0 * unroll_dim + d1]
+        for d1 in T.unroll(unroll_dim):
+            for r in T.unroll(rows):
+                for j in T.vectorized(width):
+                    acc[r, j] = acc[r, j] + qs[r, d1] * kt[b, d0 * unroll_dim + d1, start + j]
+
+    @T.macro
+    def scores_tile(q, kt, bias, s, acc, qs, b, blk, start, width):
         """s[:, start : start + width] = q·kt + bias for the block's rows."""
         for r in T.unroll(rows):
             for j in T.vectorized(width):
@@ -112,8 +132,11 @@ def attention_kernel(
                     (start + j) % j0,
                 ]  # fmt: skip
         for d0 in range(dim // unroll_dim):
-            for d1 in T.unroll(unroll_dim):
-                scores_step(q, kt, acc, b, blk, start, width, d0 * unroll_dim + d1)
+            if stage_dim:
+                scores_group(q, kt, acc, qs, b, blk, start, width, d0)
+            else:
+                for d1 in T.unroll(unroll_dim):
+                    scores_step(q, kt, acc, b, blk, start, width, d0 * unroll_dim + d1)
         if dim % unroll_dim > 0:
             for d1 in T.unroll(dim % unroll_dim):
                 scores_step(q, kt, acc, b, blk, start, width, dim // unroll_dim * unroll_dim + d1)
@@ -128,14 +151,27 @@ def attention_kernel(
                 acc[r, d] = acc[r, d] + s[r, j] * v[b, j, start + d]
 
     @T.macro
-    def context_tile(v, out, s, inv, acc, b, blk, start, width):
+    def context_group(v, s, acc, ps, b, start, width, j0_):
+        for r in T.unroll(rows):
+            for j1 in T.vectorized(unroll_keys):
+                ps[r, j1] = s[r, j0_ * unroll_keys + j1]
+        for j1 in T.unroll(unroll_keys):
+            for r in T.unroll(rows):
+                for d in T.vectorized(width):
+                    acc[r, d] = acc[r, d] + ps[r, j1] * v[b, j0_ * unroll_keys + j1, start + d]
+
+    @T.macro
+    def context_tile(v, out, s, inv, acc, ps, b, blk, start, width):
         """out[rows, start : start + width] = (p · v) / sum for the block's rows."""
         for r in T.unroll(rows):
             for d in T.vectorized(width):
                 acc[r, d] = T.float32(0)
         for j0_ in range(seq_k // unroll_keys):
-            for j1 in T.unroll(unroll_keys):
-                context_step(v, s, acc, b, start, width, j0_ * unroll_keys + j1)
+            if stage_keys:
+                context_group(v, s, acc, ps, b, start, width, j0_)
+            else:
+                for j1 in T.unroll(unroll_keys):
+                    context_step(v, s, acc, b, start, width, j0_ * unroll_keys + j1)
         if seq_k % unroll_keys > 0:
             for j1 in T.unroll(seq_k % unroll_keys):
                 context_step(v, s, acc, b, start, width, seq_k // unroll_keys * unroll_keys + j1)
@@ -155,14 +191,16 @@ def attention_kernel(
             t = T.alloc_buffer((lanes,), "float32")
             n = T.alloc_buffer((lanes,), "float32")
             e = T.alloc_buffer((lanes,), "float32")
+            qs = T.alloc_buffer((rows, unroll_dim), "float32")
+            ps = T.alloc_buffer((rows, unroll_keys), "float32")
             # 1. scores
             for c in range(seq_k // key_tile):
                 scores_tile(
-                    q, kt, bias, s, acc, blk // blocks, blk % blocks, c * key_tile, key_tile
+                    q, kt, bias, s, acc, qs, blk // blocks, blk % blocks, c * key_tile, key_tile
                 )
             if seq_k % key_tile > 0:
                 scores_tile(
-                    q, kt, bias, s, acc, blk // blocks, blk % blocks,
+                    q, kt, bias, s, acc, qs, blk // blocks, blk % blocks,
                     seq_k // key_tile * key_tile, seq_k % key_tile,
                 )  # fmt: skip
             if padded > seq_k:
@@ -209,11 +247,11 @@ def attention_kernel(
             # 3. context
             for c in range(dim_v // dim_tile):
                 context_tile(
-                    v, out, s, inv, ctx, blk // blocks, blk % blocks, c * dim_tile, dim_tile
+                    v, out, s, inv, ctx, ps, blk // blocks, blk % blocks, c * dim_tile, dim_tile
                 )
             if dim_v % dim_tile > 0:
                 context_tile(
-                    v, out, s, inv, ctx, blk // blocks, blk % blocks,
+                    v, out, s, inv, ctx, ps, blk // blocks, blk % blocks,
                     dim_v // dim_tile * dim_tile, dim_v % dim_tile,
                 )  # fmt: skip
 

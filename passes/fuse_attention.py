@@ -56,6 +56,7 @@ class FuseAttention(MobileBertPass):
         super().__init__()
         self.target = target
         self.lanes = cpu_info(target).lanes("float32")
+        self.fma_by_lane = cpu_info(target).fma_by_lane
         self.q, self.kt, self.v, self.bias = wildcard(), wildcard(), wildcard(), wildcard()
         self.scores = is_op("relax.matmul")(self.q, self.kt)
         self.biased = is_op("relax.add")(
@@ -124,7 +125,8 @@ class FuseAttention(MobileBertPass):
             key += f"_rows_q{layout.q_width}o{layout.q_offset}_v{layout.v_width}o{layout.v_offset}"
         if key not in self._kernels:
             func = attention_kernel(
-                q[0], q[1], v[1], q[2], v[2], heads, bias, lanes=self.lanes, rows_layout=layout
+                q[0], q[1], v[1], q[2], v[2], heads, bias, lanes=self.lanes, rows_layout=layout,
+                fma_by_lane=self.fma_by_lane,
             )
             self._kernels[key] = (self._builder.add_func(func, key), func)
         return {replaced: relax.call_tir(self._kernels[key][0], args, out)}

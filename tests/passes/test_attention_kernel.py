@@ -38,7 +38,10 @@ def _reference(q, kt, v, bias, heads) -> np.ndarray:
     return probs @ v
 
 
-def _check(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, *, lanes=None, mask=None, scale=2.0):
+def _check(
+    bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, *, lanes=None, mask=None, scale=2.0,
+    fma_by_lane=False,
+):
     """Scores of standard deviation ``scale² · √dim``; at 20 and more, float32's rounding of the
     scores alone (any kernel's) exceeds 1e-5 in the output."""
     rng = np.random.default_rng(0)
@@ -48,7 +51,9 @@ def _check(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, *, lanes=None, mask=
     bias = rng.standard_normal(bias_shape).astype("float32")
     if mask is not None:
         mask(bias)
-    kernel = attention_kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes=lanes)
+    kernel = attention_kernel(
+        bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes=lanes, fma_by_lane=fma_by_lane
+    )
     out = _run(kernel, q, kt, v, bias, out_shape=(bh, seq_q, dim_v))
     expected = _reference(q, kt, v, bias, heads)
     assert np.abs(out - expected).max() <= 1e-5
@@ -60,8 +65,13 @@ def test_mobilebert_shape_equals_numpy():
         bias[..., -5:] = NEG_INF
 
     _check(4, 128, 128, 32, 32, 4, (1, 1, 1, 128), mask=mask_last_keys, scale=1.0)
+    _check(
+        4, 128, 128, 32, 32, 4, (1, 1, 1, 128), mask=mask_last_keys, scale=1.0, lanes=4,
+        fma_by_lane=True,
+    )
 
 
+@pytest.mark.parametrize("fma_by_lane", [False, True])
 @pytest.mark.parametrize("lanes", [4, 8, 16])
 @pytest.mark.parametrize(
     "bh, seq_q, seq_k, dim, dim_v, heads, bias_shape",
@@ -73,9 +83,10 @@ def test_mobilebert_shape_equals_numpy():
     ],
 )
 def test_odd_shapes_and_broadcast_biases_equal_numpy_at_every_vector_width(
-    bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes
+    bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, fma_by_lane
 ):
-    _check(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes=lanes)
+    """``fma_by_lane`` (AArch64's staged groups) runs here too: the code is valid anywhere."""
+    _check(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes=lanes, fma_by_lane=fma_by_lane)
 
 
 @pytest.mark.parametrize("lanes", [4, 8])

@@ -107,6 +107,34 @@ def test_packed_dense_with_fused_epilogue_equals_the_unscheduled_kernel(m, k, n)
     assert_rule_schedules_and_preserves(DensePacked(), packed_dense_with_bias(m, k, n, 16))
 
 
+@pytest.mark.parametrize(
+    "rule, m, k, n",
+    [("dense", 128, 64, 32), ("dense", 7, 13, 37), ("dense", 16, 6, 8), ("batch", 32, 8, 32),
+     ("batch", 7, 5, 7), ("batch", 6, 12, 24)],
+)
+def test_rows_loaded_as_vectors_for_fma_by_lane_compute_the_same(rule, m, k, n, monkeypatch):
+    """AArch64's variant of the tile (A staged one vector per row per k group) is valid code
+    on any CPU: forced here on this one, it computes what the unscheduled kernel does."""
+    import dataclasses
+
+    from mbcompile.cpu import cpu_info
+    from mbcompile.targets.schedules import batch_matmul, dense
+
+    lane = dataclasses.replace(cpu_info(HOST), fma_by_lane=True)
+    monkeypatch.setattr(dense, "cpu_info", lambda _target: lane)
+    monkeypatch.setattr(batch_matmul, "cpu_info", lambda _target: lane)
+    if rule == "dense":
+        func, scheduler = packed_dense_with_bias(m, k, n, 16), DensePacked()
+    else:
+        func, scheduler = batch_matmul_scaled(2, m, k, n), BatchMatmul()
+    sch = scheduler.apply(func, HOST, False)
+    assert sch is not None
+    staged = "x_global" if rule == "dense" else "a_global"  # A's rows, staged
+    assert staged in sch.mod["main"].script()
+    args = _random_args(func, np.random.default_rng(0))
+    np.testing.assert_allclose(_run(sch.mod["main"], args), _run(func, args), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("batch, m, k, n", [(4, 32, 8, 32), (2, 7, 5, 7), (1, 6, 12, 24)])
 def test_batch_matmul_with_fused_epilogue_equals_the_unscheduled_kernel(batch, m, k, n):
     assert_rule_schedules_and_preserves(BatchMatmul(), batch_matmul_scaled(batch, m, k, n))
