@@ -166,7 +166,8 @@ def _write(out: Path, started: str, cells: list[dict], rounds: int, settle: floa
     if cells:
         _chart(cells, out.with_suffix(".png"))
     if length_cells:
-        _lengths_chart(length_cells, out.with_name(out.name + "-lengths.png"))
+        chart = out.with_name(out.name + "-lengths.png") if cells else out.with_suffix(".png")
+        _lengths_chart(length_cells, chart)
     return text
 
 
@@ -212,7 +213,9 @@ def main() -> None:
                         "exact-length builds and ONNX Runtime with dynamic axes ('none' to skip)")
     p.add_argument("--length-heads", default="base,masked-lm",
                    help="heads of the lengths table (masked-lm: the fill-mask build)")
-    p.add_argument("--out", default=str(RESULTS / "latest"))
+    p.add_argument("--out", default=None,
+                   help="where to write .md/.json/.png (default bench/results/latest, or "
+                        "bench/results/lengths for a lengths-only run, --heads none)")
     p.add_argument("--render", metavar="JSON", help="only redraw the table and chart of a run")
     args = p.parse_args()
     if args.backends != "all":
@@ -237,7 +240,8 @@ def main() -> None:
         for head in args.length_heads.split(","):
             for threads in (int(t) for t in args.threads.split(",")):
                 length_cells.append(_run_lengths(head, threads, args))
-    print(_write(Path(args.out), started, cells, args.rounds, args.settle, length_cells))
+    out = Path(args.out) if args.out else RESULTS / ("latest" if cells else "lengths")
+    print(_write(out, started, cells, args.rounds, args.settle, length_cells))
 
 
 if __name__ == "__main__":
