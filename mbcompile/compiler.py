@@ -17,6 +17,7 @@ from typing import Any
 
 from mbcompile import artifact
 from mbcompile.artifact import Artifact, Metadata
+from mbcompile.artifact.tokenizer_json import with_tokenizer_json
 from mbcompile.errors import ModelError, OptionError
 from mbcompile.options import CompileOptions
 from mbcompile.report import kernel_calls, module_stats
@@ -331,4 +332,5 @@ def _compile(
     )
     source = tokenizer if tokenizer is not None else checkpoint_folder(model.config)
     tokenizer_files = artifact.tokenizer_files(source) if source else {}
+    tokenizer_files = with_tokenizer_json(tokenizer_files)  # the pipelines need tokenizers only
     return CompiledModel(Artifact(metadata, lib, tokenizer_files))

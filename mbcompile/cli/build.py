@@ -250,6 +250,9 @@ def _add_tokenizer(args: AddTokenizerArgs) -> int:
         raise PipelineError(
             f"{args.folder}: no tokenizer files (looked for {list(artifact.TOKENIZER_FILES)})"
         )
+    from mbcompile.artifact.tokenizer_json import with_tokenizer_json
+
+    files = with_tokenizer_json(files)  # the pipelines then need the tokenizers library only
     artifact.add_tokenizer(args.artifact, files)
     print(f"{args.artifact}: saved tokenizer files {sorted(files)}")
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mbcompile import artifact
+from mbcompile.artifact.tokenizer_json import with_tokenizer_json
 from mbcompile.errors import InputError, PipelineError
 from mbcompile.pipelines.base import Pipeline, _config_of
 from mbcompile.pipelines.feature_extraction import (
@@ -115,7 +116,7 @@ def pipeline(
         folder = Path(tokenizer)
         if not folder.is_dir():
             raise PipelineError(f"tokenizer: {folder} is not a folder (give a local folder path)")
-        files = artifact.tokenizer_files(folder)
+        files = with_tokenizer_json(artifact.tokenizer_files(folder))
         tokenizer = _load_tokenizer_folder(folder)
     return cls(model, tokenizer, tokenizer_files=files or None)
 

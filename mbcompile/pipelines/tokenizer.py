@@ -1,9 +1,9 @@
 """Tokenizers for the pipelines: from a local folder, from file contents, and back to files.
 
-The tokenizer of a pipeline is a transformers tokenizer object, a local folder of tokenizer files,
-or (default) the tokenizer saved in the artifact, else the one beside the checkpoint the model
-was compiled from. Nothing is downloaded: folders load with ``local_files_only=True``.
-transformers is imported only when a tokenizer is loaded.
+The tokenizer of a pipeline is a transformers tokenizer object (used as given), a local folder
+of tokenizer files, or (default) the tokenizer saved in the artifact, else the one beside the
+checkpoint the model was compiled from. Files load as a ``FastTokenizer``, on the ``tokenizers``
+library alone (``fast_tokenizer.py``): no transformers, no torch. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,56 +14,56 @@ from pathlib import Path
 
 from mbcompile import artifact
 from mbcompile.errors import PipelineError
+from mbcompile.artifact.tokenizer_json import tokenizer_json_from_vocab
+from mbcompile.pipelines.fast_tokenizer import FastTokenizer
 
 
 def _load_tokenizer_folder(folder: Path, where: str | None = None):
-    """A transformers tokenizer from local files only (MobileBERT's tokenizer is BERT's);
-    PipelineError naming ``where`` (the folder, or the artifact) and its files when they are
-    damaged."""
+    """The tokenizer of a local folder's files (see ``_tokenizer_from_files``)."""
+    files = artifact.tokenizer_files(folder)
+    if not files:
+        raise PipelineError(
+            f"tokenizer: {folder} holds no tokenizer files "
+            f"(looked for {list(artifact.TOKENIZER_FILES)})"
+        )
+    return _tokenizer_from_files(files, None, where or str(folder))
+
+
+def _tokenizer_from_files(files: dict[str, bytes], config: dict | None, where: str = "the artifact"):
+    """A :class:`FastTokenizer` (``tokenizers`` only) from file contents: ``tokenizer.json``,
+    or a WordPiece ``vocab.txt`` converted to one; PipelineError naming ``where`` and its files
+    when they are damaged (a vocabulary without [UNK] fails only when used, so it is probed)."""
     try:
-        tokenizer = _read_tokenizer_folder(folder)
-        tokenizer("a probe . [MASK]")  # damaged vocabularies (no [UNK]) fail only when used
+        settings = json.loads(files.get("tokenizer_config.json", b"{}") or b"{}")
+        special = json.loads(files.get("special_tokens_map.json", b"{}") or b"{}")
+        if not isinstance(settings, dict) or not isinstance(special, dict):
+            raise ValueError("tokenizer_config.json and special_tokens_map.json must be objects")
+        if "tokenizer.json" in files:
+            source = files["tokenizer.json"]
+        elif "vocab.txt" in files:
+            source = tokenizer_json_from_vocab(files["vocab.txt"], settings)
+        else:
+            raise PipelineError(
+                f"tokenizer: {where} holds no tokenizer.json or vocab.txt "
+                f"(found {sorted(files)})"
+            )
+        tokenizer = FastTokenizer(source, settings, special)
+        tokenizer("a probe . [MASK]")
         return tokenizer
     except PipelineError:
         raise
-    except Exception as err:  # noqa: BLE001 - json, tokenizers and transformers raise anything
-        names = sorted(p.name for p in folder.iterdir() if p.name in artifact.TOKENIZER_FILES)
+    except Exception as err:  # noqa: BLE001 - json and tokenizers raise anything
         raise PipelineError(
-            f"tokenizer: cannot read the tokenizer files {names} of {where or folder}: "
+            f"tokenizer: cannot read the tokenizer files {sorted(files)} of {where}: "
             f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
         ) from None
 
 
-def _read_tokenizer_folder(folder: Path):
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    if (folder / "tokenizer_config.json").is_file() or (folder / "config.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        except (ValueError, OSError, KeyError):
-            pass  # e.g. a config without a tokenizer class: BERT's tokenizer below
-    if (folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file():
-        return BertTokenizerFast.from_pretrained(folder, local_files_only=True)
-    raise PipelineError(
-        f"tokenizer: {folder} holds no tokenizer files "
-        f"(looked for {list(artifact.TOKENIZER_FILES)})"
-    )
-
-
-def _tokenizer_from_files(files: dict[str, bytes], config: dict | None, where: str = "the artifact"):
-    """Load a tokenizer from file contents (e.g. an artifact's tokenizer/ members)."""
-    with tempfile.TemporaryDirectory(prefix="mbcompile-tokenizer-") as tmp:
-        folder = Path(tmp)
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-        if "config.json" not in files:
-            # AutoTokenizer finds the tokenizer class through the model type.
-            (folder / "config.json").write_text(json.dumps(config or {"model_type": "mobilebert"}))
-        return _load_tokenizer_folder(folder, where)
-
-
 def _files_of_tokenizer(tokenizer) -> dict[str, bytes]:
-    """The files ``save_pretrained`` writes for a tokenizer object, by name."""
+    """The files to store for a tokenizer object: a FastTokenizer's own, or what a transformers
+    tokenizer's ``save_pretrained`` writes, by name."""
+    if isinstance(tokenizer, FastTokenizer):
+        return tokenizer.files()
     with tempfile.TemporaryDirectory(prefix="mbcompile-tokenizer-") as tmp:
         tokenizer.save_pretrained(tmp)
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}

@@ -54,9 +54,11 @@ def test_saved_pipeline_runs_where_torch_cannot_be_imported(saved_fill):
         f"""
         import json, sys
         sys.modules["torch"] = None          # any import of torch now raises ImportError
+        sys.modules["transformers"] = None   # and of transformers: the tokenizers library only
         import mbcompile
         out = mbcompile.pipeline("fill-mask", {str(path)!r})({text!r}, top_k=2)
-        assert "torch" not in [m for m, v in sys.modules.items() if v is not None]
+        loaded = [m for m, v in sys.modules.items() if v is not None]
+        assert "torch" not in loaded and "transformers" not in loaded
         print(json.dumps(out))
         """
     )
@@ -82,3 +84,58 @@ def test_missing_or_mismatched_tokenizer_is_refused(mlm, tmp_path):
         mbcompile.pipeline("fill-mask", compiled, tokenizer=bigger)
     with pytest.raises(TypeError, match="expected a transformers tokenizer"):
         mbcompile.pipeline("fill-mask", compiled, tokenizer=object())
+
+
+def test_every_pipeline_runs_on_tokenizers_alone_with_transformers_answers(mlm, qa, tok, vocab_dir,
+                                                                           tmp_path):
+    """Artifacts holding their tokenizer files run fill-mask, question answering (stride
+    windows, offsets), token classification (offsets, aggregation) and text classification in a
+    process where torch and transformers cannot be imported, with the answers transformers'
+    own tokenizer gives in this process."""
+    from helpers import make_model
+    from pipeline_helpers import LONG_CONTEXT, config
+
+    ner_model = make_model("token-classification", config(num_labels=5), seed=8)
+    clf_model = make_model("sequence-classification", config(num_labels=3), seed=9)
+    models = {
+        "fill-mask": mlm[1],
+        "question-answering": qa[1],
+        "token-classification": mbcompile.compile(ner_model, max_seq_len=32),
+        "text-classification": mbcompile.compile(clf_model, seq_len=32),
+    }
+    calls = {
+        "fill-mask": (["the [MASK] sat on the mat .", "paris is the [MASK] of france ."], {"top_k": 3}),
+        "question-answering": ([], {"question": "where does john live ?", "context": LONG_CONTEXT,
+                                    "top_k": 2, "doc_stride": 8, "max_seq_len": 32}),
+        "token-classification": (["john smith lives in paris , france ."],
+                                 {"aggregation_strategy": "simple"}),
+        "text-classification": (["the old cat sat on the mat", "mary works in berlin"], {"top_k": None}),
+    }
+    expected, paths = {}, {}
+    for task, model in models.items():
+        args, kwargs = calls[task]
+        expected[task] = mbcompile.pipeline(task, model, tokenizer=tok)(*args, **kwargs)
+        paths[task] = str(mbcompile.pipeline(task, model, tokenizer=str(vocab_dir)).save(
+            tmp_path / f"{task}.mbc"))
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["torch"] = None
+        sys.modules["transformers"] = None
+        import mbcompile
+        calls = {calls!r}
+        out = {{}}
+        for task, path in {paths!r}.items():
+            args, kwargs = calls[task]
+            out[task] = mbcompile.pipeline(task, path)(*args, **kwargs)
+        loaded = [m for m, v in sys.modules.items() if v is not None]
+        assert "torch" not in loaded and "transformers" not in loaded
+        print(json.dumps(out))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], timeout=600, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    for task in models:
+        assert_same(got[task], json.loads(json.dumps(expected[task])))

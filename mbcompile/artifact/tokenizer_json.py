@@ -1,0 +1,74 @@
+"""``tokenizer.json`` for a WordPiece ``vocab.txt``: what compile stores beside a checkpoint's
+vocabulary, so that the pipelines tokenize with the ``tokenizers`` library alone.
+
+BERT's normaliser (clean text, Chinese characters, accents and lower case as the
+tokenizer_config.json says), pre-tokeniser, WordPiece model, ``[CLS] A [SEP] B [SEP]``
+post-processor and decoder: the components transformers' ``BertConverter`` builds (the pipeline
+tests compare the token ids with transformers' ``BertTokenizerFast`` on the same vocabulary).
+"""
+
+from __future__ import annotations
+
+import json
+
+BERT_SPECIAL = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
+
+
+def tokenizer_json_from_vocab(vocab: bytes, config: dict | None = None) -> bytes:
+    """``tokenizer.json`` for a WordPiece ``vocab.txt`` (lower-casing and accent stripping as the
+    tokenizer_config.json says; BERT's defaults otherwise)."""
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
+
+    config = config or {}
+    words = [w.rstrip("\n") for w in vocab.decode("utf-8").split("\n")]
+    if words and words[-1] == "":
+        words.pop()
+    table = {w: i for i, w in enumerate(words)}  # a repeated word keeps its last index, as BERT's
+    special = {k: config.get(k, v) for k, v in BERT_SPECIAL.items()}
+    special = {k: v["content"] if isinstance(v, dict) else v for k, v in special.items()}
+    tok = Tokenizer(models.WordPiece(table, unk_token=special["unk_token"]))
+    lower = bool(config.get("do_lower_case", True))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+        strip_accents=config.get("strip_accents"),
+        lowercase=lower,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = special["cls_token"], special["sep_token"]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, table.get(cls, 0)), (sep, table.get(sep, 0))],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    present = [v for v in special.values() if v in table]
+    tok.add_special_tokens([AddedToken(v, special=True, normalized=False) for v in present])
+    return tok.to_str().encode("utf-8")
+
+
+
+def with_tokenizer_json(files: dict[str, bytes]) -> dict[str, bytes]:
+    """``files`` with a ``tokenizer.json`` made from ``vocab.txt`` when it has none."""
+    if "tokenizer.json" in files or "vocab.txt" not in files:
+        return dict(files)
+    try:
+        settings = json.loads(files.get("tokenizer_config.json", b"{}") or b"{}")
+    except ValueError:
+        settings = {}
+    settings = settings if isinstance(settings, dict) else {}
+    return {**files, "tokenizer.json": tokenizer_json_from_vocab(files["vocab.txt"], settings)}
