@@ -29,6 +29,7 @@ STAGES = {
     "mbcompile.options": 0,
     "mbcompile.cpu": 0,
     "mbcompile.heads": 0,
+    "mbcompile.hub": 0,
     "mbcompile.signature": 0,
     "mbcompile.capture": 1,
     "mbcompile.passes": 2,

@@ -71,4 +71,8 @@ def with_tokenizer_json(files: dict[str, bytes]) -> dict[str, bytes]:
     except ValueError:
         settings = {}
     settings = settings if isinstance(settings, dict) else {}
-    return {**files, "tokenizer.json": tokenizer_json_from_vocab(files["vocab.txt"], settings)}
+    try:
+        converted = tokenizer_json_from_vocab(files["vocab.txt"], settings)
+    except Exception:  # noqa: BLE001 - a damaged vocabulary: stored as given, refused when loaded
+        return dict(files)
+    return {**files, "tokenizer.json": converted}

@@ -9,11 +9,11 @@ honoured). Named configs are embedded here.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from mbcompile.errors import ModelError
 from mbcompile.heads import HEADS, head_class_name, head_of_class
+from mbcompile.hub import hub_offline, is_hub_id
 
 # Named architectures, as MobileBertConfig keyword arguments.
 CONFIGS: dict[str, dict] = {
@@ -47,22 +47,6 @@ def random_model(config, head: str = "base", seed: int = 0):
         config = named_config(config)
     torch.manual_seed(seed)
     return _head_class(head)(config).eval()
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` has the form of a Hugging Face hub model id (``name`` or ``owner/name``)."""
-    return bool(_HUB_ID.fullmatch(name)) and ".." not in name
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-
-
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set: the hub cache only, no download."""
-    return any(
-        os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
 
 
 def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: str | None = None):

@@ -116,8 +116,8 @@ def pipeline(
         folder = Path(tokenizer)
         if not folder.is_dir():
             raise PipelineError(f"tokenizer: {folder} is not a folder (give a local folder path)")
-        files = with_tokenizer_json(artifact.tokenizer_files(folder))
         tokenizer = _load_tokenizer_folder(folder)
+        files = with_tokenizer_json(artifact.tokenizer_files(folder))
     return cls(model, tokenizer, tokenizer_files=files or None)
 
 
@@ -126,7 +126,7 @@ def _is_checkpoint(name: str | os.PathLike) -> bool:
     path = Path(name)
     if path.is_dir():
         return (path / "config.json").is_file()
-    from mbcompile.capture.models import is_hub_id  # needs no torch: models imports lazily
+    from mbcompile.hub import is_hub_id
 
     return not path.exists() and is_hub_id(os.fspath(name)) and not str(name).endswith(".mbc")
 

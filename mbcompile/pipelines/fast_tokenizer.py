@@ -18,6 +18,8 @@ import json
 import threading
 from typing import Any
 
+import numpy as np
+
 from mbcompile.artifact.tokenizer_json import BERT_SPECIAL
 
 # transformers' default when a tokenizer_config.json gives no model_max_length
@@ -47,10 +49,14 @@ class FastTokenizer:
     padding_side = "right"
 
     def __init__(self, tokenizer_json: bytes, config: dict | None = None,
-                 special_tokens_map: dict | None = None):
+                 special_tokens_map: dict | None = None, added_tokens: dict | None = None):
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        # added_tokens.json ({token: id}), as transformers adds them (in id order)
+        for token, _ in sorted((added_tokens or {}).items(), key=lambda kv: int(kv[1])):
+            if self._tokenizer.token_to_id(token) is None:
+                self._tokenizer.add_tokens([token])
         self._json = tokenizer_json
         self._lock = threading.Lock()  # truncation is state of the Rust tokenizer
         config = dict(config or {})
@@ -139,7 +145,7 @@ class FastTokenizer:
 
     # -- decoding -----------------------------------------------------------------------------
     def convert_ids_to_tokens(self, ids):
-        if isinstance(ids, int) or hasattr(ids, "__index__"):
+        if _is_scalar(ids):
             return self._tokenizer.id_to_token(int(ids))
         return [self._tokenizer.id_to_token(int(i)) for i in ids]
 
@@ -147,7 +153,7 @@ class FastTokenizer:
         return self._tokenizer.decoder.decode(tokens)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, int) or hasattr(ids, "__index__"):
+        if _is_scalar(ids):
             ids = [ids]
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up(text) if self.clean_up_tokenization_spaces else text
@@ -169,6 +175,11 @@ class FastTokenizer:
 
     def __repr__(self) -> str:
         return f"FastTokenizer(vocab {len(self)}, model_max_length {self.model_max_length})"
+
+
+def _is_scalar(value) -> bool:
+    """One id (a Python or numpy integer, a 0-d array), not a sequence of them."""
+    return isinstance(value, (int, np.integer)) or getattr(value, "ndim", None) == 0
 
 
 def _clean_up(text: str) -> str:

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 from mbcompile import artifact
-from mbcompile.errors import PipelineError
 from mbcompile.artifact.tokenizer_json import tokenizer_json_from_vocab
+from mbcompile.errors import PipelineError
 from mbcompile.pipelines.fast_tokenizer import FastTokenizer
 
 
@@ -34,10 +34,15 @@ def _tokenizer_from_files(files: dict[str, bytes], config: dict | None, where: s
     or a WordPiece ``vocab.txt`` converted to one; PipelineError naming ``where`` and its files
     when they are damaged (a vocabulary without [UNK] fails only when used, so it is probed)."""
     try:
-        settings = json.loads(files.get("tokenizer_config.json", b"{}") or b"{}")
-        special = json.loads(files.get("special_tokens_map.json", b"{}") or b"{}")
-        if not isinstance(settings, dict) or not isinstance(special, dict):
-            raise ValueError("tokenizer_config.json and special_tokens_map.json must be objects")
+        settings, special, added = (
+            json.loads(files.get(name, b"{}") or b"{}")
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+        )
+        if not all(isinstance(x, dict) for x in (settings, special, added)):
+            raise ValueError(
+                "tokenizer_config.json, special_tokens_map.json and added_tokens.json must be "
+                "JSON objects"
+            )
         if "tokenizer.json" in files:
             source = files["tokenizer.json"]
         elif "vocab.txt" in files:
@@ -47,7 +52,7 @@ def _tokenizer_from_files(files: dict[str, bytes], config: dict | None, where: s
                 f"tokenizer: {where} holds no tokenizer.json or vocab.txt "
                 f"(found {sorted(files)})"
             )
-        tokenizer = FastTokenizer(source, settings, special)
+        tokenizer = FastTokenizer(source, settings, special, added)
         tokenizer("a probe . [MASK]")
         return tokenizer
     except PipelineError:

@@ -104,12 +104,14 @@ def test_every_pipeline_runs_on_tokenizers_alone_with_transformers_answers(mlm, 
         "text-classification": mbcompile.compile(clf_model, seq_len=32),
     }
     calls = {
-        "fill-mask": (["the [MASK] sat on the mat .", "paris is the [MASK] of france ."], {"top_k": 3}),
+        "fill-mask": ([["the [MASK] sat on the mat .", "paris is the [MASK] of france ."]],
+                      {"top_k": 3}),
         "question-answering": ([], {"question": "where does john live ?", "context": LONG_CONTEXT,
                                     "top_k": 2, "doc_stride": 8, "max_seq_len": 32}),
         "token-classification": (["john smith lives in paris , france ."],
                                  {"aggregation_strategy": "simple"}),
-        "text-classification": (["the old cat sat on the mat", "mary works in berlin"], {"top_k": None}),
+        "text-classification": ([["the old cat sat on the mat", "mary works in berlin"]],
+                                {"top_k": None}),
     }
     expected, paths = {}, {}
     for task, model in models.items():
