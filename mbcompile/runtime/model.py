@@ -170,7 +170,12 @@ class CompiledModel:
         ids = args[0] if args else inputs.get("input_ids")
         length = np.asarray(ids).shape[-1] if ids is not None else None
         program = self._program
-        threads = getattr(program, "num_threads", None) if program is not None else None
+        # kernel threads per call here (None for a remote device: its server decides)
+        threads = (
+            (program.num_threads or default_threads())
+            if isinstance(program, LocalProgram)
+            else None
+        )
         return {
             "runs": runs,
             "latency_ms": times,
@@ -180,7 +185,7 @@ class CompiledModel:
             "min_ms": ordered[0],
             "max_ms": ordered[-1],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "threads": threads or default_threads(),
+            "threads": threads,
             "compiled_length": None if length is None else self.signature.fitting_length(length),
         }
 
