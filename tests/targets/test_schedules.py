@@ -148,6 +148,17 @@ def test_untuned_tile_takes_six_rows_on_avx2_when_m_divides_by_six_else_four():
     assert tile_rows(cpu_info(AVX512), "float32", 384) == 12
 
 
+def test_aarch64_multiplies_by_lane_with_eight_row_tiles_at_most():
+    """Its tile also holds the staged A rows: 12 rows would spill the 32 NEON registers."""
+    from mbcompile.targets.registry import resolve_target
+
+    info = cpu_info(resolve_target("aarch64").tvm_target())
+    assert info.fma_by_lane and info.num_vector_registers == 32
+    assert tile_rows(info, "float32", 384) == 8
+    assert tile_rows(info, "float32", 128) == 8
+    assert not cpu_info(AVX512).fma_by_lane and not cpu_info(AVX2).fma_by_lane
+
+
 def test_zen4_is_scheduled_with_256_bit_vectors_though_it_has_avx512():
     zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
     assert codegen.target_has_features("avx512f", zen4)
