@@ -268,12 +268,14 @@ def test_compiled_metadata_round_trips(tiny_qa, tiny_qa_artifact):
 
 
 def test_version_1_metadata_as_the_old_code_wrote_it_still_reads(tiny_qa_artifact, tmp_path):
-    """Before the typed Metadata: no ``options`` key, and signatures without ``takes_lengths``
-    (nor, earlier still, ``max_masked``/``mask_token_id``). Read, not run: the library is new."""
+    """Before the typed Metadata: no ``options`` nor ``source`` key, and signatures without
+    ``seq_lens``, ``takes_lengths`` (nor, earlier still, ``max_masked``/``mask_token_id``).
+    Read, not run: the library is new."""
     current = artifact.read(tiny_qa_artifact)
     old = current.metadata.to_dict()
     del old["options"]
-    for key in ("takes_lengths", "max_masked", "mask_token_id"):
+    del old["source"]
+    for key in ("takes_lengths", "max_masked", "mask_token_id", "seq_lens"):
         old["signature"].pop(key, None)
     old_keys = {
         "model_class",
@@ -293,7 +295,8 @@ def test_version_1_metadata_as_the_old_code_wrote_it_still_reads(tiny_qa_artifac
         tmp_path / "v1.mbc", json.loads(json.dumps(old)), lib=current.lib, tokenizer=TOKENIZER
     )
     art = artifact.read(path)
-    assert art.metadata.options == {}
+    assert art.metadata.options == {} and art.metadata.source == {}
+    assert art.metadata.signature.lengths == (art.metadata.signature.seq_len,)
     assert art.metadata.signature.takes_lengths is False
     assert art.metadata.signature.max_masked is None
     assert art.metadata.signature.outputs == current.metadata.signature.outputs
