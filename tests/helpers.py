@@ -104,6 +104,15 @@ def assert_matches_eager(compiled, model, ids, mask=None, types=None, tol: float
     return out
 
 
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test stops with Ctrl-C: SIGINT as an interactive shell
+    gives it (default disposition, not blocked). A command started in the background by a shell
+    without job control (``bash script &``, as CI runners may be) inherits SIGINT ignored, and
+    so would every child: Ctrl-C would then stop nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def free_port() -> int:
     """A TCP port nothing listens on, on 127.0.0.1."""
     with socket.socket() as s:

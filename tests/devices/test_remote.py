@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from helpers import (
     assert_matches_eager,
+    default_sigint,
     free_port,
     host_server,
     make_model,
@@ -330,6 +331,7 @@ def test_cli_emulator_tracker_serves_until_interrupted():
     proc = subprocess.Popen(
         [sys.executable, "-m", "mbcompile.cli", "emulator", "tracker", "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=default_sigint,
     )
     try:
         first = proc.stdout.readline()  # printed once it listens

@@ -23,12 +23,22 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import default_sigint
 
 from mbcompile.targets.tuning import MANIFEST, RECORDS, Database
 
 EXIT_WITHIN = 15.0  # seconds from the Ctrl-C to the command's exit
 TUNE = ["tune", "--config", "mobilebert-tiny", "--seq-len", "16", "--trials", "4",
         "--max-tasks", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _python_sigint():
+    """This process's SIGINT back to Python's handler, unblocked: pytest started in the
+    background by a shell without job control has it ignored (see ``helpers.default_sigint``)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    yield
 
 
 def _command() -> list[str]:
@@ -47,6 +57,7 @@ class Tune:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            preexec_fn=default_sigint,
         )
         self.started = time.monotonic()
         self.lines: list[str] = []
