@@ -26,32 +26,31 @@ PEERS = {"eager": "PyTorch eager", "torch.compile": "torch.compile", "ort": "ONN
          "ort-int8": "ONNX Runtime int8 (reference)"}
 
 
-def _run_cell(head: str, seq: int, threads: int, args) -> dict:
+def _worker(cmd: list[str], threads: int) -> dict:
+    """Run a bench worker process with every runtime's thread count set; echo its log lines and
+    return the JSON document of its last line."""
     env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
+                          stdout=subprocess.PIPE, text=True, check=True)
+    lines = proc.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        print(line, flush=True)
+    return json.loads(lines[-1])
+
+
+def _run_cell(head: str, seq: int, threads: int, args) -> dict:
     cmd = [sys.executable, "-m", "bench.worker", "--head", head, "--seq", str(seq),
            "--threads", str(threads), "--rounds", str(args.rounds), "--backends", args.backends,
            "--variants", args.variants if head == "base" else args.mlm_variants,
            "--settle", str(args.settle)]
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
-                          stdout=subprocess.PIPE, text=True, check=True)
-    lines = proc.stdout.strip().splitlines()
-    for line in lines[:-1]:
-        print(line, flush=True)
-    return json.loads(lines[-1])
+    return _worker(cmd, threads)
 
 
 def _run_lengths(head: str, threads: int, args) -> dict:
-    env = dict(os.environ, TVM_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "bench.lengths", "--head", head, "--threads", str(threads),
            "--lengths", args.lengths, "--rounds", str(args.rounds), "--settle", str(args.settle)]
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
-                          stdout=subprocess.PIPE, text=True, check=True)
-    lines = proc.stdout.strip().splitlines()
-    for line in lines[:-1]:
-        print(line, flush=True)
-    return json.loads(lines[-1])
+    return _worker(cmd, threads)
 
 
 def _lengths_table(cells: list[dict]) -> str:

@@ -74,6 +74,20 @@ def _first_output(head: str, outs, ids, mask_id):
     return out
 
 
+def _interleaved(runners: dict, inputs: tuple, rounds: int, settle: float) -> dict:
+    """ms per call of each runner: ``rounds`` shuffled rounds, ``settle`` s before each call."""
+    times = {name: [] for name in runners}
+    order = list(runners)
+    for r in range(rounds):
+        random.Random(r).shuffle(order)
+        for name in order:
+            time.sleep(settle)
+            t = time.perf_counter()
+            runners[name](*inputs)
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--head", default="base", choices=("base", "masked-lm"))
@@ -109,15 +123,7 @@ def main() -> None:
             out = run(ids, mask, types)  # warm-up
             got = _first_output(args.head, out, ids, mask_id)
             diffs[name] = float(np.abs(np.asarray(got, np.float64) - reference).max())
-        times = {name: [] for name in runners}
-        order = list(runners)
-        for r in range(args.rounds):
-            random.Random(r).shuffle(order)
-            for name in order:
-                time.sleep(args.settle)
-                t = time.perf_counter()
-                runners[name](ids, mask, types)
-                times[name].append((time.perf_counter() - t) * 1e3)
+        times = _interleaved(runners, (ids, mask, types), args.rounds, args.settle)
         for name, ts in times.items():
             rows.append({"backend": name, "length": length, "batch": 1, "threads": args.threads,
                          "head": args.head, "median_ms": statistics.median(ts), "min_ms": min(ts),
@@ -135,15 +141,7 @@ def main() -> None:
         runners = {VARIABLE: mb_variable, ORT: ort}
         for run in runners.values():
             run(ids, mask, types)
-        times = {name: [] for name in runners}
-        order = list(runners)
-        for r in range(args.rounds):
-            random.Random(r).shuffle(order)
-            for name in order:
-                time.sleep(args.settle)
-                t = time.perf_counter()
-                runners[name](ids, mask, types)
-                times[name].append((time.perf_counter() - t) * 1e3)
+        times = _interleaved(runners, (ids, mask, types), args.rounds, args.settle)
         for name, ts in times.items():
             batch_rows.append({"backend": name, "length": 32, "batch": batch,
                                "threads": args.threads, "head": args.head,
