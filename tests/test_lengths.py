@@ -114,20 +114,28 @@ def test_a_saved_artifact_runs_every_length(encoder, tmp_path):
         assert_matches_eager(loaded, model, ids, mask, types)
 
 
-def test_an_artifact_from_before_lengths_still_loads_and_runs(tmp_path):
-    """Artifacts made before this format have no ``seq_lens``: one function, ``main``."""
-    model = make_model("base", tiny_config())
-    path = mbcompile.compile(model, seq_len=16, passes=()).save(tmp_path / "one.mbc")
-    old = tmp_path / "old.mbc"
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w") as dst:
+def _with_metadata(path, out, edit):
+    """A copy of the artifact at ``path`` whose metadata.json ``edit`` changed in place."""
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(out, "w") as dst:
         for item in src.infolist():
             data = src.read(item)
             if item.filename == "metadata.json":
                 meta = json.loads(data)
-                assert meta["signature"].pop("seq_lens") == []
-                meta["options"].pop("max_seq_len")
+                edit(meta)
                 data = json.dumps(meta).encode()
             dst.writestr(item, data)
+    return out
+
+
+def test_an_artifact_from_before_lengths_still_loads_and_runs(tmp_path):
+    """Artifacts made before this format have no ``seq_lens``: one function, ``main``."""
+    model = make_model("base", tiny_config())
+    path = mbcompile.compile(model, seq_len=16, passes=()).save(tmp_path / "one.mbc")
+    def as_before(meta):
+        assert meta["signature"].pop("seq_lens") == []
+        meta["options"].pop("max_seq_len")
+
+    old = _with_metadata(path, tmp_path / "old.mbc", as_before)
     loaded = mbcompile.load(old)
     assert loaded.signature.lengths == (16,)
     ids, mask, types = random_inputs(model.config, (2, 9))
@@ -137,15 +145,9 @@ def test_an_artifact_from_before_lengths_still_loads_and_runs(tmp_path):
 def test_metadata_whose_lengths_do_not_end_at_seq_len_is_refused(encoder, tmp_path):
     _, compiled = encoder
     path = compiled.save(tmp_path / "m.mbc")
-    bad = tmp_path / "bad.mbc"
-    with zipfile.ZipFile(path) as src, zipfile.ZipFile(bad, "w") as dst:
-        for item in src.infolist():
-            data = src.read(item)
-            if item.filename == "metadata.json":
-                meta = json.loads(data)
-                meta["signature"]["seq_lens"] = [8, 16, 128]
-                data = json.dumps(meta).encode()
-            dst.writestr(item, data)
+    bad = _with_metadata(
+        path, tmp_path / "bad.mbc", lambda meta: meta["signature"].update(seq_lens=[8, 16, 128])
+    )
     with pytest.raises(mbcompile.ArtifactError, match="seq_lens"):
         mbcompile.load(bad)
 
