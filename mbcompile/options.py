@@ -21,8 +21,9 @@ from mbcompile.errors import OptionError
 LOGITS_FOR = ("all", "masked")
 
 # The sequence lengths an artifact is compiled for, below its max_seq_len (which is one too): an
-# input runs the smallest that fits. Latency grows with length all the way down (measured on the
-# default model, 2 threads: 4.3 ms at 8 tokens, 6.0 at 16, 9.0 at 32, 14.6 at 64), so the steps
+# input runs the smallest that fits. Latency grows with length all the way down (exact builds of
+# the default model, 1 thread, bench/results/lengths.md: 11.5 ms at 8 tokens, 15.0 at 16, 20.4 at
+# 32, 26.9 at 64), so the steps
 # are powers of two, and 128 apart above 256. Each length compiles its own kernels (about 6 s of
 # the default model's compile), so there are no more of them.
 SEQ_LENS = (8, 16, 32, 64, 128, 256, 384, 512)
