@@ -19,7 +19,7 @@ from mbcompile import artifact
 from mbcompile.artifact import Artifact, Metadata
 from mbcompile.artifact.tokenizer_json import with_tokenizer_json
 from mbcompile.errors import ModelError, OptionError
-from mbcompile.options import CompileOptions
+from mbcompile.options import DEFAULT_MASK_TOKEN_ID, CompileOptions
 from mbcompile.report import kernel_calls, module_stats
 from mbcompile.runtime import CompiledModel
 from mbcompile.signature import OutputSpec
@@ -146,11 +146,13 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     """Capture ``model`` and run the MobileBERT passes for ``options.target``; ``log`` gets a
     line as each stage starts and ends."""
     from mbcompile.capture import capture, check_model
+    from mbcompile.cpu import check_precision
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.registry import resolve_target
 
     spec = resolve_target(options.target)
     tvm_target = spec.tvm_target()
+    check_precision(options.precision, tvm_target, spec.name)
     passes = listed_passes(options.passes, tvm_target)  # checked before the slow work
     check_model(model)
     seq_lens = options.seq_lens(model.config.max_position_embeddings)
@@ -207,6 +209,7 @@ def compile(
     logits_for: str = "all",
     max_masked: int = 8,
     mask_token_id: int | None = None,
+    precision: str = "fp32",
     tuning_db: str | os.PathLike | None = "default",
     tokenizer: str | os.PathLike | None = None,
     head: str | None = None,
@@ -304,7 +307,13 @@ def _compile(
     start = time.perf_counter()
     log(f"build: lowering, scheduling and code generation for {tvm_target.kind.name} "
         f"({spec.name}) ...")
-    pipeline = build_pipeline(tvm_target, database=database, on_fused=on_fused, on_tuned=on_tuned)
+    pipeline = build_pipeline(
+        tvm_target,
+        precision=options.precision,
+        database=database,
+        on_fused=on_fused,
+        on_tuned=on_tuned,
+    )
     with sigint_held():  # the build pipeline calls our schedule rules (see prepare)
         executable = tvm.compile(prepared.mod, target=tvm_target, relax_pipeline=pipeline)
     timings["build"] = time.perf_counter() - start
@@ -333,4 +342,31 @@ def _compile(
     source = tokenizer if tokenizer is not None else checkpoint_folder(model.config)
     tokenizer_files = artifact.tokenizer_files(source) if source else {}
     tokenizer_files = with_tokenizer_json(tokenizer_files)  # the pipelines need tokenizers only
-    return CompiledModel(Artifact(metadata, lib, tokenizer_files))
+    compiled = CompiledModel(Artifact(metadata, lib, tokenizer_files), reference=model)
+    checked = dataclasses.replace(metadata, report={**report, "accuracy": _check(compiled, log)})
+    return CompiledModel(
+        Artifact(checked, lib, tokenizer_files), library=compiled._library, reference=model
+    )
+
+
+def _check(compiled: CompiledModel, log: Callable[[str], None]) -> dict:
+    """The compiled model against PyTorch on ``accuracy.sample_inputs`` (recorded in the
+    metadata's report, shown by ``mbcompile info``), or why it did not run."""
+    from mbcompile.runtime import accuracy
+    from mbcompile.targets.registry import Target, can_run_here
+
+    reason = can_run_here(Target.from_dict(compiled.metadata.target))
+    if reason is not None:
+        return {"skipped": f"not run: {reason}"}
+    options = compiled.metadata.options
+    mask_token_id = options.get("mask_token_id")
+    batch = accuracy.sample_inputs(
+        compiled.signature,
+        int(compiled.metadata.config.get("vocab_size", 30522)),
+        DEFAULT_MASK_TOKEN_ID if mask_token_id is None else mask_token_id,
+    )
+    result = compiled.accuracy(batch)
+    worst = max((o["max_abs_error"] for o in result["outputs"].values()), default=0.0)
+    log(f"accuracy: max abs error {worst:.2e} against PyTorch fp32 ({result['precision']})")
+    length = batch["input_ids"].shape[-1]
+    return {**result, "inputs": f"2 random rows of {length} tokens (one padded), seed 0"}

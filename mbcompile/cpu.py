@@ -37,6 +37,9 @@ class CPUInfo:
     # k values with one vector load and multiplies by each lane, instead of one scalar load per
     # k value. x86 has no such form; it broadcasts from memory instead.
     fma_by_lane: bool = False
+    # bf16 pair dot products into fp32 lanes (AVX512_BF16 ``vdpbf16ps``): what a bf16 build's
+    # matmuls run on (``targets/schedules/dense_bf16.py``).
+    bf16_dot: bool = False
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of ``dtype`` in one vector register (at least 1)."""
@@ -89,14 +92,28 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
         return DEFAULT_CPU
     num_cores = int(target.attrs.get("num-cores", 0) or 0)
     if _has("avx512f", target):
+        bf16 = _has("avx512bf16", target) and _has("avx512vl", target)
         if splits_512_bit_vectors(target):
             # Zen 4: AVX2's tiles (16 registers' worth) measured at least as fast as 32-register
             # 256-bit tiles (8 rows × 16) in the whole encoder, and faster than 512-bit ones.
-            return CPUInfo(256, 16, num_cores)
-        return CPUInfo(512, 32, num_cores)
+            return CPUInfo(256, 16, num_cores, bf16_dot=bf16)
+        return CPUInfo(512, 32, num_cores, bf16_dot=bf16)
     if _has("avx", target):
         return CPUInfo(256, 16, num_cores)
     if _has("neon", target) or _has("asimd", target):
         return CPUInfo(128, 32, num_cores, fma_by_lane=True)
     # SSE, RISC-V without V, or an unknown CPU: a 128-bit guess keeps the code valid everywhere.
     return CPUInfo(128, 16, num_cores)
+
+
+def check_precision(precision: str, target: TargetLike, name: str) -> None:
+    """TargetError unless target ``name`` can run ``precision`` natively (fp32: any)."""
+    if precision != "bf16" or cpu_info(target).bf16_dot:
+        return
+    mcpu = str(_as_target(target).attrs.get("mcpu", "?"))
+    raise TargetError(
+        f"precision='bf16' needs a CPU with bf16 dot products: x86 AVX512_BF16 (the avx512bf16 "
+        f"feature: AMD Zen 4, Intel Cooper Lake, Sapphire Rapids and later); target {name!r} "
+        f"(LLVM cpu {mcpu}) has none (bf16 on ARM, BFDOT, is not supported yet). Compile with "
+        "precision='fp32' for it."
+    )

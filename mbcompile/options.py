@@ -19,6 +19,10 @@ from typing import Any
 from mbcompile.errors import OptionError
 
 LOGITS_FOR = ("all", "masked")
+DEFAULT_MASK_TOKEN_ID = 103  # [MASK] of the uncased vocabulary
+# fp32: everything in fp32. bf16: the matmuls by the model's weights take bf16 weights and
+# activations and sum in fp32 (a CPU with native bf16 dot products only); the rest stays fp32.
+PRECISIONS = ("fp32", "bf16")
 
 # The sequence lengths an artifact is compiled for, below its max_seq_len (which is one too): an
 # input runs the smallest that fits. Latency grows with length all the way down (exact builds of
@@ -79,6 +83,14 @@ class CompileOptions:
         default=None,
         metadata=_help("with logits_for='masked': the [MASK] token id (default 103, uncased)"),
     )
+    precision: str = field(
+        default="fp32",
+        metadata=_help(
+            "'bf16': the weight matmuls in bf16 with fp32 sums (CPUs with AVX512_BF16); "
+            "'fp32': everything in fp32",
+            choices=PRECISIONS,
+        ),
+    )
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "max_seq_len"):
@@ -107,6 +119,10 @@ class CompileOptions:
         ):
             raise OptionError(
                 f"mask_token_id must be a non-negative token id, got {self.mask_token_id!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise OptionError(
+                f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
         if not (self.passes is None or isinstance(self.passes, (str, Sequence))):
             raise OptionError(

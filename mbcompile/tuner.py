@@ -34,6 +34,7 @@ def tune(
     logits_for: str = "all",
     max_masked: int = 8,
     mask_token_id: int | None = None,
+    precision: str = "fp32",
     trials: int = 64,
     minutes: float | None = None,
     max_tasks: int | None = None,
@@ -46,7 +47,7 @@ def tune(
 ) -> dict:
     """Tune the kernels ``compile`` would build for this model and target into ``work_dir``.
 
-    The options from ``target`` to ``mask_token_id`` are ``compile``'s
+    The options from ``target`` to ``precision`` are ``compile``'s
     (:class:`mbcompile.options.CompileOptions`): a database tuned with them applies to a compile
     with the same ones.
 
@@ -102,7 +103,7 @@ def tune(
             log(f"tune: measuring on {devices} device(s) with key {key!r} from tracker {tracker}")
         db = Database.create(work_dir, tvm_target)
         with sigint_held():  # TVM passes calling Python: Ctrl-C takes effect after them
-            fused = fused_module(mod, tvm_target)
+            fused = fused_module(mod, tvm_target, options.precision)
         summary = tune_module(
             fused, tvm_target, db, trials=trials, minutes=minutes, max_tasks=max_tasks, log=log,
             runner=runner, builder=builder,

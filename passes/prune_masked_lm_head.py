@@ -46,6 +46,7 @@ import tvm
 from tvm import relax
 
 from mbcompile.errors import OptionError
+from mbcompile.options import DEFAULT_MASK_TOKEN_ID
 from mbcompile.passes.base import MobileBertPass
 from mbcompile.passes.graph import (
     Graph,
@@ -57,8 +58,7 @@ from mbcompile.passes.graph import (
 )
 from mbcompile.passes.rewrite import rewrite_bindings
 
-# [MASK] in the uncased MobileBERT/BERT vocabulary; pass the tokenizer's mask_token_id otherwise.
-DEFAULT_MASK_TOKEN_ID = 103
+# DEFAULT_MASK_TOKEN_ID (options.py): [MASK] of the uncased vocabulary; pass the tokenizer's otherwise.
 DEFAULT_MAX_MASKED = 8
 POSITIONS_PARAM = "masked_positions"
 

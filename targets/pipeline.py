@@ -26,9 +26,10 @@ from mbcompile.targets.schedules import (
 )
 
 
-def layout_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+def layout_passes(target: tvm.target.Target, precision: str = "fp32") -> list[tvm.transform.Pass]:
     return [
-        PackDenseWeights(target),  # matmul by a constant → packed-weight call_tir
+        # matmul by a constant → packed-weight call_tir (bf16: and a rounding of its input)
+        PackDenseWeights(target, precision),
         # softmax / exp / erf / tanh → polynomial forms that vectorise (libm's are scalar calls)
         relax.transform.FastMathTransform(),
     ]
@@ -55,10 +56,13 @@ def lower_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     return cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
 
 
-def fused_module(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def fused_module(
+    mod: tvm.IRModule, target: tvm.target.Target, precision: str = "fp32"
+) -> tvm.IRModule:
     """Stages 1–2 only: the legalized, fused module whose PrimFuncs are the tuning tasks."""
     with target:
-        return tvm.transform.Sequential(layout_passes(target) + legalize_passes(target))(mod)
+        passes = layout_passes(target, precision) + legalize_passes(target)
+        return tvm.transform.Sequential(passes)(mod)
 
 
 def _scheduled_kernels(mod: tvm.IRModule) -> int:
@@ -72,20 +76,22 @@ def _scheduled_kernels(mod: tvm.IRModule) -> int:
 def build_pipeline(
     target: tvm.target.Target,
     *,
+    precision: str = "fp32",
     database=None,
     on_fused: Callable[[tvm.IRModule], None] | None = None,
     on_tuned: Callable[[int], None] | None = None,
 ) -> tvm.transform.Pass:
     """One module pass running the four stages under ``target``.
 
-    ``database`` (a ``targets.tuning.Database``) replaces the kernels it has tuned records for
+    ``precision``: ``"fp32"`` or ``"bf16"`` (the matmuls by constant weights; see
+    ``schedules/pack_bf16.py``). ``database`` (a ``targets.tuning.Database``) replaces the kernels it has tuned records for
     before stage 3 schedules the rest; ``on_fused`` sees the module after stage 2 (for reports),
     ``on_tuned`` the number of kernels the database supplied.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="mbcompile_cpu_pipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        mod = fused_module(mod, target)
+        mod = fused_module(mod, target, precision)
         if on_fused is not None:
             on_fused(mod)
         with target:

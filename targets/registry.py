@@ -225,13 +225,35 @@ def host_target() -> Target:
     triple = "x86_64-linux-gnu" if arch == "x86_64" else "aarch64-linux-gnu"
     flags = host_features()
     wanted = ("avx2", "fma", "avx512f") if arch == "x86_64" else ("asimd", "asimddp")
+    llvm = {"mtriple": triple, "mcpu": cpu}
+    extra = _missing_llvm_features(llvm, flags)
+    if extra:
+        llvm["mattr"] = [f"+{f}" for f in extra]
     return Target(
         name="host",
-        description=f"this machine ({arch}, LLVM cpu {cpu})",
+        description=f"this machine ({arch}, LLVM cpu {cpu}{''.join(' +' + f for f in extra)})",
         arch=arch,
-        llvm={"mtriple": triple, "mcpu": cpu},
+        llvm=llvm,
         features=tuple(f for f in wanted if f in flags),
     )
+
+
+# /proc/cpuinfo flag → LLVM feature, for the features a build can use that LLVM's name for a CPU
+# may not imply: under a hypervisor LLVM can name an older model than the CPU (an AVX512_BF16
+# Xeon reported as "rocketlake", which has no BF16).
+_LLVM_FEATURES = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni"}
+
+
+def _missing_llvm_features(llvm: dict, flags: set[str]) -> list[str]:
+    """The LLVM features of ``_LLVM_FEATURES`` this machine has and ``llvm``'s mcpu lacks."""
+    import tvm
+
+    target = tvm.target.Target({"kind": "llvm", **llvm})
+    missing = []
+    for flag, feature in _LLVM_FEATURES.items():
+        if flag in flags and not bool(tvm.target.codegen.target_has_features(feature, target)):
+            missing.append(feature)
+    return missing
 
 
 def known_targets() -> list[str]:

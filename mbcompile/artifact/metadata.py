@@ -53,7 +53,7 @@ class Metadata:
     tuned_kernels: int = 0
     # mbcompile, tvm, torch, transformers and python versions at compile time.
     versions: dict[str, str] = field(default_factory=dict)
-    # What the passes did: per-pass rows and the final module's statistics.
+    # What the passes did (per-pass rows, the final module's statistics), the accuracy check.
     report: dict[str, Any] = field(default_factory=dict)
     # Seconds per compile stage (capture, passes, build, link).
     compile_seconds: dict[str, float] = field(default_factory=dict)
@@ -69,6 +69,10 @@ class Metadata:
     @property
     def head(self) -> str:
         return self.signature.head
+
+    @property
+    def precision(self) -> str:  # compiled before the option existed: fp32
+        return str(self.options.get("precision", "fp32"))
 
     @property
     def target_name(self) -> str:
@@ -103,23 +107,15 @@ class Metadata:
 # -- messages --------------------------------------------------------------------------------
 
 
+_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+          ((list, tuple), "a list"), (dict, "an object"))
+
+
 def _kind(value: Any) -> str:
     """The JSON name of a value's type."""
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    return next((name for t, name in _KINDS if isinstance(value, t)), type(value).__name__)
 
 
 def _show(value: Any) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 from mbcompile import artifact
 from mbcompile.artifact import Artifact, Metadata
 from mbcompile.errors import InputError, InputTypeError, ModelClosedError
+from mbcompile.options import DEFAULT_MASK_TOKEN_ID
 from mbcompile.runtime.inputs import Prepared, find_masked_positions, pad_to, prepare, real_lengths
 from mbcompile.runtime.library import Library
 from mbcompile.runtime.outputs import ModelOutput
@@ -90,8 +91,12 @@ def _blank_unused(arr: np.ndarray, spec, positions: np.ndarray) -> np.ndarray:
 class CompiledModel:
     """A compiled MobileBERT head, callable like the Hugging Face model it came from."""
 
-    def __init__(self, art: Artifact, program=None, *, library: Library | None = None):
+    def __init__(
+        self, art: Artifact, program=None, *, library: Library | None = None, reference=None
+    ):
         self.metadata: Metadata = art.metadata
+        # The PyTorch model ``compile`` was given (for ``accuracy``); None for a loaded artifact.
+        self.reference = reference
         self.signature: Signature = art.metadata.signature
         # The tokenizer's files (vocab.txt, tokenizer.json, ...) saved with the model; {} if none.
         self.tokenizer_files: dict[str, bytes] = dict(art.tokenizer)
@@ -191,7 +196,37 @@ class CompiledModel:
 
     def with_program(self, program) -> CompiledModel:
         """The same model (signature, checks, outputs) with ``main`` run by ``program``."""
-        return CompiledModel(self.artifact, program, library=self._library)
+        return CompiledModel(
+            self.artifact, program, library=self._library, reference=self.reference
+        )
+
+    def accuracy(self, inputs, reference=None) -> dict:
+        """This model's outputs against PyTorch fp32 on ``inputs``: texts (tokenized with the
+        artifact's tokenizer), a dict of input arrays, or a list of such dicts. ``reference``:
+        the PyTorch model, or a checkpoint folder or hub id to load it from (default: the model
+        ``compile`` was given). Per output: max abs and relative error, cosine similarity,
+        top-1 agreement of logits (``runtime/accuracy.py`` defines each)."""
+        from mbcompile.runtime import accuracy
+
+        reference = self.reference if reference is None else reference
+        if reference is None:
+            raise InputError(
+                "accuracy needs the PyTorch model to compare with: pass reference=MODEL (or a "
+                "checkpoint folder or hub id); only a model compile() returned keeps its own"
+            )
+        if isinstance(reference, (str, os.PathLike)):
+            from mbcompile.capture import load_checkpoint
+
+            reference = load_checkpoint(reference, head=self.metadata.head)
+        config = self.metadata.config
+        batches = accuracy.input_batches(
+            inputs, self.tokenizer_files.get("tokenizer.json"), int(config.get("pad_token_id") or 0)
+        )
+        mask_token_id = self.metadata.options.get("mask_token_id")
+        if mask_token_id is None:
+            mask_token_id = DEFAULT_MASK_TOKEN_ID
+        report = accuracy.compare(self, reference, batches, mask_token_id)
+        return {"precision": self.metadata.precision, **report}
 
     def __call__(
         self,

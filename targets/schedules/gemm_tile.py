@@ -277,7 +277,7 @@ def schedule_gemm(
     else:
         writer = sch.cache_write(gemm.block, 0, "global")
         sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
-    _vectorize_tile(sch, writer, lanes)
+    vectorize_tile(sch, writer, lanes)
 
     if info.fma_by_lane:
         _load_rows_as_vectors(sch, gemm, ko, info)
@@ -308,7 +308,7 @@ def _load_rows_as_vectors(sch: s_tir.Schedule, gemm: Gemm, ko, info: CPUInfo) ->
     sch.unroll(rows)
 
 
-def _vectorize_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
+def vectorize_tile(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, lanes: int) -> None:
     """Vectorise the innermost loop of a tile's writer and unroll the ones above it."""
     loops = sch.get_loops(block)
     inner = loops[-1]

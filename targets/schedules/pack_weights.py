@@ -31,6 +31,12 @@ from tvm import relax, te
 
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.graph import column_slice
+from mbcompile.targets.schedules.pack_bf16 import (
+    OP_PATTERN_OPAQUE,
+    dense_bf16,
+    pack_weight_bf16,
+    to_bf16,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +152,10 @@ def why_not_packable(call: relax.Call, weight: np.ndarray | None) -> str | None:
 
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target):
+    def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, precision: str):
         super().__init__(mod)
         self.target = target
+        self.precision = precision
         self.packed = 0
         self._matmul = tvm.ir.Op.get("relax.matmul")
 
@@ -167,6 +174,8 @@ class _Packer(relax.PyExprMutator):
         source = column_slice(self.lookup_binding(x) if isinstance(x, relax.Var) else x)
         if source is not None:
             x, k_offset = source
+        if self.precision == "bf16":
+            return self._bf16(x, w, k_offset, block)
         return self.builder_.call_te(
             dense_packed,
             x,
@@ -177,21 +186,42 @@ class _Packer(relax.PyExprMutator):
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
         )
 
+    def _bf16(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
+        xb = self.builder_.emit(
+            self.builder_.call_te(
+                to_bf16,
+                x,
+                k_extent=w.shape[0],
+                k_offset=k_offset,
+                primfunc_name_hint="to_bf16",
+                primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE},
+            )
+        )
+        return self.builder_.call_te(
+            dense_bf16,
+            xb,
+            relax.const(pack_weight_bf16(w, block)),
+            n=w.shape[1],
+            primfunc_name_hint="dense_bf16",
+            primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
+        )
 
 
 @tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")
 class PackDenseWeights:
     """Rewrite every matmul by a constant weight into a packed-weight ``call_tir``.
 
+    ``precision="bf16"``: bf16 weights and activations with fp32 sums (``pack_bf16.py``).
     ``last_count`` holds how many matmuls the last run packed.
     """
 
-    def __init__(self, target: tvm.target.Target):
+    def __init__(self, target: tvm.target.Target, precision: str = "fp32"):
         self.target = target
+        self.precision = precision
         self.last_count = 0
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        packer = _Packer(mod, self.target)
+        packer = _Packer(mod, self.target, self.precision)
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
                 packer.builder_.update_func(gvar, packer.visit_expr(func))
