@@ -214,9 +214,34 @@ def _info(path: str) -> int:
         name = o.name if o.index is None else f"{o.name}[{o.index}]"
         print(f"output:     {name}: {o.dtype} {tuple(o.shape)}")
     print(f"target:     {meta.target_name} ({meta.target.get('description', '')})")
+    print(f"precision:  {meta.precision}")
+    for line in _accuracy_lines(meta.report.get("accuracy")):
+        print(f"accuracy:   {line}")
     print(f"library:    {len(art.lib) / 1e6:.1f} MB, sha256 {art.lib_sha256[:16]}…")
     print("versions:   " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()))
     return 0
+
+
+def _accuracy_lines(report) -> list[str]:
+    """The compile's accuracy check (metadata report), a line per output; tolerant of any JSON."""
+    if not isinstance(report, dict):
+        return ["not recorded (compiled before mbcompile checked it)"]
+    if "skipped" in report:
+        return [str(report["skipped"])]
+    lines = []
+    outputs = report.get("outputs")
+    for name, m in (outputs.items() if isinstance(outputs, dict) else []):
+        if not isinstance(m, dict):
+            continue
+        parts = [
+            f"{label} {m[key]:.3g}" if isinstance(m.get(key), (int, float)) else ""
+            for key, label in (("max_abs_error", "max abs error"), ("max_rel_error", "relative"),
+                               ("min_cosine", "min cosine"), ("top1_agreement", "top-1 agreement"))
+        ]
+        lines.append(f"{name}: " + ", ".join(p for p in parts if p))
+    if lines and isinstance(report.get("inputs"), str):
+        lines[-1] += f" (against PyTorch fp32 on {report['inputs']})"
+    return lines or ["no outputs compared"]
 
 
 def _targets(ns: argparse.Namespace) -> int:
