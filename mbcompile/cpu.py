@@ -40,6 +40,9 @@ class CPUInfo:
     # bf16 pair dot products into fp32 lanes (AVX512_BF16 ``vdpbf16ps``): what a bf16 build's
     # matmuls run on (``targets/schedules/dense_bf16.py``).
     bf16_dot: bool = False
+    # unsigned × signed byte dot products into int32 lanes (AVX512_VNNI ``vpdpbusd``): what an
+    # int8 build's matmuls run on.
+    int8_dot: bool = False
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of ``dtype`` in one vector register (at least 1)."""
@@ -92,12 +95,15 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
         return DEFAULT_CPU
     num_cores = int(target.attrs.get("num-cores", 0) or 0)
     if _has("avx512f", target):
-        bf16 = _has("avx512bf16", target) and _has("avx512vl", target)
+        dots = {
+            "bf16_dot": _has("avx512bf16", target) and _has("avx512vl", target),
+            "int8_dot": _has("avx512vnni", target) and _has("avx512vl", target),
+        }
         if splits_512_bit_vectors(target):
             # Zen 4: AVX2's tiles (16 registers' worth) measured at least as fast as 32-register
             # 256-bit tiles (8 rows × 16) in the whole encoder, and faster than 512-bit ones.
-            return CPUInfo(256, 16, num_cores, bf16_dot=bf16)
-        return CPUInfo(512, 32, num_cores, bf16_dot=bf16)
+            return CPUInfo(256, 16, num_cores, **dots)
+        return CPUInfo(512, 32, num_cores, **dots)
     if _has("avx", target):
         return CPUInfo(256, 16, num_cores)
     if _has("neon", target) or _has("asimd", target):
@@ -106,14 +112,26 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
     return CPUInfo(128, 16, num_cores)
 
 
+# precision → (CPUInfo flag, what a target needs for it)
+_PRECISION_NEEDS = {
+    "bf16": ("bf16_dot", "bf16 dot products: x86 AVX512_BF16 (the avx512bf16 feature: AMD Zen 4, "
+             "Intel Cooper Lake, Sapphire Rapids and later; bf16 on ARM, BFDOT, is not supported "
+             "yet)"),
+    "int8": ("int8_dot", "int8 dot products: x86 AVX512_VNNI (the avx512vnni feature: AMD Zen 4, "
+             "Intel Ice Lake, Cascade Lake and later; AVX2-only CPUs and ARM's sdot are not "
+             "supported yet)"),
+}
+
+
 def check_precision(precision: str, target: TargetLike, name: str) -> None:
     """TargetError unless target ``name`` can run ``precision`` natively (fp32: any)."""
-    if precision != "bf16" or cpu_info(target).bf16_dot:
+    if precision not in _PRECISION_NEEDS:
+        return
+    flag, needs = _PRECISION_NEEDS[precision]
+    if getattr(cpu_info(target), flag):
         return
     mcpu = str(_as_target(target).attrs.get("mcpu", "?"))
     raise TargetError(
-        f"precision='bf16' needs a CPU with bf16 dot products: x86 AVX512_BF16 (the avx512bf16 "
-        f"feature: AMD Zen 4, Intel Cooper Lake, Sapphire Rapids and later); target {name!r} "
-        f"(LLVM cpu {mcpu}) has none (bf16 on ARM, BFDOT, is not supported yet). Compile with "
-        "precision='fp32' for it."
+        f"precision={precision!r} needs a CPU with {needs}; target {name!r} (LLVM cpu {mcpu}) "
+        "has none. Compile with precision='fp32' for it."
     )

@@ -21,8 +21,10 @@ from mbcompile.errors import OptionError
 LOGITS_FOR = ("all", "masked")
 DEFAULT_MASK_TOKEN_ID = 103  # [MASK] of the uncased vocabulary
 # fp32: everything in fp32. bf16: the matmuls by the model's weights take bf16 weights and
-# activations and sum in fp32 (a CPU with native bf16 dot products only); the rest stays fp32.
-PRECISIONS = ("fp32", "bf16")
+# activations and sum in fp32. int8: those matmuls take int8 weights (per output channel) and
+# activations (per row, quantized at run time) and sum in int32. Both need a CPU with native dot
+# products for them; the rest of the model (embeddings, attention, norms) stays fp32.
+PRECISIONS = ("fp32", "bf16", "int8")
 
 # The sequence lengths an artifact is compiled for, below its max_seq_len (which is one too): an
 # input runs the smallest that fits. Latency grows with length all the way down (exact builds of
@@ -87,7 +89,7 @@ class CompileOptions:
         default="fp32",
         metadata=_help(
             "'bf16': the weight matmuls in bf16 with fp32 sums (CPUs with AVX512_BF16); "
-            "'fp32': everything in fp32",
+            "'int8': in int8 with int32 sums (AVX512_VNNI); 'fp32': everything in fp32",
             choices=PRECISIONS,
         ),
     )

@@ -12,7 +12,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from mbcompile.targets.schedules.apply import ScheduleKernels
 from mbcompile.targets.schedules.batch_matmul import BatchMatmul
 from mbcompile.targets.schedules.dense import DensePacked
-from mbcompile.targets.schedules.dense_bf16 import DenseBF16
+from mbcompile.targets.schedules.dense_dot import DenseDot
 from mbcompile.targets.schedules.elementwise import Elementwise
 from mbcompile.targets.schedules.pack_weights import PackDenseWeights
 from mbcompile.targets.schedules.prefetch import PrefetchWeightPanels
@@ -21,12 +21,12 @@ from mbcompile.targets.schedules.reduction import RowReduction
 
 def default_rules(target: tvm.target.Target) -> list[ScheduleRule]:
     """The rules in the order they are tried: most specific first."""
-    return [DenseBF16(), DensePacked(), BatchMatmul(), RowReduction(), Elementwise()]
+    return [DenseDot(), DensePacked(), BatchMatmul(), RowReduction(), Elementwise()]
 
 
 __all__ = [
     "BatchMatmul",
-    "DenseBF16",
+    "DenseDot",
     "DensePacked",
     "Elementwise",
     "PackDenseWeights",

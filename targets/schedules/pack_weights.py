@@ -37,6 +37,12 @@ from mbcompile.targets.schedules.pack_bf16 import (
     pack_weight_bf16,
     to_bf16,
 )
+from mbcompile.targets.schedules.pack_int8 import (
+    dense_int8,
+    pack_weight_int8,
+    quantize_rows,
+    quantize_weight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +182,8 @@ class _Packer(relax.PyExprMutator):
             x, k_offset = source
         if self.precision == "bf16":
             return self._bf16(x, w, k_offset, block)
+        if self.precision == "int8":
+            return self._int8(x, w, k_offset, block)
         return self.builder_.call_te(
             dense_packed,
             x,
@@ -206,12 +214,39 @@ class _Packer(relax.PyExprMutator):
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
         )
 
+    def _int8(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
+        quantized = self.builder_.emit(
+            self.builder_.call_te(
+                quantize_rows,
+                x,
+                k_extent=w.shape[0],
+                k_offset=k_offset,
+                primfunc_name_hint="quantize_rows",
+                primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE},
+            )
+        )
+        xq = self.builder_.emit(relax.TupleGetItem(quantized, 0))
+        sx = self.builder_.emit(relax.TupleGetItem(quantized, 1))
+        q, scales = quantize_weight(w)
+        return self.builder_.call_te(
+            dense_int8,
+            xq,
+            sx,
+            relax.const(pack_weight_int8(q, block)),
+            relax.const(scales),
+            relax.const(q.astype(np.int32).sum(axis=0)),
+            n=w.shape[1],
+            primfunc_name_hint="dense_int8",
+            primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
+        )
+
 
 @tvm.transform.module_pass(opt_level=0, name="PackDenseWeights")
 class PackDenseWeights:
     """Rewrite every matmul by a constant weight into a packed-weight ``call_tir``.
 
-    ``precision="bf16"``: bf16 weights and activations with fp32 sums (``pack_bf16.py``).
+    ``precision="bf16"``: bf16 weights and activations with fp32 sums (``pack_bf16.py``);
+    ``"int8"``: int8 ones with int32 sums (``pack_int8.py``).
     ``last_count`` holds how many matmuls the last run packed.
     """
 

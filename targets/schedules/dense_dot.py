@@ -1,22 +1,25 @@
-"""Schedule rule for the bf16 matmul of ``pack_bf16.py``, on ``vdpbf16ps`` (``bf16_dot.py``).
+"""Schedule rule for the reduced-precision matmuls of ``pack_bf16.py`` and ``pack_int8.py``,
+on dot-product instructions (``dot_intrinsics.py``).
 
-Matches the block ``C[.., i, j] += f32(A[.., i, k]) · f32(Wb[j // nb, k // 2, j % nb, k % 2])``
-(``f32`` = ``pack_bf16.widen``) with any spatial epilogue after it, and schedules::
+Matches the block ``C[.., i, j] += a(A[.., i, k]) · b(Wp[j // nb, k // d, j % nb, k % d])``, where
+either ``a``, ``b`` widen bf16 bits to fp32 (``d`` = 2, fp32 ``C``: ``vdpbf16ps``) or cast
+uint8 and int8 to int32 (``d`` = 4, int32 ``C``: ``vpdpbusd``), with any spatial epilogue after
+it (int8's dequantization, bias, NoNorm, activation, residual), and schedules::
 
     for b, jo, io in parallel (fused):           # jo outer: one K × nb panel stays in L1
-        acc[rows, nb] = 0                         # fp32, in registers
+        acc[rows, nb] = 0                         # in registers
         for ko:  for kk (unrolled):  for ii (unrolled):  for jt (unrolled):
-            acc[ii, jt·L : jt·L + L] += dot(A[i, 2k : 2k + 2], Wb[jo, k, jt·L : jt·L + L, :])
-        out[i, j] = epilogue(acc[ii, ji])         # fused bias / NoNorm / activation / residual
+            acc[ii, jt·L : jt·L + L] += dot(A[i, d·k : d·k + d], Wp[jo, k, jt·L : jt·L + L, :])
+        out[i, j] = epilogue(acc[ii, ji])
 
-``L`` is the fp32 lanes of a vector (16, or 8 on a CPU that splits 512-bit operations) and
+``L`` is the 32-bit lanes of a vector (16, or 8 on a CPU that splits 512-bit operations) and
 ``nb`` two vectors. The accumulator tile stays under 1 KiB, the size TVM 0.27 keeps on the
-stack (a heap tile keeps LLVM from holding it in registers across the dot steps): 4 rows of 32,
-or 6 where M divides by 6. Measured on an AVX512_BF16 Xeon, 1 thread, 128×512·512×128: 108
-GFLOP/s with 4 × 32 against 87 for the fp32 kernel of the same tile loop.
+stack (a heap tile keeps LLVM from holding it in registers across the steps): 4 rows of 32, or
+6 where M divides by 6. Measured on an AVX512_BF16 Xeon, 1 thread, 128×512·512×128 in bf16:
+108 GFLOP/s with 4 × 32 against 87 for an fp32 kernel of the same loops.
 
-Bails (returns None) on any other PrimFunc, on a CPU without AVX512_BF16, or when a schedule
-primitive refuses.
+Bails (returns None) on any other PrimFunc, on a CPU without the instruction, or when a
+schedule primitive refuses.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from mbcompile.cpu import cpu_info
-from mbcompile.targets.schedules import bf16_dot
+from mbcompile.targets.schedules import dot_intrinsics
 from mbcompile.targets.schedules.block_info import is_spatial, top_level_blocks
 from mbcompile.targets.schedules.gemm_tile import (
     const_int,
@@ -43,7 +46,7 @@ logger = logging.getLogger(__name__)
 TILE_BYTES = 1024  # TVM 0.27 keeps an allocation on the stack when it is smaller than this
 
 
-def widened_load(expr) -> TensorLoad | None:
+def _bf16_load(expr) -> TensorLoad | None:
     """The load ``x`` of ``reinterpret<float32>(u32(x) << 16)``, else None."""
     if not (isinstance(expr, Call) and expr.op.name == "tirx.reinterpret"):
         return None
@@ -60,11 +63,30 @@ def widened_load(expr) -> TensorLoad | None:
     return load if isinstance(load, TensorLoad) and str(load.source.dtype) == "uint16" else None
 
 
-def _is_pair_packed(indices, j, k, nb: int) -> bool:
-    """``indices`` are ``[j // nb, k // 2, j % nb, k % 2]``."""
+def _int8_load(expr, dtype: str) -> TensorLoad | None:
+    """The load ``x`` of ``int32(x)`` with ``x`` of ``dtype``, else None."""
+    if not (isinstance(expr, tirx.Cast) and str(expr.ty) == "int32"):
+        return None
+    load = expr.value
+    return load if isinstance(load, TensorLoad) and str(load.source.dtype) == dtype else None
+
+
+def _operands(product, acc_dtype: str) -> tuple[str, TensorLoad, TensorLoad] | None:
+    """(kind, activation load, weight load) of a reduced-precision product, else None."""
+    if acc_dtype == "float32":
+        a, b = _bf16_load(product.a), _bf16_load(product.b)
+        return None if a is None or b is None else ("bf16", a, b)
+    if acc_dtype == "int32":
+        a, b = _int8_load(product.a, "uint8"), _int8_load(product.b, "int8")
+        return None if a is None or b is None else ("int8", a, b)
+    return None
+
+
+def _is_packed(indices, j, k, nb: int, d: int) -> bool:
+    """``indices`` are ``[j // nb, k // d, j % nb, k % d]``."""
     if len(indices) != 4:
         return False
-    forms = [(tirx.FloorDiv, j, nb), (tirx.FloorDiv, k, 2), (tirx.FloorMod, j, nb), (tirx.FloorMod, k, 2)]
+    forms = [(tirx.FloorDiv, j, nb), (tirx.FloorDiv, k, d), (tirx.FloorMod, j, nb), (tirx.FloorMod, k, d)]
     return all(
         isinstance(index, kind) and index.a.same_as(var) and const_int(index.b) == value
         for index, (kind, var, value) in zip(indices, forms)
@@ -72,7 +94,7 @@ def _is_pair_packed(indices, j, k, nb: int) -> bool:
 
 
 def _match(sch: s_tir.Schedule):
-    """(block, producers, consumers, nb) of a bf16 dense PrimFunc, or None."""
+    """(block, producers, consumers, nb, kind) of a reduced-precision dense PrimFunc, or None."""
     blocks = top_level_blocks(sch)
     if blocks is None:
         return None
@@ -95,18 +117,17 @@ def _match(sch: s_tir.Schedule):
     if not (isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Add)):
         return None
     product = body.value.b
-    if not isinstance(product, tirx.Mul):
+    operands = _operands(product, str(body.buffer.dtype)) if isinstance(product, tirx.Mul) else None
+    if operands is None:
         return None
-    a, b = widened_load(product.a), widened_load(product.b)
-    if a is None or b is None or str(body.buffer.dtype) != "float32":
-        return None
+    kind, a, b = operands
     i, j, k = iters[-3].var, iters[-2].var, iters[-1].var
     if len(a.indices) < 2 or not a.indices[-1].same_as(k) or not a.indices[-2].same_as(i):
         return None
     nb = const_int(b.source.shape[2]) if len(b.source.shape) == 4 else None
-    if nb is None or not _is_pair_packed(list(b.indices), j, k, nb):
+    if nb is None or not _is_packed(list(b.indices), j, k, nb, dot_intrinsics.depth(kind)):
         return None
-    return block, blocks[:at], blocks[at + 1 :], nb
+    return block, blocks[:at], blocks[at + 1 :], nb, kind
 
 
 def tile_rows(m: int, nb: int) -> int:
@@ -118,40 +139,38 @@ def tile_rows(m: int, nb: int) -> int:
     return largest_divisor(m, min(4, fits))
 
 
-class DenseBF16(ScheduleRule):
-    """Register-tiled bf16 matmul with ``vdpbf16ps`` steps, epilogue fused into the tile."""
+class DenseDot(ScheduleRule):
+    """Register-tiled bf16 or int8 matmul on dot-product steps, epilogue fused into the tile."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
-            return None
-        info = cpu_info(target)
-        if not info.bf16_dot:
             return None
         sch = s_tir.Schedule(func)
         found = _match(sch)
         if found is None:
             return None
-        block, producers, consumers, nb = found
+        block, producers, consumers, nb, kind = found
+        info = cpu_info(target)
         lanes = info.lanes("float32")
-        if nb % lanes:
+        if not (info.bf16_dot if kind == "bf16" else info.int8_dot) or nb % lanes:
             return None
         try:
             epilogue = inline_around(sch, producers, consumers)
-            _schedule(sch, block, epilogue, nb, lanes)
+            _schedule(sch, block, epilogue, nb, lanes, kind)
         except s_tir.ScheduleError as err:
-            logger.warning("DenseBF16: matched but could not schedule: %s", err)
+            logger.warning("DenseDot: matched but could not schedule: %s", err)
             return None
         return sch
 
 
-def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, lanes: int) -> None:
-    loops = sch.get_loops(block)
-    *batch, i, j, k = loops
+def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, lanes: int, kind: str) -> None:
+    depth = dot_intrinsics.depth(kind)
+    *batch, i, j, k = sch.get_loops(block)
     m = const_int(sch.get(i).extent)
-    k_pairs = const_int(sch.get(k).extent) // 2
+    steps = const_int(sch.get(k).extent) // depth
     io, ii = sch.split(i, [None, tile_rows(m, nb)])
     jo, jt, ji = sch.split(j, [None, nb // lanes, lanes])
-    ko, kk, ki = sch.split(k, [None, largest_divisor(k_pairs, 4), 2])
+    ko, kk, ki = sch.split(k, [None, largest_divisor(steps, 4), depth])
     sch.reorder(*batch, jo, io, ko, kk, ii, jt, ji, ki)
     outer = sch.fuse(*batch, jo, io)
     sch.parallel(outer)
@@ -165,8 +184,8 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, lanes: int) 
         sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
     vectorize_tile(sch, writer, lanes)
     sch.decompose_reduction(block, ko)
-    sch.tensorize(ji, bf16_dot.intrinsic_name(lanes))
+    sch.tensorize(ji, dot_intrinsics.intrinsic_name(kind, lanes))
     sch.unroll(kk)
     sch.unroll(ii)
     sch.unroll(jt)
-    bf16_dot.annotate(sch, outer, lanes)
+    dot_intrinsics.prepare_loop(sch, outer, kind, lanes)

@@ -1,0 +1,156 @@
+"""Dot-product steps of a reduced-precision matmul, as tensor intrinsics.
+
+One step multiplies ``depth`` consecutive activations (k .. k+depth) by ``lanes`` columns of a
+weight panel stored ``[lanes, depth]`` and adds the sums to ``lanes`` accumulators::
+
+    C[j] += Σ_p  A[p] · B[j, p]                     j < lanes, p < depth
+
+- bf16 (``depth`` 2, fp32 accumulators): AVX512_BF16's ``vdpbf16ps``. bf16 values are stored as
+  their upper 16 bits (``uint16``; ``pack_bf16.widen`` reads one as fp32).
+- int8 (``depth`` 4, int32 accumulators): AVX512_VNNI's ``vpdpbusd``, unsigned activations by
+  signed weights (``pack_int8``).
+
+``lanes`` is 16 (512-bit vectors) or 8 (256-bit, on CPUs that split 512-bit operations).
+Either does 2 (bf16) or 4 (int8) multiply-adds per lane in one instruction, where fp32 FMA
+does one.
+
+bf16: TVM 0.27 cannot emit ``vdpbf16ps`` directly: its ``bfloat16`` values are legalized to
+fp32 before code generation, and LLVM 22's ``llvm.x86.avx512bf16.dpbf16ps`` takes
+``<N x bfloat>``. So the step calls a tiny LLVM IR function (``_bf16_llvm_ir``, linked into the
+kernel by the ``pragma_import_llvm`` annotation ``prepare_loop`` puts on a loop) that bitcasts
+integer vectors to bfloat ones and calls the intrinsic; LLVM inlines it. Either way the kernel
+must keep its accumulators in a stack buffer (under 1 KiB in TVM 0.27) for LLVM to hold them
+in registers across the steps.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import Schedule, TensorIntrin
+from tvm.script import tirx as T
+
+_BF16_STEP = "mbc_dpbf16ps_{lanes}"
+
+
+def _bf16_llvm_ir(lanes: int) -> str:
+    bits, pairs = 32 * lanes, 2 * lanes
+    name = _BF16_STEP.format(lanes=lanes)
+    intrinsic = f"@llvm.x86.avx512bf16.dpbf16ps.{bits}"
+    acc, ints, bf = f"<{lanes} x float>", f"<{lanes} x i32>", f"<{pairs} x bfloat>"
+    return f"""
+declare {acc} {intrinsic}({acc}, {bf}, {bf})
+define internal {acc} @{name}({acc} %c, {ints} %a, {ints} %b) alwaysinline {{
+  %av = bitcast {ints} %a to {bf}
+  %bv = bitcast {ints} %b to {bf}
+  %r = call {acc} {intrinsic}({acc} %c, {bf} %av, {bf} %bv)
+  ret {acc} %r
+}}
+"""
+
+
+def _widen_bf16(value):
+    return T.reinterpret(T.shift_left(T.Cast("uint32", value), T.uint32(16)), dtype="float32")
+
+
+def _bf16(lanes: int):
+    f32 = f"float32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((2,), "uint16", offset_factor=1),
+        B: T.Buffer((lanes, 2), "uint16", offset_factor=1),
+        C: T.Buffer((lanes,), "float32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            for j in T.serial(0, lanes):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vj, vk = T.axis.remap("SR", [j, k])
+                        C[vj] = C[vj] + _widen_bf16(A[vk]) * _widen_bf16(B[vj, vk])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), "uint16", offset_factor=1),
+        B: T.Buffer((lanes, 2), "uint16", offset_factor=1),
+        C: T.Buffer((lanes,), "float32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            # One expression: a named intermediate would become a memory buffer.
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_pure_extern(
+                f32,
+                _BF16_STEP.format(lanes=lanes),
+                C.vload([0], dtype=f32),
+                T.broadcast(T.reinterpret(A.vload([0], "uint16x2"), dtype="int32"), lanes),
+                T.reinterpret(B.vload([0, 0], dtype=f"uint16x{2 * lanes}"), dtype=f"int32x{lanes}"),
+            )
+
+    return desc, impl
+
+
+def _int8(lanes: int):
+    i32 = f"int32x{lanes}"
+    intrinsic = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for j in T.serial(0, lanes):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vj, vk = T.axis.remap("SR", [j, k])
+                        C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vj, vk])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrinsic),
+                C.vload([0], dtype=i32),
+                # LLVM 22 takes the bytes as <4·lanes x i8> (TVM's own VNNI intrinsic predates it)
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                    dtype=f"int8x{4 * lanes}",
+                ),
+                B.vload([0, 0], dtype=f"int8x{4 * lanes}"),
+                dtype=i32,
+            )
+
+    return desc, impl
+
+
+_KINDS = {"bf16": (2, _bf16), "int8": (4, _int8)}
+
+
+def depth(kind: str) -> int:
+    """k values per step: 2 for bf16, 4 for int8."""
+    return _KINDS[kind][0]
+
+
+def intrinsic_name(kind: str, lanes: int) -> str:
+    """The registered tensor intrinsic for ``kind`` ("bf16" or "int8") and ``lanes``."""
+    name = f"mbcompile_dot_{lanes}x{depth(kind)}_{kind}"
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, *_KINDS[kind][1](lanes))
+    return name
+
+
+def prepare_loop(sch: Schedule, loop, kind: str, lanes: int) -> None:
+    """What a kernel with ``kind`` steps needs on an outer loop of them: bf16 links its step
+    function (``pragma_import_llvm``); int8 needs nothing."""
+    if kind == "bf16":
+        sch.annotate(loop, "pragma_import_llvm", _bf16_llvm_ir(lanes))

@@ -1,0 +1,97 @@
+"""int8 matmuls by a constant weight: weights quantized per output channel at compile time,
+activations per row at run time, int32 sums, dequantized in the matmul's epilogue.
+
+    matmul(x[..., K], W[K, N])  →  xq, sx = call_tir(quantize_rows, x)          (its own kernel)
+                                   call_tir(dense_int8, xq, sx, Wq[⌈N/nb⌉, K/4, nb, 4], sw, cw)
+
+- Weights, symmetric per output channel: ``sw[n] = max_k |W[k, n]| / 127``,
+  ``Wq = round(W / sw)`` in [-127, 127]; packed as the fp32 panels (``pack_weights.py``) with
+  each 4 consecutive k side by side, the operand order of ``vpdpbusd`` (``dot_intrinsics.py``).
+- Activations, symmetric per row (token): ``sx[m] = max_k |x[m, k]| / 127``,
+  ``q = round(x / sx)`` in [-127, 127], stored as ``q + 128`` (uint8: ``vpdpbusd`` multiplies
+  unsigned by signed bytes).
+- ``Σ_k (q + 128)·Wq = Σ_k q·Wq + 128·cw[n]`` with ``cw[n] = Σ_k Wq[k, n]`` (a constant), so
+  ``y[m, n] = sx[m] · sw[n] · (acc[m, n] − 128·cw[n])``: exact integer sums, one rounding per
+  operand. K is padded to a multiple of 4 with zeros (a zero weight cancels the padded 128).
+
+``quantize_rows`` is opaque to FuseOps for the reason ``pack_bf16.to_bf16`` is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+QMAX = 127
+TINY = 1e-30  # a row of zeros gets this scale, not a division by zero
+
+
+def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[K, N]`` fp32 → (``Wq`` int8 ``[K, N]``, per-column scales fp32 ``[N]``)."""
+    w = weight.astype(np.float64)
+    scale = np.maximum(np.abs(w).max(axis=0), TINY) / QMAX
+    q = np.clip(np.rint(w / scale), -QMAX, QMAX).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def pack_weight_int8(q: np.ndarray, block: int) -> np.ndarray:
+    """``[K, N]`` int8 → ``[⌈N/block⌉, ⌈K/4⌉, block, 4]``, zero-padded."""
+    k, n = q.shape
+    k4, n_outer = -(-k // 4), -(-n // block)
+    padded = np.zeros((4 * k4, n_outer * block), dtype=np.int8)
+    padded[:k, :n] = q
+    return np.ascontiguousarray(padded.reshape(k4, 4, n_outer, block).transpose(2, 0, 3, 1))
+
+
+def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0) -> list[te.Tensor]:
+    """(``xq``, ``sx``): the rows of ``x[..., k_offset : k_offset + k_extent]`` quantized as the
+    module doc says, ``xq`` padded with the zero point (128) to a multiple of 4 columns."""
+    width = -(-k_extent // 4) * 4
+    *rows, _ = x.shape
+    k = te.reduce_axis((0, k_extent), name="k")
+    amax = te.compute(
+        tuple(rows), lambda *r: te.max(tirx.abs(x[(*r, k + k_offset)]), axis=k), name="row_absmax"
+    )
+    tiny = tirx.const(TINY, "float32")
+
+    def element(*idx):
+        r, col = idx[:-1], idx[-1]
+        inverse = tirx.const(QMAX, "float32") / tirx.max(amax[r], tiny)
+        q = tirx.nearbyint(x[(*r, col + k_offset)] * inverse)
+        q = tirx.min(tirx.max(q, tirx.const(-QMAX, "float32")), tirx.const(QMAX, "float32"))
+        value = (q + tirx.const(128, "float32")).astype("uint8")
+        if width == k_extent:
+            return value
+        return tirx.if_then_else(col < k_extent, value, tirx.const(128, "uint8"))
+
+    xq = te.compute((*rows, width), element, name="quantize")
+    sx = te.compute(
+        tuple(rows), lambda *r: tirx.max(amax[r], tiny) / tirx.const(QMAX, "float32"), name="row_scale"
+    )
+    return [xq, sx]
+
+
+def dense_int8(
+    xq: te.Tensor, sx: te.Tensor, wq: te.Tensor, sw: te.Tensor, cw: te.Tensor, n: int
+) -> te.Tensor:
+    """``x · W`` from the quantized operands (module doc); ``wq[⌈N/nb⌉, K/4, nb, 4]``."""
+    n_outer, k4, block, _ = wq.shape
+    *rows, _ = xq.shape
+    k = te.reduce_axis((0, 4 * k4), name="k")
+    acc = te.compute(
+        (*rows, n_outer * block),
+        lambda *idx: te.sum(
+            xq[(*idx[:-1], k)].astype("int32")
+            * wq[idx[-1] // block, k // 4, idx[-1] % block, k % 4].astype("int32"),
+            axis=k,
+        ),
+        name="dense_int8_pad",
+    )
+    zero = tirx.const(128, "int32")
+
+    def dequantize(*idx):
+        r, col = idx[:-1], idx[-1]
+        exact = (acc(*idx) - zero * cw[col]).astype("float32")
+        return exact * (sx[r] * sw[col])
+
+    return te.compute((*rows, n), dequantize, name="dequantize")
