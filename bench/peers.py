@@ -53,12 +53,8 @@ def torch_compile(model) -> Runner:
     return run
 
 
-def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str | None = None,
-                dynamic: bool = False) -> Runner:
-    """ONNX Runtime on ``torch.onnx.export``'s graph; ``dynamic``: batch and length axes dynamic
-    (one session for every shape, as a user serving varied texts would export it)."""
-    import onnxruntime as ort
-
+def _onnx_export(model, example, workdir: str | None, dynamic: bool) -> tuple[str, str]:
+    """``torch.onnx.export`` to ``workdir/model.onnx``; returns ``(workdir, path)``."""
     workdir = workdir or tempfile.mkdtemp(prefix="mbcompile-bench-")
     path = os.path.join(workdir, "model.onnx")
     names = ["input_ids", "attention_mask", "token_type_ids"]
@@ -68,11 +64,22 @@ def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str |
             input_names=names, dynamo=False, opset_version=17,
             dynamic_axes={n: {0: "batch", 1: "seq"} for n in names} if dynamic else None,
         )
+    return workdir, path
+
+
+def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str | None = None,
+                dynamic: bool = False) -> Runner:
+    """ONNX Runtime on ``torch.onnx.export``'s graph; ``dynamic``: batch and length axes dynamic
+    (one session for every shape, as a user serving varied texts would export it); ``int8``:
+    ``quantize_dynamic`` with int8 weights per output channel."""
+    import onnxruntime as ort
+
+    workdir, path = _onnx_export(model, example, workdir, dynamic)
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         qpath = os.path.join(workdir, "model.int8.onnx")
-        quantize_dynamic(path, qpath, weight_type=QuantType.QInt8)
+        quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, per_channel=True)
         path = qpath
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -83,6 +90,29 @@ def onnxruntime(model, example, threads: int, int8: bool = False, workdir: str |
     def run(ids, mask, types):
         return session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
 
+    return run
+
+
+def openvino(model, example, threads: int, precision: str | None = None,
+             workdir: str | None = None) -> Runner:
+    """OpenVINO CPU (latency hint) on the same ONNX export as ``onnxruntime``, batch and length
+    axes dynamic. ``precision``: None leaves OpenVINO's default (bf16 on CPUs with native bf16),
+    "f32" forces fp32. The returned runner's ``precision`` attribute is the inference precision
+    read back from the compiled model ("bf16", "f32", ...)."""
+    import openvino as ov
+
+    _, path = _onnx_export(model, example, workdir, dynamic=True)
+    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def run(ids, mask, types):
+        out = request.infer({"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+        return [out[o] for o in compiled.outputs]
+
+    run.precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     return run
 
 

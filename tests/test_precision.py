@@ -1,10 +1,12 @@
-"""Reduced precision (``precision="bf16"``) and the accuracy report against PyTorch fp32.
+"""Reduced precision (``precision="bf16"`` and ``"int8"``) and the accuracy report against
+PyTorch fp32.
 
-bf16 runs where the host has AVX512_BF16; elsewhere those tests skip, saying so. The bound:
-bf16 rounds weights and activations to 8 significant bits, each sum in fp32; on these models it
-keeps every output within ``BF16_REL`` of the output's largest value and its vectors' cosine
-similarity above ``BF16_COSINE`` (the default architecture's numbers, against OpenVINO's bf16 on
-the same weights, are in the README).
+bf16 runs where the host has AVX512_BF16, int8 where it has AVX512_VNNI; elsewhere those tests
+skip, saying so. The bounds (``BOUNDS``: largest error over the output's largest value, smallest
+cosine similarity of its vectors) hold on these models: bf16 rounds weights and activations to
+8 significant bits, int8 to 127 steps of each row's (activations) or column's (weights)
+largest value, each sum exact (int32) or fp32. The default architecture's numbers, against
+OpenVINO's bf16 and ONNX Runtime's int8 on the same weights, are in the README.
 """
 
 from __future__ import annotations
@@ -20,13 +22,21 @@ from mbcompile.cpu import cpu_info
 from mbcompile.errors import InputError, InputTypeError, OptionError, TargetError
 from mbcompile.targets.registry import host_target
 
-BF16_REL = 3e-2
-BF16_COSINE = 0.999
+BOUNDS = {"bf16": (3e-2, 0.999), "int8": (8e-2, 0.998)}  # (max_rel_error, min_cosine)
 
-HOST_BF16 = cpu_info(host_target().tvm_target()).bf16_dot
-needs_bf16 = pytest.mark.skipif(
-    not HOST_BF16, reason="this CPU has no AVX512_BF16 (bf16 dot products) to run bf16 builds on"
-)
+_HOST = cpu_info(host_target().tvm_target())
+_MISSING = {"bf16": None if _HOST.bf16_dot else "AVX512_BF16 (bf16 dot products)",
+            "int8": None if _HOST.int8_dot else "AVX512_VNNI (int8 dot products)"}
+
+
+def runnable(precision: str):
+    """``precision`` as a test parameter, skipped (saying why) where this CPU cannot run it."""
+    missing = _MISSING[precision]
+    reason = f"this CPU has no {missing} to run {precision} builds on"
+    return pytest.param(precision, marks=pytest.mark.skipif(missing is not None, reason=reason))
+
+
+PRECISIONS = [runnable("bf16"), runnable("int8")]
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(206)]
 
@@ -63,42 +73,72 @@ def encoder():
     return trained_pad_row(make_model("base", tiny_config()))
 
 
-@needs_bf16
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("stressed", [False, True])
-def test_bf16_encoder_is_within_its_bound_at_every_length(stressed, encoder, stressed_encoder):
+def test_encoder_is_within_its_bound_at_every_length(precision, stressed, encoder, stressed_encoder):
     model = stressed_encoder if stressed else encoder
-    compiled = mbcompile.compile(model, max_seq_len=32, precision="bf16")
-    assert compiled.metadata.precision == "bf16"
+    compiled = mbcompile.compile(model, max_seq_len=32, precision=precision)
+    assert compiled.metadata.precision == precision
     batches = [_inputs(model.config, (2, n), pad=n // 3) for n in (5, 16, 29)]
     report = compiled.accuracy(batches)
-    assert report["precision"] == "bf16" and report["rows"] == 6
-    # The stress model's pooler input is ~1e5: tanh saturates, and a bf16 rounding flips the
-    # sign of the few values near zero. Its hidden states are the comparison that means something.
+    assert report["precision"] == precision and report["rows"] == 6
+    max_rel, min_cosine = BOUNDS[precision]
+    # The stress model's pooler input is ~1e5: tanh saturates, and a rounding flips the sign of
+    # the few values near zero. Its hidden states are the comparison that means something.
     outputs = ["last_hidden_state"] if stressed else ["last_hidden_state", "pooler_output"]
     for name in outputs:
         m = report["outputs"][name]
-        assert m["max_rel_error"] <= BF16_REL, (name, m)
-        assert m["min_cosine"] >= BF16_COSINE, (name, m)
-    # the bf16 kernels ran: fp32 is exact to ~1e-6 where bf16 is not
+        assert m["max_rel_error"] <= max_rel, (name, m)
+        assert m["min_cosine"] >= min_cosine, (name, m)
+    # the reduced-precision kernels ran: fp32 is exact to ~1e-6 where they are not
     assert report["outputs"]["last_hidden_state"]["max_rel_error"] > 1e-4
     recorded = compiled.metadata.report["accuracy"]
-    assert recorded["precision"] == "bf16"
-    assert recorded["outputs"]["last_hidden_state"]["max_rel_error"] <= BF16_REL
+    assert recorded["precision"] == precision
+    assert recorded["outputs"]["last_hidden_state"]["max_rel_error"] <= max_rel
 
 
-@needs_bf16
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("stressed", [False, True])
+def test_no_worse_than_the_peers_on_the_same_weights(
+    precision, stressed, encoder, stressed_encoder, tmp_path
+):
+    """bf16 against OpenVINO's bf16, int8 against ONNX Runtime's quantize_dynamic (int8 weights
+    per channel), on every metric of the encoder's hidden states."""
+    from bench import peers
+
+    model = stressed_encoder if stressed else encoder
+    inputs = _inputs(model.config, (2, 32), pad=7)
+    example = tuple(inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids"))
+    if precision == "int8":
+        peer = peers.onnxruntime(model, example, 2, int8=True, workdir=str(tmp_path))
+    else:
+        peer = peers.openvino(model, example, 2, precision="bf16", workdir=str(tmp_path))
+        assert peer.precision == "bf16"
+    compiled = mbcompile.compile(model, seq_len=32, precision=precision)
+    ours = compiled.accuracy(inputs)["outputs"]["last_hidden_state"]
+    from mbcompile.runtime.accuracy import _Totals, reference_outputs
+
+    theirs = _Totals()
+    reference = reference_outputs(model, inputs)["last_hidden_state"]
+    theirs.add(peer(*example)[0], reference, None, top1=False)
+    theirs = theirs.report(top1=False)
+    assert ours["max_abs_error"] <= theirs["max_abs_error"], (ours, theirs)
+    assert ours["min_cosine"] >= theirs["min_cosine"], (ours, theirs)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("head", ["masked-lm", "sequence-classification"])
-def test_bf16_predictions_agree_with_fp32(head):
+def test_predictions_agree_with_fp32(precision, head):
     # weights at their default scale: at initializer_range=0.2 the two layers amplify any
     # rounding (bf16 logits 3-20% off; fp32 stays within 1e-5)
     model = trained_pad_row(make_model(head, tiny_config(num_labels=3)))
     options = {"logits_for": "masked", "max_masked": 2, "mask_token_id": 4} if head == "masked-lm" else {}
-    compiled = mbcompile.compile(model, seq_len=16, precision="bf16", **options)
+    compiled = mbcompile.compile(model, seq_len=16, precision=precision, **options)
     report = compiled.accuracy([_inputs(model.config, (4, 16), pad=3, masks=2)])
     logits = report["outputs"]["logits"]
     assert logits["top1_positions"] == (8 if head == "masked-lm" else 4)
     assert logits["top1_agreement"] >= 0.75, logits
-    assert logits["max_rel_error"] <= BF16_REL, logits
+    assert logits["max_rel_error"] <= BOUNDS[precision][0], logits
 
 
 def test_fp32_accuracy_report_on_a_stress_checkpoint(stressed_encoder, tmp_path):
@@ -133,15 +173,16 @@ def test_info_shows_precision_and_the_recorded_accuracy(encoder, tmp_path, capsy
 
 
 @pytest.mark.parametrize("target", ["x86-64-zen3", "aarch64"])
-def test_bf16_is_refused_where_the_cpu_has_no_bf16_dot_product(target):
+@pytest.mark.parametrize("precision, feature", [("bf16", "avx512bf16"), ("int8", "avx512vnni")])
+def test_reduced_precision_is_refused_where_the_cpu_has_no_dot_product(target, precision, feature):
     model = make_model("base", tiny_config())
-    with pytest.raises(TargetError, match="avx512bf16.*precision='fp32'"):
-        mbcompile.compile(model, seq_len=8, target=target, precision="bf16")
+    with pytest.raises(TargetError, match=f"{feature}.*precision='fp32'"):
+        mbcompile.compile(model, seq_len=8, target=target, precision=precision)
 
 
 def test_unknown_precision_is_refused():
-    with pytest.raises(OptionError, match="precision must be one of fp32, bf16"):
-        mbcompile.compile(make_model("base", tiny_config()), seq_len=8, precision="int8")
+    with pytest.raises(OptionError, match="precision must be one of fp32, bf16, int8"):
+        mbcompile.compile(make_model("base", tiny_config()), seq_len=8, precision="fp16")
 
 
 def test_accuracy_refuses_inputs_it_cannot_read(encoder):

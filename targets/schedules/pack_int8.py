@@ -1,7 +1,8 @@
 """int8 matmuls by a constant weight: weights quantized per output channel at compile time,
 activations per row at run time, int32 sums, dequantized in the matmul's epilogue.
 
-    matmul(x[..., K], W[K, N])  →  xq, sx = call_tir(quantize_rows, x)          (its own kernel)
+    matmul(x[..., K], W[K, N])  →  xq = call_tir(quantize_rows, x)               (kernels of
+                                   sx = call_tir(row_scales, x)                   their own)
                                    call_tir(dense_int8, xq, sx, Wq[⌈N/nb⌉, K/4, nb, 4], sw, cw)
 
 - Weights, symmetric per output channel: ``sw[n] = max_k |W[k, n]| / 127``,
@@ -14,7 +15,8 @@ activations per row at run time, int32 sums, dequantized in the matmul's epilogu
   ``y[m, n] = sx[m] · sw[n] · (acc[m, n] − 128·cw[n])``: exact integer sums, one rounding per
   operand. K is padded to a multiple of 4 with zeros (a zero weight cancels the padded 128).
 
-``quantize_rows`` is opaque to FuseOps for the reason ``pack_bf16.to_bf16`` is.
+``quantize_rows`` and ``row_scales`` are opaque to FuseOps for the reason
+``pack_bf16.to_bf16`` is.
 """
 
 from __future__ import annotations
@@ -43,32 +45,44 @@ def pack_weight_int8(q: np.ndarray, block: int) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(k4, 4, n_outer, block).transpose(2, 0, 3, 1))
 
 
-def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0) -> list[te.Tensor]:
-    """(``xq``, ``sx``): the rows of ``x[..., k_offset : k_offset + k_extent]`` quantized as the
-    module doc says, ``xq`` padded with the zero point (128) to a multiple of 4 columns."""
-    width = -(-k_extent // 4) * 4
+def _row_absmax(x: te.Tensor, k_extent: int, k_offset: int) -> te.Tensor:
     *rows, _ = x.shape
     k = te.reduce_axis((0, k_extent), name="k")
-    amax = te.compute(
+    return te.compute(
         tuple(rows), lambda *r: te.max(tirx.abs(x[(*r, k + k_offset)]), axis=k), name="row_absmax"
     )
-    tiny = tirx.const(TINY, "float32")
+
+
+def _scale(amax: te.Tensor):
+    """The row's scale as an expression builder: ``max(amax, TINY) / 127``."""
+    return lambda *r: tirx.max(amax[r], tirx.const(TINY, "float32")) / tirx.const(QMAX, "float32")
+
+
+def row_scales(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
+    """``sx``: the per-row scales of ``x[..., k_offset : k_offset + k_extent]``."""
+    amax = _row_absmax(x, k_extent, k_offset)
+    return te.compute(amax.shape, _scale(amax), name="row_scale")
+
+
+def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
+    """``xq``: the rows of ``x[..., k_offset : k_offset + k_extent]`` quantized as the module doc
+    says, padded with the zero point (128) to a multiple of 4 columns. (The scales are a kernel
+    of their own, ``row_scales``: a kernel's second output cannot be computed per row.)"""
+    width = -(-k_extent // 4) * 4
+    amax = _row_absmax(x, k_extent, k_offset)
+    scale = _scale(amax)
 
     def element(*idx):
         r, col = idx[:-1], idx[-1]
-        inverse = tirx.const(QMAX, "float32") / tirx.max(amax[r], tiny)
-        q = tirx.nearbyint(x[(*r, col + k_offset)] * inverse)
+        # the row-invariant reciprocal is hoisted out of the row by LLVM
+        q = tirx.nearbyint(x[(*r, col + k_offset)] * (tirx.const(1, "float32") / scale(*r)))
         q = tirx.min(tirx.max(q, tirx.const(-QMAX, "float32")), tirx.const(QMAX, "float32"))
         value = (q + tirx.const(128, "float32")).astype("uint8")
         if width == k_extent:
             return value
         return tirx.if_then_else(col < k_extent, value, tirx.const(128, "uint8"))
 
-    xq = te.compute((*rows, width), element, name="quantize")
-    sx = te.compute(
-        tuple(rows), lambda *r: tirx.max(amax[r], tiny) / tirx.const(QMAX, "float32"), name="row_scale"
-    )
-    return [xq, sx]
+    return te.compute((*x.shape[:-1], width), element, name="quantize")
 
 
 def dense_int8(

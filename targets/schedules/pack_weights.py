@@ -42,6 +42,7 @@ from mbcompile.targets.schedules.pack_int8 import (
     pack_weight_int8,
     quantize_rows,
     quantize_weight,
+    row_scales,
 )
 
 logger = logging.getLogger(__name__)
@@ -215,18 +216,19 @@ class _Packer(relax.PyExprMutator):
         )
 
     def _int8(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
-        quantized = self.builder_.emit(
-            self.builder_.call_te(
-                quantize_rows,
-                x,
-                k_extent=w.shape[0],
-                k_offset=k_offset,
-                primfunc_name_hint="quantize_rows",
-                primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE},
+        xq, sx = (
+            self.builder_.emit(
+                self.builder_.call_te(
+                    compute,
+                    x,
+                    k_extent=w.shape[0],
+                    k_offset=k_offset,
+                    primfunc_name_hint=compute.__name__,
+                    primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE},
+                )
             )
+            for compute in (quantize_rows, row_scales)
         )
-        xq = self.builder_.emit(relax.TupleGetItem(quantized, 0))
-        sx = self.builder_.emit(relax.TupleGetItem(quantized, 1))
         q, scales = quantize_weight(w)
         return self.builder_.call_te(
             dense_int8,

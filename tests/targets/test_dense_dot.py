@@ -1,0 +1,114 @@
+"""The reduced-precision matmul kernels (``pack_bf16``, ``pack_int8``, ``DenseDot``): their
+numbers against numpy on the same rounded operands, and the instructions they compile to, for
+512-bit targets and for Zen 4's 256-bit one (compiled here, run where the host has the feature)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+from mbcompile.cpu import cpu_info
+from mbcompile.targets.registry import host_target
+from mbcompile.targets.schedules import DenseDot
+from mbcompile.targets.schedules.pack_bf16 import (
+    bf16_bits,
+    bf16_values,
+    dense_bf16,
+    pack_weight_bf16,
+    to_bf16,
+)
+from mbcompile.targets.schedules.pack_int8 import (
+    dense_int8,
+    pack_weight_int8,
+    quantize_rows,
+    quantize_weight,
+    row_scales,
+)
+from mbcompile.targets.schedules.pack_weights import packed_block_width
+
+HOST = host_target().tvm_target()
+SAPPHIRE = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"})
+ZEN4 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
+INSTRUCTION = {"bf16": "vdpbf16ps", "int8": "vpdpbusd"}
+
+
+def _int8_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 ``q + 128``, per-row scales) as ``pack_int8`` quantizes a row."""
+    sx = (np.maximum(np.abs(x).max(axis=1), 1e-30) / 127).astype(np.float32)
+    q = np.clip(np.rint(x * (1 / sx[:, None])), -127, 127)
+    return (q + 128).astype(np.uint8), sx
+
+
+def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0):
+    """(scheduled kernel, numpy inputs, the expected output, its shape) of one x · W, its
+    activations rounded by numpy as the run-time kernels round them (their own kernels)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    block = packed_block_width(target, "float32", n)
+    if kind == "bf16":
+        xb, wp = np.zeros((m, k + k % 2), np.uint16), pack_weight_bf16(w, block)
+        xb[:, :k] = bf16_bits(x)
+        tensors = [te.placeholder(a.shape, str(a.dtype)) for a in (xb, wp)]
+        out = dense_bf16(*tensors, n=n)
+        inputs = [xb, wp]
+        expected = bf16_values(bf16_bits(x)).astype(np.float64) @ bf16_values(bf16_bits(w))
+    else:
+        q, sw = quantize_weight(w)
+        xq, sx = _int8_activations(x)
+        xq = np.pad(xq, ((0, 0), (0, -k % 4)), constant_values=128)
+        inputs = [xq, sx, pack_weight_int8(q, block), sw, q.astype(np.int32).sum(axis=0)]
+        tensors = [te.placeholder(a.shape, str(a.dtype)) for a in inputs]
+        out = dense_int8(*tensors, n=n)
+        expected = ((xq[:, :k].astype(np.float64) - 128) * sx[:, None]) @ (q * sw.astype(np.float64))
+    func = te.create_prim_func([*tensors, out])
+    return DenseDot().apply(func, target, False), inputs, expected, out.shape
+
+
+def test_the_run_time_rounding_kernels_round_as_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 37)).astype(np.float32) * rng.uniform(0.01, 100, (6, 1)).astype(np.float32)
+    x[2] = 0  # a row of zeros: scale TINY, not a division by zero
+    xt = te.placeholder(x.shape, "float32")
+    funcs = [to_bf16(xt, 37), quantize_rows(xt, 37), row_scales(xt, 37)]
+    lib = tvm.tirx.build(te.create_prim_func([xt, *funcs]), target=HOST)
+    outs = [tvm.runtime.tensor(np.zeros([int(d) for d in f.shape], str(f.dtype))) for f in funcs]
+    lib(tvm.runtime.tensor(x), *outs)
+    xb, xq, sx = (o.numpy() for o in outs)
+    np.testing.assert_array_equal(xb[:, :37], bf16_bits(x))
+    assert xb.shape[1] == 38 and not xb[:, 37].any()  # padded to an even width with zeros
+    want_q, want_s = _int8_activations(x)
+    np.testing.assert_allclose(sx, want_s, rtol=1e-6)
+    assert np.abs(xq[:, :37].astype(int) - want_q).max() <= 1  # a tie may round either way
+    assert xq.shape[1] == 40 and (xq[:, 37:] == 128).all()  # padded with the zero point
+    assert (xq[2] == 128).all()
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("target", [SAPPHIRE, ZEN4], ids=["512-bit", "zen4-256-bit"])
+def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
+    sch, *_ = _kernel(kind, target, 24, 64, 96)
+    assert sch is not None, "DenseDot did not schedule the kernel"
+    asm = tvm.tirx.build(sch.mod, target=target).inspect_source("asm")
+    register = "%zmm" if cpu_info(target).vector_bits == 512 else "%ymm"
+    lines = [line for line in asm.splitlines() if INSTRUCTION[kind] in line]
+    assert lines and all(register in line for line in lines), lines[:3]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("shape", [(24, 64, 96), (8, 130, 40), (1, 512, 128)])
+def test_the_kernel_computes_the_rounded_product(kind, shape):
+    info = cpu_info(HOST)
+    if not (info.bf16_dot if kind == "bf16" else info.int8_dot):
+        pytest.skip(f"this CPU has no {INSTRUCTION[kind]} to run {kind} kernels on")
+    sch, inputs, expected, out_shape = _kernel(kind, HOST, *shape)
+    assert sch is not None
+    lib = tvm.tirx.build(sch.mod, target=HOST)
+    args = [tvm.runtime.tensor(a) for a in inputs]
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in out_shape], np.float32))
+    lib(*args, out)
+    # the same rounded operands: int8 sums exactly, bf16 in fp32 in another order
+    scale = np.abs(expected).max()
+    assert np.abs(out.numpy() - expected).max() <= 1e-5 * scale
