@@ -23,7 +23,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 # --backends names -> the peers' names in the table
 PEERS = {"eager": "PyTorch eager", "torch.compile": "torch.compile", "ort": "ONNX Runtime fp32",
-         "ort-int8": "ONNX Runtime int8 (reference)"}
+         "ort-int8": "ONNX Runtime int8 (reference)", "ov": "OpenVINO fp32",
+         "ov-default": "OpenVINO default"}
+# Reduced precision against its peers: (ours, peer) name prefixes, ratio = peer ms / ours ms.
+PRECISION_PAIRS = [("mbcompile bf16", "OpenVINO default"), ("mbcompile int8", "OpenVINO default"),
+                   ("mbcompile int8", "ONNX Runtime int8"), ("mbcompile", "OpenVINO fp32"),
+                   ("mbcompile fill-mask-bf16", "OpenVINO default"),
+                   ("mbcompile fill-mask-int8", "OpenVINO default"),
+                   ("mbcompile fill-mask-int8", "ONNX Runtime int8")]
 
 
 def _worker(cmd: list[str], threads: int) -> dict:
@@ -130,6 +137,25 @@ def _table(cells: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _precision_table(cells: list[dict]) -> str:
+    """Speed-ups of the reduced-precision builds over the peers they are measured against, in
+    the same process (peer median / ours; > 1: ours is faster)."""
+    out = ["| model | seq | threads | ours | peer (its precision) | ours ms | peer ms | speed-up |",
+           "|---|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        rows = cell["rows"]
+        for ours_name, peer_prefix in PRECISION_PAIRS:
+            ours = next((r for r in rows if r["backend"].split(" (tuned")[0] == ours_name), None)
+            peer = next((r for r in rows if r["backend"].startswith(peer_prefix)), None)
+            if ours is None or peer is None:
+                continue
+            model = "MobileBertModel" if ours["head"] == "base" else "MobileBertForMaskedLM"
+            out.append(f"| {model} | {ours['seq']} | {ours['threads']} | {ours['backend']} | "
+                       f"{peer['backend']} | {ours['median_ms']:.1f} | {peer['median_ms']:.1f} | "
+                       f"{peer['median_ms'] / ours['median_ms']:.2f}× |")
+    return "\n".join(out) if len(out) > 2 else ""
+
+
 def _compile_seconds(row: dict) -> str:
     """Total compile time of an mbcompile row (capture + passes + build), when it was compiled."""
     seconds = row.get("compile_seconds") or {}
@@ -143,7 +169,7 @@ def _header(started: str, cells: list[dict], rounds: int, settle: float | None) 
     cpu = machine["cpu"]
     if machine.get("llvm_cpu"):  # LLVM's name for the CPU and its widest vectors
         cpu += f" ({machine['llvm_cpu']}, {machine.get('simd', '?')})"
-    return (f"Measured {started} on {cpu}, {machine['cores']} cores, fp32, batch 1; "
+    return (f"Measured {started} on {cpu}, {machine['cores']} cores, batch 1, fp32 unless the backend says otherwise; "
             f"{rounds} interleaved rounds per cell"
             + (f", {settle:g} s pause before each call" if settle else "")
             + ("; torch.mm roof " + ", ".join(f"{t} thr {g:.0f} GFLOP/s" for t, g in sorted(roofs.items()))
@@ -155,6 +181,9 @@ def _write(out: Path, started: str, cells: list[dict], rounds: int, settle: floa
     text = _header(started, cells or length_cells, rounds, settle) + "\n\n"
     if cells:
         text += _table(cells) + "\n"
+        precision = _precision_table(cells)
+        if precision:
+            text += "\n## Reduced precision against its peers\n\n" + precision + "\n"
     if length_cells:
         text += "\n## Lengths\n\n" + _lengths_table(length_cells) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -199,11 +228,13 @@ def main() -> None:
     p.add_argument("--backends", default="all",
                    help="comma list of peers: " + ", ".join(PEERS) + " (PyTorch eager always "
                         "runs as the reference)")
-    p.add_argument("--variants", default="default,untuned,no-passes",
+    p.add_argument("--variants", default="default,untuned,no-passes,bf16,int8",
                    help="mbcompile variants for MobileBertModel: default (with the shipped tuning "
-                        "database where one applies), untuned, no-passes (untuned)")
-    p.add_argument("--mlm-variants", default="default,fill-mask",
-                   help="mbcompile variants for MaskedLM: default, untuned, no-passes, fill-mask")
+                        "database where one applies), untuned, no-passes (untuned), bf16, int8 "
+                        "(a precision the CPU lacks is left out)")
+    p.add_argument("--mlm-variants", default="default,fill-mask,fill-mask-bf16,fill-mask-int8",
+                   help="mbcompile variants for MaskedLM: default, untuned, no-passes, fill-mask, "
+                        "fill-mask-bf16, fill-mask-int8")
     p.add_argument("--settle", type=float, default=0.3,
                    help="pause (s) before each timed call, so the previous backend's spinning "
                         "thread pool is idle (matters with 2 threads on 2 cores); 0 for none")

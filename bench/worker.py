@@ -20,6 +20,7 @@ import torch
 
 import mbcompile
 from mbcompile.capture import random_model
+from mbcompile.cpu import cpu_info
 from mbcompile.targets.registry import host_cpu_name, host_features, host_target
 
 from . import peers
@@ -82,8 +83,11 @@ def _compiled(model, head: str, seq: int, variant: str, log) -> tuple:
         kwargs["tuning_db"] = None
     if variant == "no-passes":
         kwargs["passes"] = ()
-    if variant == "fill-mask":
+    if variant.startswith("fill-mask"):
         kwargs.update(logits_for="masked", max_masked=1)
+    for precision in ("bf16", "int8"):
+        if variant.endswith(precision):
+            kwargs["precision"] = precision
     if path.exists() and os.environ.get("MBCOMPILE_BENCH_RECOMPILE") != "1":
         compiled = mbcompile.load(path)
         return compiled, compiled.metadata.compile_seconds
@@ -91,6 +95,12 @@ def _compiled(model, head: str, seq: int, variant: str, log) -> tuple:
     compiled = mbcompile.compile(model, **kwargs)
     compiled.save(path)
     return compiled, compiled.metadata.compile_seconds
+
+
+# what each peer computes in (OpenVINO's runners read theirs back)
+_PEER_PRECISION = {"PyTorch eager": "fp32", "torch.compile": "fp32", "ONNX Runtime fp32": "fp32",
+                   "ONNX Runtime int8 (reference)": "int8 weights per channel, uint8 activations "
+                                                    "per tensor"}
 
 
 def _fill_mask_runner(compiled, ids):
@@ -124,7 +134,12 @@ def main() -> None:
 
     runners, extra = {}, {}
     wanted = None if args.backends == "all" else set(args.backends.split(","))
+    info = cpu_info(host_target().tvm_target())
     for variant in args.variants.split(","):
+        lacking = {"bf16": not info.bf16_dot, "int8": not info.int8_dot}
+        if any(variant.endswith(p) and missing for p, missing in lacking.items()):
+            log(f"skipping {variant}: this CPU has no native {variant[-4:]} dot product")
+            continue
         compiled, seconds = _compiled(model, args.head, args.seq, variant, log)
         tuned = compiled.metadata.tuned_kernels > 0
         name = "mbcompile" if variant == "default" else f"mbcompile {variant}"
@@ -132,8 +147,9 @@ def main() -> None:
             n = compiled.metadata.tuned_kernels
             name += f" (tuned: {n} kernel{'s' if n != 1 else ''})"
         extra[name] = {"compile_seconds": seconds, "tuned": tuned,
+                       "precision": compiled.metadata.precision,
                        "matmul_flops": compiled.report().get("final", {}).get("matmul_flops")}
-        if variant == "fill-mask":
+        if variant.startswith("fill-mask"):
             fm_ids = ids.copy()
             fm_ids[0, mask_pos] = compiled.signature.mask_token_id
             runners[name] = _fill_mask_runner(compiled, fm_ids)
@@ -146,11 +162,18 @@ def main() -> None:
         "ONNX Runtime fp32": lambda: peers.onnxruntime(model, (ids, mask, types), args.threads),
         "ONNX Runtime int8 (reference)": lambda: peers.onnxruntime(
             model, (ids, mask, types), args.threads, int8=True),
+        "OpenVINO fp32": lambda: peers.openvino(model, (ids, mask, types), args.threads, "f32"),
+        # its default: bf16 where the CPU has it; the name gets the precision it read back
+        "OpenVINO default": lambda: peers.openvino(model, (ids, mask, types), args.threads),
     }
     for name, build in builders.items():
         if wanted is None or name in wanted or name == "PyTorch eager":
             log(f"building {name}")
-            runners[name] = build()
+            runner = build()
+            if name == "OpenVINO default":
+                name = f"OpenVINO default ({runner.precision})"
+            extra[name] = {"precision": getattr(runner, "precision", _PEER_PRECISION.get(name))}
+            runners[name] = runner
 
     reference = eager(ids, mask, types)
     fm_ids = ids.copy()

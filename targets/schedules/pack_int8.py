@@ -75,9 +75,9 @@ def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
     def element(*idx):
         r, col = idx[:-1], idx[-1]
         # the row-invariant reciprocal is hoisted out of the row by LLVM
-        q = tirx.nearbyint(x[(*r, col + k_offset)] * (tirx.const(1, "float32") / scale(*r)))
+        q = tirx.round(x[(*r, col + k_offset)] * (tirx.const(1, "float32") / scale(*r)))
         q = tirx.min(tirx.max(q, tirx.const(-QMAX, "float32")), tirx.const(QMAX, "float32"))
-        value = (q + tirx.const(128, "float32")).astype("uint8")
+        value = (q.astype("int32") + tirx.const(128, "int32")).astype("uint8")
         if width == k_extent:
             return value
         return tirx.if_then_else(col < k_extent, value, tirx.const(128, "uint8"))

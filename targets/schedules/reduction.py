@@ -15,6 +15,7 @@ reduction or spatial, and all blocks share at least one leading spatial axis.
 
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
@@ -68,6 +69,10 @@ def _rfactor_by_lanes(sch: s_tir.Schedule, block, info) -> s_tir.schedule.SBlock
     return partial
 
 
+def _compute_dtype(dtype: str) -> str:
+    return "float32" if tvm.DataType(dtype).bits < 32 else dtype
+
+
 class RowReduction(ScheduleRule):
     """One parallel loop over rows; the reductions and their neighbours computed per row."""
 
@@ -108,7 +113,8 @@ class RowReduction(ScheduleRule):
                 inner = sch.get_loops(block)[1:]
                 if not inner:
                     continue
-                lanes = info.lanes(str(sch.get(block).writes[0].source.dtype))
+                # a narrow output (int8's quantized rows) is computed in fp32: vectors of those
+                lanes = info.lanes(_compute_dtype(str(sch.get(block).writes[0].source.dtype)))
                 if any(sch.get(block).same_as(p) for p in partials):
                     sch.vectorize(inner[-1])
                     sch.decompose_reduction(block, inner[-2])
