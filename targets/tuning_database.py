@@ -34,6 +34,7 @@ import tvm
 
 from mbcompile.errors import TargetError
 from mbcompile.targets.metaschedule import meta_schedule
+from mbcompile.targets.schedules import dot_intrinsics  # noqa: F401 - records name its intrinsics
 
 MANIFEST = "manifest.json"
 WORKLOADS = "database_workload.json"

@@ -193,3 +193,16 @@ def test_accuracy_refuses_inputs_it_cannot_read(encoder):
         compiled.accuracy([{"attention_mask": np.ones((1, 8))}])
     with pytest.raises(InputError, match="unknown inputs"):
         compiled.accuracy({"input_ids": np.ones((1, 8), np.int64), "labels": np.ones(1)})
+
+
+@pytest.mark.parametrize("precision", [runnable("int8")])
+def test_tuning_covers_the_reduced_precision_kernels(precision, encoder, tmp_path):
+    summary = mbcompile.tune(
+        encoder, work_dir=tmp_path, seq_len=16, precision=precision, trials=3, max_tasks=1,
+        log=lambda _line: None,
+    )
+    assert summary["tuned"] == 1 and summary["records"] >= 2  # tile rows and K unroll are knobs
+    compiled = mbcompile.compile(encoder, seq_len=16, precision=precision, tuning_db=tmp_path)
+    assert compiled.metadata.tuned_kernels == 1
+    report = compiled.accuracy(_inputs(encoder.config, (2, 16), pad=4))
+    assert report["outputs"]["last_hidden_state"]["max_rel_error"] <= BOUNDS[precision][0]

@@ -130,13 +130,13 @@ def _match(sch: s_tir.Schedule):
     return block, blocks[:at], blocks[at + 1 :], nb, kind
 
 
-def tile_rows(m: int, nb: int) -> int:
-    """Rows of the accumulator tile: 6 where M divides by 6 and the tile fits, else a power of two
-    up to 4 that divides M (see the module doc)."""
-    fits = (TILE_BYTES - 1) // (4 * nb)
-    if fits >= 6 and m % 6 == 0:
+def tile_rows(m: int, nb: int, info) -> int:
+    """Rows of the untuned tile: 6 where M divides by 6 and the tile fits (``most_rows``), else
+    a power of two up to 4 that divides M (see the module doc)."""
+    limit = most_rows(info, nb)
+    if limit >= 6 and m % 6 == 0:
         return 6
-    return largest_divisor(m, min(4, fits))
+    return largest_divisor(m, min(4, limit))
 
 
 class DenseDot(ScheduleRule):
@@ -156,21 +156,39 @@ class DenseDot(ScheduleRule):
             return None
         try:
             epilogue = inline_around(sch, producers, consumers)
-            _schedule(sch, block, epilogue, nb, lanes, kind)
+            _schedule(sch, block, epilogue, nb, info, kind, tunable)
         except s_tir.ScheduleError as err:
             logger.warning("DenseDot: matched but could not schedule: %s", err)
             return None
         return sch
 
 
-def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, lanes: int, kind: str) -> None:
+def most_rows(info, nb: int) -> int:
+    """The most rows a tile may take: under ``TILE_BYTES``, and with its accumulators, one A
+    broadcast and the panel's vectors within three quarters of the vector registers."""
+    vectors = nb // info.lanes("float32")
+    registers = (info.num_vector_registers * 3 // 4 - vectors - 1) // vectors
+    return max(1, min((TILE_BYTES - 1) // (4 * nb), registers))
+
+
+def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, kind: str,
+              tunable: bool) -> None:
+    """The loops of the module doc. ``tunable``: the tile's rows (up to ``most_rows``) and the
+    K unroll (up to 8 steps) become MetaSchedule knobs (``sample_perfect_tile``), as in
+    ``gemm_tile.schedule_gemm``."""
+    lanes = info.lanes("float32")
     depth = dot_intrinsics.depth(kind)
     *batch, i, j, k = sch.get_loops(block)
     m = const_int(sch.get(i).extent)
     steps = const_int(sch.get(k).extent) // depth
-    io, ii = sch.split(i, [None, tile_rows(m, nb)])
     jo, jt, ji = sch.split(j, [None, nb // lanes, lanes])
-    ko, kk, ki = sch.split(k, [None, largest_divisor(steps, 4), depth])
+    ko, ki = sch.split(k, [None, depth])
+    if tunable:
+        io, ii = sch.split(i, sch.sample_perfect_tile(i, n=2, max_innermost_factor=most_rows(info, nb)))
+        ko, kk = sch.split(ko, sch.sample_perfect_tile(ko, n=2, max_innermost_factor=8))
+    else:
+        io, ii = sch.split(i, [None, tile_rows(m, nb, info)])
+        ko, kk = sch.split(ko, [None, largest_divisor(steps, 4)])
     sch.reorder(*batch, jo, io, ko, kk, ii, jt, ji, ki)
     outer = sch.fuse(*batch, jo, io)
     sch.parallel(outer)

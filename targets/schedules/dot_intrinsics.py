@@ -143,10 +143,14 @@ def depth(kind: str) -> int:
 
 def intrinsic_name(kind: str, lanes: int) -> str:
     """The registered tensor intrinsic for ``kind`` ("bf16" or "int8") and ``lanes``."""
-    name = f"mbcompile_dot_{lanes}x{depth(kind)}_{kind}"
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_KINDS[kind][1](lanes))
-    return name
+    return f"mbcompile_dot_{lanes}x{depth(kind)}_{kind}"
+
+
+# Registered on import, before any tuning database is read: its records name them.
+for _kind, (_, _make) in _KINDS.items():
+    for _lanes in (8, 16):
+        if TensorIntrin.get(intrinsic_name(_kind, _lanes), allow_missing=True) is None:
+            TensorIntrin.register(intrinsic_name(_kind, _lanes), *_make(_lanes))
 
 
 def prepare_loop(sch: Schedule, loop, kind: str, lanes: int) -> None:
