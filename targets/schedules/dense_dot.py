@@ -33,11 +33,11 @@ from tvm.target import Target
 
 from mbcompile.cpu import cpu_info
 from mbcompile.targets.schedules import dot_intrinsics
-from mbcompile.targets.schedules.block_info import is_spatial, top_level_blocks
 from mbcompile.targets.schedules.gemm_tile import (
     const_int,
     inline_around,
     largest_divisor,
+    split_at_reduction,
     vectorize_tile,
 )
 
@@ -95,14 +95,10 @@ def _is_packed(indices, j, k, nb: int, d: int) -> bool:
 
 def _match(sch: s_tir.Schedule):
     """(block, producers, consumers, nb, kind) of a reduced-precision dense PrimFunc, or None."""
-    blocks = top_level_blocks(sch)
-    if blocks is None:
+    split = split_at_reduction(sch)
+    if split is None:
         return None
-    reductions = [n for n, block in enumerate(blocks) if not is_spatial(sch, block)]
-    if len(reductions) != 1:
-        return None
-    at = reductions[0]
-    block = blocks[at]
+    block, producers, consumers = split
     stmt = sch.get(block)
     iters = list(stmt.iter_vars)
     if len(iters) < 3 or len(sch.get_loops(block)) != len(iters):
@@ -127,7 +123,7 @@ def _match(sch: s_tir.Schedule):
     nb = const_int(b.source.shape[2]) if len(b.source.shape) == 4 else None
     if nb is None or not _is_packed(list(b.indices), j, k, nb, dot_intrinsics.depth(kind)):
         return None
-    return block, blocks[:at], blocks[at + 1 :], nb, kind
+    return block, producers, consumers, nb, kind
 
 
 def tile_rows(m: int, nb: int, info) -> int:

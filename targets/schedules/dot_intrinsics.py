@@ -47,27 +47,37 @@ define internal {acc} @{name}({acc} %c, {ints} %a, {ints} %b) alwaysinline {{
 """
 
 
+def _desc(lanes: int, depth: int, a_dtype: str, b_dtype: str, acc_dtype: str, widen):
+    """What a step computes: ``C[j] += Σ_p widen(A[p]) · widen(B[j, p])``."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((depth,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
+        C: T.Buffer((lanes,), acc_dtype, offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:depth], B[0:lanes, 0:depth])
+            T.writes(C[0:lanes])
+            for j in T.serial(0, lanes):
+                for k in T.serial(0, depth):
+                    with T.sblock("update"):
+                        vj, vk = T.axis.remap("SR", [j, k])
+                        C[vj] = C[vj] + widen(A[vk]) * widen(B[vj, vk])
+
+    return desc
+
+
+def _widen_int(value):
+    return T.Cast("int32", value)
+
+
 def _widen_bf16(value):
     return T.reinterpret(T.shift_left(T.Cast("uint32", value), T.uint32(16)), dtype="float32")
 
 
 def _bf16(lanes: int):
     f32 = f"float32x{lanes}"
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((2,), "uint16", offset_factor=1),
-        B: T.Buffer((lanes, 2), "uint16", offset_factor=1),
-        C: T.Buffer((lanes,), "float32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
-            T.writes(C[0:lanes])
-            for j in T.serial(0, lanes):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vj, vk = T.axis.remap("SR", [j, k])
-                        C[vj] = C[vj] + _widen_bf16(A[vk]) * _widen_bf16(B[vj, vk])
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -87,27 +97,12 @@ def _bf16(lanes: int):
                 T.reinterpret(B.vload([0, 0], dtype=f"uint16x{2 * lanes}"), dtype=f"int32x{lanes}"),
             )
 
-    return desc, impl
+    return _desc(lanes, 2, "uint16", "uint16", "float32", _widen_bf16), impl
 
 
 def _int8(lanes: int):
     i32 = f"int32x{lanes}"
     intrinsic = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
-
-    @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),
-        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1),
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for j in T.serial(0, lanes):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vj, vk = T.axis.remap("SR", [j, k])
-                        C[vj] = C[vj] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vj, vk])
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -130,7 +125,7 @@ def _int8(lanes: int):
                 dtype=i32,
             )
 
-    return desc, impl
+    return _desc(lanes, 4, "uint8", "int8", "int32", _widen_int), impl
 
 
 _KINDS = {"bf16": (2, _bf16), "int8": (4, _int8)}

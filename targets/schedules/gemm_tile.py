@@ -175,11 +175,9 @@ def match_gemm(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> Gemm | No
     )
 
 
-def find_gemm(sch: s_tir.Schedule) -> tuple[Gemm, list, list] | None:
-    """The one matmul block of a PrimFunc, with the spatial blocks before and after it.
-
-    None unless the function is exactly: spatial blocks, one matmul, spatial blocks.
-    """
+def split_at_reduction(sch: s_tir.Schedule) -> tuple[s_tir.schedule.SBlockRV, list, list] | None:
+    """The one non-spatial block of a PrimFunc, with the spatial blocks before and after it;
+    None unless the function is exactly that."""
     blocks = top_level_blocks(sch)
     if blocks is None:
         return None
@@ -187,10 +185,17 @@ def find_gemm(sch: s_tir.Schedule) -> tuple[Gemm, list, list] | None:
     if len(reductions) != 1:
         return None
     at = reductions[0]
-    gemm = match_gemm(sch, blocks[at])
-    if gemm is None:
-        return None
-    return gemm, blocks[:at], blocks[at + 1 :]
+    return blocks[at], blocks[:at], blocks[at + 1 :]
+
+
+def find_gemm(sch: s_tir.Schedule) -> tuple[Gemm, list, list] | None:
+    """The one matmul block of a PrimFunc, with the spatial blocks before and after it.
+
+    None unless the function is exactly: spatial blocks, one matmul, spatial blocks.
+    """
+    split = split_at_reduction(sch)
+    gemm = None if split is None else match_gemm(sch, split[0])
+    return None if gemm is None else (gemm, split[1], split[2])
 
 
 def register_tile(info: CPUInfo, dtype: str) -> tuple[int, int]:
