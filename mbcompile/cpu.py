@@ -40,9 +40,10 @@ class CPUInfo:
     # bf16 pair dot products into fp32 lanes (AVX512_BF16 ``vdpbf16ps``): what a bf16 build's
     # matmuls run on (``targets/schedules/dense_bf16.py``).
     bf16_dot: bool = False
-    # unsigned × signed byte dot products into int32 lanes (AVX512_VNNI ``vpdpbusd``): what an
-    # int8 build's matmuls run on.
-    int8_dot: bool = False
+    # The byte dot product an int8 build's matmuls run on, into int32 lanes: "vpdpbusd"
+    # (AVX512_VNNI, unsigned activations × signed weights), "sdot" (AArch64 dot product, signed
+    # × signed), or "" for none.
+    int8_dot: str = ""
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of ``dtype`` in one vector register (at least 1)."""
@@ -97,7 +98,7 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
     if _has("avx512f", target):
         dots = {
             "bf16_dot": _has("avx512bf16", target) and _has("avx512vl", target),
-            "int8_dot": _has("avx512vnni", target) and _has("avx512vl", target),
+            "int8_dot": "vpdpbusd" if _has("avx512vnni", target) and _has("avx512vl", target) else "",
         }
         if splits_512_bit_vectors(target):
             # Zen 4: AVX2's tiles (16 registers' worth) measured at least as fast as 32-register
@@ -107,7 +108,8 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
     if _has("avx", target):
         return CPUInfo(256, 16, num_cores)
     if _has("neon", target) or _has("asimd", target):
-        return CPUInfo(128, 32, num_cores, fma_by_lane=True)
+        sdot = "sdot" if _has("dotprod", target) else ""
+        return CPUInfo(128, 32, num_cores, fma_by_lane=True, int8_dot=sdot)
     # SSE, RISC-V without V, or an unknown CPU: a 128-bit guess keeps the code valid everywhere.
     return CPUInfo(128, 16, num_cores)
 
@@ -118,8 +120,9 @@ _PRECISION_NEEDS = {
              "Intel Cooper Lake, Sapphire Rapids and later; bf16 on ARM, BFDOT, is not supported "
              "yet)"),
     "int8": ("int8_dot", "int8 dot products: x86 AVX512_VNNI (the avx512vnni feature: AMD Zen 4, "
-             "Intel Ice Lake, Cascade Lake and later; AVX2-only CPUs and ARM's sdot are not "
-             "supported yet)"),
+             "Intel Ice Lake, Cascade Lake and later) or the ARMv8.2 dot product (the dotprod "
+             "feature: targets aarch64-dotprod and android-arm64); AVX2-only CPUs and ARM "
+             "without it are not supported yet"),
 }
 
 

@@ -3,7 +3,8 @@ on dot-product instructions (``dot_intrinsics.py``).
 
 Matches the block ``C[.., i, j] += a(A[.., i, k]) · b(Wp[j // nb, k // d, j % nb, k % d])``, where
 either ``a``, ``b`` widen bf16 bits to fp32 (``d`` = 2, fp32 ``C``: ``vdpbf16ps``) or cast
-uint8 and int8 to int32 (``d`` = 4, int32 ``C``: ``vpdpbusd``), with any spatial epilogue after
+uint8 and int8 (``vpdpbusd``) or int8 and int8 (AArch64 ``sdot``) to int32 (``d`` = 4, int32
+``C``), with any spatial epilogue after
 it (int8's dequantization, bias, NoNorm, activation, residual), and schedules::
 
     for b, jo, io in parallel (fused):           # jo outer: one K × nb panel stays in L1
@@ -12,8 +13,8 @@ it (int8's dequantization, bias, NoNorm, activation, residual), and schedules::
             acc[ii, jt·L : jt·L + L] += dot(A[i, d·k : d·k + d], Wp[jo, k, jt·L : jt·L + L, :])
         out[i, j] = epilogue(acc[ii, ji])
 
-``L`` is the 32-bit lanes of a vector (16, or 8 on a CPU that splits 512-bit operations) and
-``nb`` two vectors. The accumulator tile stays under 1 KiB, the size TVM 0.27 keeps on the
+``L`` is the 32-bit lanes of a vector (16, 8 on a CPU that splits 512-bit operations, 4 on
+AArch64) and ``nb`` two vectors. The accumulator tile stays under 1 KiB, the size TVM 0.27 keeps on the
 stack (a heap tile keeps LLVM from holding it in registers across the steps): 4 rows of 32, or
 6 where M divides by 6. Measured on an AVX512_BF16 Xeon, 1 thread, 128×512·512×128 in bf16:
 108 GFLOP/s with 4 × 32 against 87 for an fp32 kernel of the same loops.
@@ -77,8 +78,11 @@ def _operands(product, acc_dtype: str) -> tuple[str, TensorLoad, TensorLoad] | N
         a, b = _bf16_load(product.a), _bf16_load(product.b)
         return None if a is None or b is None else ("bf16", a, b)
     if acc_dtype == "int32":
-        a, b = _int8_load(product.a, "uint8"), _int8_load(product.b, "int8")
-        return None if a is None or b is None else ("int8", a, b)
+        b = _int8_load(product.b, "int8")
+        for kind, a_dtype in (("u8s8", "uint8"), ("s8s8", "int8")):
+            a = _int8_load(product.a, a_dtype)
+            if a is not None and b is not None:
+                return kind, a, b
     return None
 
 
@@ -148,7 +152,8 @@ class DenseDot(ScheduleRule):
         block, producers, consumers, nb, kind = found
         info = cpu_info(target)
         lanes = info.lanes("float32")
-        if not (info.bf16_dot if kind == "bf16" else info.int8_dot) or nb % lanes:
+        native = info.bf16_dot if kind == "bf16" else info.int8_dot == dot_intrinsics.INSTRUCTIONS[kind]
+        if not native or nb % lanes or not dot_intrinsics.available(kind, lanes):
             return None
         try:
             epilogue = inline_around(sch, producers, consumers)

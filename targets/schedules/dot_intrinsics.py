@@ -7,12 +7,12 @@ weight panel stored ``[lanes, depth]`` and adds the sums to ``lanes`` accumulato
 
 - bf16 (``depth`` 2, fp32 accumulators): AVX512_BF16's ``vdpbf16ps``. bf16 values are stored as
   their upper 16 bits (``uint16``; ``pack_bf16.widen`` reads one as fp32).
-- int8 (``depth`` 4, int32 accumulators): AVX512_VNNI's ``vpdpbusd``, unsigned activations by
-  signed weights (``pack_int8``).
+- int8 (``depth`` 4, int32 accumulators; ``pack_int8``): ``u8s8``, AVX512_VNNI's ``vpdpbusd``
+  (unsigned activations by signed weights), or ``s8s8``, AArch64's ``sdot`` (signed by signed).
 
-``lanes`` is 16 (512-bit vectors) or 8 (256-bit, on CPUs that split 512-bit operations).
-Either does 2 (bf16) or 4 (int8) multiply-adds per lane in one instruction, where fp32 FMA
-does one.
+``lanes`` is 16 (512-bit vectors), 8 (256-bit, on CPUs that split 512-bit operations) or 4
+(AArch64's 128-bit). Each does 2 (bf16) or 4 (int8) multiply-adds per lane in one instruction,
+where fp32 FMA does one.
 
 bf16: TVM 0.27 cannot emit ``vdpbf16ps`` directly: its ``bfloat16`` values are legalized to
 fp32 before code generation, and LLVM 22's ``llvm.x86.avx512bf16.dpbf16ps`` takes
@@ -100,7 +100,7 @@ def _bf16(lanes: int):
     return _desc(lanes, 2, "uint16", "uint16", "float32", _widen_bf16), impl
 
 
-def _int8(lanes: int):
+def _u8s8(lanes: int):
     i32 = f"int32x{lanes}"
     intrinsic = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
 
@@ -128,7 +128,39 @@ def _int8(lanes: int):
     return _desc(lanes, 4, "uint8", "int8", "int32", _widen_int), impl
 
 
-_KINDS = {"bf16": (2, _bf16), "int8": (4, _int8)}
+def _s8s8(lanes: int):
+    i32, i8 = f"int32x{lanes}", f"int8x{4 * lanes}"
+    intrinsic = f"llvm.aarch64.neon.sdot.v{lanes}i32.v{4 * lanes}i8"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "int8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(intrinsic),
+                C.vload([0], dtype=i32),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), lanes),
+                    dtype=i8,
+                ),
+                B.vload([0, 0], dtype=i8),
+                dtype=i32,
+            )
+
+    return _desc(lanes, 4, "int8", "int8", "int32", _widen_int), impl
+
+
+# kind → (k values per step, the intrinsic's maker, the lane counts it exists for)
+_KINDS = {"bf16": (2, _bf16, (8, 16)), "u8s8": (4, _u8s8, (8, 16)), "s8s8": (4, _s8s8, (4,))}
+
+
+# The instruction each kind runs on, as ``CPUInfo`` names a CPU's (``bf16_dot`` is a flag).
+INSTRUCTIONS = {"bf16": "vdpbf16ps", "u8s8": "vpdpbusd", "s8s8": "sdot"}
 
 
 def depth(kind: str) -> int:
@@ -137,19 +169,24 @@ def depth(kind: str) -> int:
 
 
 def intrinsic_name(kind: str, lanes: int) -> str:
-    """The registered tensor intrinsic for ``kind`` ("bf16" or "int8") and ``lanes``."""
+    """The registered tensor intrinsic for ``kind`` ("bf16", "u8s8", "s8s8") and ``lanes``."""
     return f"mbcompile_dot_{lanes}x{depth(kind)}_{kind}"
 
 
+def available(kind: str, lanes: int) -> bool:
+    """Whether ``kind`` has an intrinsic for ``lanes``."""
+    return lanes in _KINDS[kind][2]
+
+
 # Registered on import, before any tuning database is read: its records name them.
-for _kind, (_, _make) in _KINDS.items():
-    for _lanes in (8, 16):
+for _kind, (_, _make, _widths) in _KINDS.items():
+    for _lanes in _widths:
         if TensorIntrin.get(intrinsic_name(_kind, _lanes), allow_missing=True) is None:
             TensorIntrin.register(intrinsic_name(_kind, _lanes), *_make(_lanes))
 
 
 def prepare_loop(sch: Schedule, loop, kind: str, lanes: int) -> None:
     """What a kernel with ``kind`` steps needs on an outer loop of them: bf16 links its step
-    function (``pragma_import_llvm``); int8 needs nothing."""
+    function (``pragma_import_llvm``); the int8 kinds need nothing."""
     if kind == "bf16":
         sch.annotate(loop, "pragma_import_llvm", _bf16_llvm_ir(lanes))

@@ -9,11 +9,12 @@ activations per row at run time, int32 sums, dequantized in the matmul's epilogu
   ``Wq = round(W / sw)`` in [-127, 127]; packed as the fp32 panels (``pack_weights.py``) with
   each 4 consecutive k side by side, the operand order of ``vpdpbusd`` (``dot_intrinsics.py``).
 - Activations, symmetric per row (token): ``sx[m] = max_k |x[m, k]| / 127``,
-  ``q = round(x / sx)`` in [-127, 127], stored as ``q + 128`` (uint8: ``vpdpbusd`` multiplies
-  unsigned by signed bytes).
-- ``Σ_k (q + 128)·Wq = Σ_k q·Wq + 128·cw[n]`` with ``cw[n] = Σ_k Wq[k, n]`` (a constant), so
-  ``y[m, n] = sx[m] · sw[n] · (acc[m, n] − 128·cw[n])``: exact integer sums, one rounding per
-  operand. K is padded to a multiple of 4 with zeros (a zero weight cancels the padded 128).
+  ``q = round(x / sx)`` in [-127, 127], stored as ``q + z``: ``z`` = 128 (uint8) for
+  ``vpdpbusd``, which multiplies unsigned by signed bytes; ``z`` = 0 (int8) for AArch64's
+  ``sdot``, signed by signed (``zero_point``).
+- ``Σ_k (q + z)·Wq = Σ_k q·Wq + z·cw[n]`` with ``cw[n] = Σ_k Wq[k, n]`` (a constant), so
+  ``y[m, n] = sx[m] · sw[n] · (acc[m, n] − z·cw[n])``: exact integer sums, one rounding per
+  operand. K is padded to a multiple of 4 with zeros (a zero weight cancels the padded ``z``).
 
 ``quantize_rows`` and ``row_scales`` are opaque to FuseOps for the reason
 ``pack_bf16.to_bf16`` is.
@@ -58,17 +59,24 @@ def _scale(amax: te.Tensor):
     return lambda *r: tirx.max(amax[r], tirx.const(TINY, "float32")) / tirx.const(QMAX, "float32")
 
 
+def zero_point(instruction: str) -> int:
+    """``z`` of the module doc for the dot product ``instruction`` (``CPUInfo.int8_dot``)."""
+    return 128 if instruction == "vpdpbusd" else 0
+
+
 def row_scales(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
     """``sx``: the per-row scales of ``x[..., k_offset : k_offset + k_extent]``."""
     amax = _row_absmax(x, k_extent, k_offset)
     return te.compute(amax.shape, _scale(amax), name="row_scale")
 
 
-def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
+def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0, zero: int = 128) -> te.Tensor:
     """``xq``: the rows of ``x[..., k_offset : k_offset + k_extent]`` quantized as the module doc
-    says, padded with the zero point (128) to a multiple of 4 columns. (The scales are a kernel
-    of their own, ``row_scales``: a kernel's second output cannot be computed per row.)"""
+    says (uint8 with ``zero`` 128, int8 with 0), padded with ``zero`` to a multiple of 4
+    columns. (The scales are a kernel of their own, ``row_scales``: a kernel's second output
+    cannot be computed per row.)"""
     width = -(-k_extent // 4) * 4
+    dtype = "uint8" if zero else "int8"
     amax = _row_absmax(x, k_extent, k_offset)
     scale = _scale(amax)
 
@@ -77,18 +85,19 @@ def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
         # the row-invariant reciprocal is hoisted out of the row by LLVM
         q = tirx.round(x[(*r, col + k_offset)] * (tirx.const(1, "float32") / scale(*r)))
         q = tirx.min(tirx.max(q, tirx.const(-QMAX, "float32")), tirx.const(QMAX, "float32"))
-        value = (q.astype("int32") + tirx.const(128, "int32")).astype("uint8")
+        value = (q.astype("int32") + tirx.const(zero, "int32")).astype(dtype)
         if width == k_extent:
             return value
-        return tirx.if_then_else(col < k_extent, value, tirx.const(128, "uint8"))
+        return tirx.if_then_else(col < k_extent, value, tirx.const(zero, dtype))
 
     return te.compute((*x.shape[:-1], width), element, name="quantize")
 
 
 def dense_int8(
-    xq: te.Tensor, sx: te.Tensor, wq: te.Tensor, sw: te.Tensor, cw: te.Tensor, n: int
+    xq: te.Tensor, sx: te.Tensor, wq: te.Tensor, sw: te.Tensor, n: int, cw: te.Tensor | None = None
 ) -> te.Tensor:
-    """``x · W`` from the quantized operands (module doc); ``wq[⌈N/nb⌉, K/4, nb, 4]``."""
+    """``x · W`` from the quantized operands (module doc); ``wq[⌈N/nb⌉, K/4, nb, 4]``; ``cw``
+    with uint8 ``xq`` (zero point 128) only."""
     n_outer, k4, block, _ = wq.shape
     *rows, _ = xq.shape
     k = te.reduce_axis((0, 4 * k4), name="k")
@@ -101,11 +110,9 @@ def dense_int8(
         ),
         name="dense_int8_pad",
     )
-    zero = tirx.const(128, "int32")
-
     def dequantize(*idx):
         r, col = idx[:-1], idx[-1]
-        exact = (acc(*idx) - zero * cw[col]).astype("float32")
-        return exact * (sx[r] * sw[col])
+        exact = acc(*idx) if cw is None else acc(*idx) - tirx.const(128, "int32") * cw[col]
+        return exact.astype("float32") * (sx[r] * sw[col])
 
     return te.compute((*rows, n), dequantize, name="dequantize")

@@ -43,6 +43,7 @@ from mbcompile.targets.schedules.pack_int8 import (
     quantize_rows,
     quantize_weight,
     row_scales,
+    zero_point,
 )
 
 logger = logging.getLogger(__name__)
@@ -216,28 +217,24 @@ class _Packer(relax.PyExprMutator):
         )
 
     def _int8(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
-        xq, sx = (
-            self.builder_.emit(
-                self.builder_.call_te(
-                    compute,
-                    x,
-                    k_extent=w.shape[0],
-                    k_offset=k_offset,
-                    primfunc_name_hint=compute.__name__,
-                    primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE},
-                )
-            )
-            for compute in (quantize_rows, row_scales)
-        )
+        zero = zero_point(cpu_info(self.target).int8_dot)
+        emit, call_te = self.builder_.emit, self.builder_.call_te
+        opaque = {"op_pattern": OP_PATTERN_OPAQUE}
+        k = {"k_extent": w.shape[0], "k_offset": k_offset}
+        xq = emit(call_te(quantize_rows, x, zero=zero, **k, primfunc_name_hint="quantize_rows",
+                          primfunc_attrs=opaque))
+        sx = emit(call_te(row_scales, x, **k, primfunc_name_hint="row_scales",
+                          primfunc_attrs=opaque))
         q, scales = quantize_weight(w)
-        return self.builder_.call_te(
+        column_sums = relax.const(q.astype(np.int32).sum(axis=0)) if zero else None
+        return call_te(
             dense_int8,
             xq,
             sx,
             relax.const(pack_weight_int8(q, block)),
             relax.const(scales),
-            relax.const(q.astype(np.int32).sum(axis=0)),
             n=w.shape[1],
+            cw=column_sums,
             primfunc_name_hint="dense_int8",
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
         )

@@ -17,7 +17,7 @@ import time
 import zipfile
 
 import pytest
-from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
+from helpers import assert_matches_eager, make_model, random_inputs, tiny_config, trained_pad_row
 
 import mbcompile
 from mbcompile import TargetError, ToolchainError
@@ -237,3 +237,24 @@ def test_full_size_head_matches_eager_on_emulated_device_at_seq_128(head, device
         f"{loaded - built:.0f} s, first forward (emulated) {ran - loaded:.1f} s, "
         f"time_evaluator {device_seconds[0]:.1f} s; library {os.path.getsize(path) / 1e6:.0f} MB"
     )
+
+
+@pytest.mark.slow
+def test_int8_sdot_build_is_within_its_bound_on_emulated_device(device, tmp_path):
+    """precision="int8" for an ARMv8.2 dot-product target: its matmuls are sdot kernels
+    (tests/targets/test_dense_dot.py reads them), and its outputs stay within the int8 bound of
+    tests/test_precision.py against PyTorch."""
+    model = trained_pad_row(make_model("base", tiny_config()))
+    compiled = mbcompile.compile(model, seq_len=SEQ, target="aarch64-dotprod", precision="int8")
+    assert compiled.metadata.report["accuracy"]["skipped"].startswith("not run")
+    remote = mbcompile.load(compiled.save(tmp_path / "int8.mbc"), remote=device.address)
+    try:
+        ids, mask, types = random_inputs(model.config, (2, SEQ), pad=3)
+        inputs = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+                  "token_type_ids": types.numpy()}
+        report = remote.accuracy(inputs, reference=model)
+    finally:
+        remote.program.close()
+    hidden = report["outputs"]["last_hidden_state"]
+    assert report["precision"] == "int8"
+    assert 1e-4 < hidden["max_rel_error"] <= 8e-2 and hidden["min_cosine"] >= 0.998, hidden

@@ -10,7 +10,7 @@ import tvm
 from tvm import te
 
 from mbcompile.cpu import cpu_info
-from mbcompile.targets.registry import host_target
+from mbcompile.targets.registry import host_target, resolve_target
 from mbcompile.targets.schedules import DenseDot
 from mbcompile.targets.schedules.pack_bf16 import (
     bf16_bits,
@@ -25,20 +25,26 @@ from mbcompile.targets.schedules.pack_int8 import (
     quantize_rows,
     quantize_weight,
     row_scales,
+    zero_point,
 )
 from mbcompile.targets.schedules.pack_weights import packed_block_width
 
 HOST = host_target().tvm_target()
 SAPPHIRE = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"})
 ZEN4 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
-INSTRUCTION = {"bf16": "vdpbf16ps", "int8": "vpdpbusd"}
+DOTPROD = resolve_target("aarch64-dotprod").tvm_target()
 
 
-def _int8_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 ``q + 128``, per-row scales) as ``pack_int8`` quantizes a row."""
+def _instruction(kind: str, target) -> str:
+    info = cpu_info(target)
+    return "vdpbf16ps" if kind == "bf16" else info.int8_dot
+
+
+def _int8_activations(x: np.ndarray, zero: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(``q + zero``: uint8 for 128, int8 for 0; per-row scales) as ``pack_int8`` rounds a row."""
     sx = (np.maximum(np.abs(x).max(axis=1), 1e-30) / 127).astype(np.float32)
     q = np.clip(np.rint(x * (1 / sx[:, None])), -127, 127)
-    return (q + 128).astype(np.uint8), sx
+    return (q + zero).astype(np.uint8 if zero else np.int8), sx
 
 
 def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0):
@@ -57,12 +63,14 @@ def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0):
         expected = bf16_values(bf16_bits(x)).astype(np.float64) @ bf16_values(bf16_bits(w))
     else:
         q, sw = quantize_weight(w)
-        xq, sx = _int8_activations(x)
-        xq = np.pad(xq, ((0, 0), (0, -k % 4)), constant_values=128)
-        inputs = [xq, sx, pack_weight_int8(q, block), sw, q.astype(np.int32).sum(axis=0)]
+        zero = zero_point(cpu_info(target).int8_dot)
+        xq, sx = _int8_activations(x, zero)
+        xq = np.pad(xq, ((0, 0), (0, -k % 4)), constant_values=zero)
+        inputs = [xq, sx, pack_weight_int8(q, block), sw]
+        inputs += [q.astype(np.int32).sum(axis=0)] if zero else []
         tensors = [te.placeholder(a.shape, str(a.dtype)) for a in inputs]
-        out = dense_int8(*tensors, n=n)
-        expected = ((xq[:, :k].astype(np.float64) - 128) * sx[:, None]) @ (q * sw.astype(np.float64))
+        out = dense_int8(*tensors[:4], n=n, cw=tensors[4] if zero else None)
+        expected = ((xq[:, :k].astype(np.float64) - zero) * sx[:, None]) @ (q * sw.astype(np.float64))
     func = te.create_prim_func([*tensors, out])
     return DenseDot().apply(func, target, False), inputs, expected, out.shape
 
@@ -72,11 +80,11 @@ def test_the_run_time_rounding_kernels_round_as_numpy():
     x = rng.standard_normal((6, 37)).astype(np.float32) * rng.uniform(0.01, 100, (6, 1)).astype(np.float32)
     x[2] = 0  # a row of zeros: scale TINY, not a division by zero
     xt = te.placeholder(x.shape, "float32")
-    funcs = [to_bf16(xt, 37), quantize_rows(xt, 37), row_scales(xt, 37)]
+    funcs = [to_bf16(xt, 37), quantize_rows(xt, 37), row_scales(xt, 37), quantize_rows(xt, 37, zero=0)]
     lib = tvm.tirx.build(te.create_prim_func([xt, *funcs]), target=HOST)
     outs = [tvm.runtime.tensor(np.zeros([int(d) for d in f.shape], str(f.dtype))) for f in funcs]
     lib(tvm.runtime.tensor(x), *outs)
-    xb, xq, sx = (o.numpy() for o in outs)
+    xb, xq, sx, signed = (o.numpy() for o in outs)
     np.testing.assert_array_equal(xb[:, :37], bf16_bits(x))
     assert xb.shape[1] == 38 and not xb[:, 37].any()  # padded to an even width with zeros
     want_q, want_s = _int8_activations(x)
@@ -84,16 +92,20 @@ def test_the_run_time_rounding_kernels_round_as_numpy():
     assert np.abs(xq[:, :37].astype(int) - want_q).max() <= 1  # a tie may round either way
     assert xq.shape[1] == 40 and (xq[:, 37:] == 128).all()  # padded with the zero point
     assert (xq[2] == 128).all()
+    np.testing.assert_array_equal(signed.astype(int), xq.astype(int) - 128)  # sdot's: no offset
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
-@pytest.mark.parametrize("target", [SAPPHIRE, ZEN4], ids=["512-bit", "zen4-256-bit"])
+@pytest.mark.parametrize(
+    "kind, target",
+    [("bf16", SAPPHIRE), ("int8", SAPPHIRE), ("bf16", ZEN4), ("int8", ZEN4), ("int8", DOTPROD)],
+    ids=["bf16-512-bit", "int8-512-bit", "bf16-zen4-256-bit", "int8-zen4-256-bit", "int8-aarch64"],
+)
 def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
     sch, *_ = _kernel(kind, target, 24, 64, 96)
     assert sch is not None, "DenseDot did not schedule the kernel"
     asm = tvm.tirx.build(sch.mod, target=target).inspect_source("asm")
-    register = "%zmm" if cpu_info(target).vector_bits == 512 else "%ymm"
-    lines = [line for line in asm.splitlines() if INSTRUCTION[kind] in line]
+    register = {512: "%zmm", 256: "%ymm", 128: ".4s"}[cpu_info(target).vector_bits]
+    lines = [line for line in asm.splitlines() if _instruction(kind, target) in line]
     assert lines and all(register in line for line in lines), lines[:3]
 
 
@@ -102,7 +114,7 @@ def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
 def test_the_kernel_computes_the_rounded_product(kind, shape):
     info = cpu_info(HOST)
     if not (info.bf16_dot if kind == "bf16" else info.int8_dot):
-        pytest.skip(f"this CPU has no {INSTRUCTION[kind]} to run {kind} kernels on")
+        pytest.skip(f"this CPU has no {kind} dot product to run {kind} kernels on")
     sch, inputs, expected, out_shape = _kernel(kind, HOST, *shape)
     assert sch is not None
     lib = tvm.tirx.build(sch.mod, target=HOST)
