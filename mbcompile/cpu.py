@@ -41,8 +41,8 @@ class CPUInfo:
     # matmuls run on (``targets/schedules/dense_bf16.py``).
     bf16_dot: bool = False
     # The byte dot product an int8 build's matmuls run on, into int32 lanes: "vpdpbusd"
-    # (AVX512_VNNI, unsigned activations × signed weights), "sdot" (AArch64 dot product, signed
-    # × signed), or "" for none.
+    # (AVX512_VNNI, unsigned activations × signed weights), "vpmaddubsw" (AVX2 without VNNI,
+    # the same through int16 pairs), "sdot" (AArch64 dot product, signed × signed), or "".
     int8_dot: str = ""
 
     def lanes(self, dtype: str = "float32") -> int:
@@ -96,9 +96,10 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
         return DEFAULT_CPU
     num_cores = int(target.attrs.get("num-cores", 0) or 0)
     if _has("avx512f", target):
+        vnni = _has("avx512vnni", target) and _has("avx512vl", target)
         dots = {
             "bf16_dot": _has("avx512bf16", target) and _has("avx512vl", target),
-            "int8_dot": "vpdpbusd" if _has("avx512vnni", target) and _has("avx512vl", target) else "",
+            "int8_dot": "vpdpbusd" if vnni else "vpmaddubsw" if _has("avx512bw", target) else "",
         }
         if splits_512_bit_vectors(target):
             # Zen 4: AVX2's tiles (16 registers' worth) measured at least as fast as 32-register
@@ -106,7 +107,7 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
             return CPUInfo(256, 16, num_cores, **dots)
         return CPUInfo(512, 32, num_cores, **dots)
     if _has("avx", target):
-        return CPUInfo(256, 16, num_cores)
+        return CPUInfo(256, 16, num_cores, int8_dot="vpmaddubsw" if _has("avx2", target) else "")
     if _has("neon", target) or _has("asimd", target):
         sdot = "sdot" if _has("dotprod", target) else ""
         return CPUInfo(128, 32, num_cores, fma_by_lane=True, int8_dot=sdot)
@@ -119,10 +120,9 @@ _PRECISION_NEEDS = {
     "bf16": ("bf16_dot", "bf16 dot products: x86 AVX512_BF16 (the avx512bf16 feature: AMD Zen 4, "
              "Intel Cooper Lake, Sapphire Rapids and later; bf16 on ARM, BFDOT, is not supported "
              "yet)"),
-    "int8": ("int8_dot", "int8 dot products: x86 AVX512_VNNI (the avx512vnni feature: AMD Zen 4, "
-             "Intel Ice Lake, Cascade Lake and later) or the ARMv8.2 dot product (the dotprod "
-             "feature: targets aarch64-dotprod and android-arm64); AVX2-only CPUs and ARM "
-             "without it are not supported yet"),
+    "int8": ("int8_dot", "int8 dot products: x86 AVX2 (the avx2 feature; AVX512_VNNI, avx512vnni, "
+             "where there is one) or the ARMv8.2 dot product (the dotprod feature: targets "
+             "aarch64-dotprod and android-arm64); ARM without it is not supported yet"),
 }
 
 

@@ -20,23 +20,29 @@ import mbcompile
 from mbcompile.cli import main
 from mbcompile.cpu import cpu_info
 from mbcompile.errors import InputError, InputTypeError, OptionError, TargetError
-from mbcompile.targets.registry import host_target
+from mbcompile.targets.registry import host_features, host_target
 
 BOUNDS = {"bf16": (3e-2, 0.999), "int8": (8e-2, 0.998)}  # (max_rel_error, min_cosine)
 
 _HOST = cpu_info(host_target().tvm_target())
 _MISSING = {"bf16": None if _HOST.bf16_dot else "AVX512_BF16 (bf16 dot products)",
-            "int8": None if _HOST.int8_dot else "AVX512_VNNI (int8 dot products)"}
+            "int8": None if _HOST.int8_dot else "int8 dot product (AVX2, AVX512_VNNI, dotprod)"}
 
 
-def runnable(precision: str):
-    """``precision`` as a test parameter, skipped (saying why) where this CPU cannot run it."""
+def runnable(precision: str, target: str = "host"):
+    """``(precision, target)`` as a test parameter, skipped (saying why) where this CPU cannot
+    run it. ``x86-64-zen3`` is the AVX2 build (int8 on ``vpmaddubsw``), which any AVX2 CPU runs."""
     missing = _MISSING[precision]
-    reason = f"this CPU has no {missing} to run {precision} builds on"
-    return pytest.param(precision, marks=pytest.mark.skipif(missing is not None, reason=reason))
+    if target == "x86-64-zen3" and "avx2" not in host_features():
+        missing = "AVX2"
+    reason = f"this CPU has no {missing} to run {precision} builds for {target} on"
+    return pytest.param(
+        precision, target, id=f"{precision}-{target}",
+        marks=pytest.mark.skipif(missing is not None, reason=reason),
+    )
 
 
-PRECISIONS = [runnable("bf16"), runnable("int8")]
+BUILDS = [runnable("bf16"), runnable("int8"), runnable("int8", "x86-64-zen3")]
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(206)]
 
@@ -73,11 +79,13 @@ def encoder():
     return trained_pad_row(make_model("base", tiny_config()))
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision, target", BUILDS)
 @pytest.mark.parametrize("stressed", [False, True])
-def test_encoder_is_within_its_bound_at_every_length(precision, stressed, encoder, stressed_encoder):
+def test_encoder_is_within_its_bound_at_every_length(
+    precision, target, stressed, encoder, stressed_encoder
+):
     model = stressed_encoder if stressed else encoder
-    compiled = mbcompile.compile(model, max_seq_len=32, precision=precision)
+    compiled = mbcompile.compile(model, max_seq_len=32, precision=precision, target=target)
     assert compiled.metadata.precision == precision
     batches = [_inputs(model.config, (2, n), pad=n // 3) for n in (5, 16, 29)]
     report = compiled.accuracy(batches)
@@ -97,10 +105,10 @@ def test_encoder_is_within_its_bound_at_every_length(precision, stressed, encode
     assert recorded["outputs"]["last_hidden_state"]["max_rel_error"] <= max_rel
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision, target", BUILDS)
 @pytest.mark.parametrize("stressed", [False, True])
 def test_no_worse_than_the_peers_on_the_same_weights(
-    precision, stressed, encoder, stressed_encoder, tmp_path
+    precision, target, stressed, encoder, stressed_encoder, tmp_path
 ):
     """bf16 against OpenVINO's bf16, int8 against ONNX Runtime's quantize_dynamic (int8 weights
     per channel), on every metric of the encoder's hidden states."""
@@ -114,7 +122,7 @@ def test_no_worse_than_the_peers_on_the_same_weights(
     else:
         peer = peers.openvino(model, example, 2, precision="bf16", workdir=str(tmp_path))
         assert peer.precision == "bf16"
-    compiled = mbcompile.compile(model, seq_len=32, precision=precision)
+    compiled = mbcompile.compile(model, seq_len=32, precision=precision, target=target)
     ours = compiled.accuracy(inputs)["outputs"]["last_hidden_state"]
     from mbcompile.runtime.accuracy import _Totals, reference_outputs
 
@@ -126,14 +134,14 @@ def test_no_worse_than_the_peers_on_the_same_weights(
     assert ours["min_cosine"] >= theirs["min_cosine"], (ours, theirs)
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision, target", BUILDS)
 @pytest.mark.parametrize("head", ["masked-lm", "sequence-classification"])
-def test_predictions_agree_with_fp32(precision, head):
+def test_predictions_agree_with_fp32(precision, target, head):
     # weights at their default scale: at initializer_range=0.2 the two layers amplify any
     # rounding (bf16 logits 3-20% off; fp32 stays within 1e-5)
     model = trained_pad_row(make_model(head, tiny_config(num_labels=3)))
     options = {"logits_for": "masked", "max_masked": 2, "mask_token_id": 4} if head == "masked-lm" else {}
-    compiled = mbcompile.compile(model, seq_len=16, precision=precision, **options)
+    compiled = mbcompile.compile(model, seq_len=16, precision=precision, target=target, **options)
     report = compiled.accuracy([_inputs(model.config, (4, 16), pad=3, masks=2)])
     logits = report["outputs"]["logits"]
     assert logits["top1_positions"] == (8 if head == "masked-lm" else 4)
@@ -172,8 +180,11 @@ def test_info_shows_precision_and_the_recorded_accuracy(encoder, tmp_path, capsy
     assert error <= TOL and "against PyTorch fp32" in out
 
 
-@pytest.mark.parametrize("target", ["x86-64-zen3", "aarch64"])
-@pytest.mark.parametrize("precision, feature", [("bf16", "avx512bf16"), ("int8", "avx512vnni")])
+@pytest.mark.parametrize(
+    "target, precision, feature",
+    [("x86-64-zen3", "bf16", "avx512bf16"), ("aarch64", "bf16", "avx512bf16"),
+     ("aarch64", "int8", "dotprod"), ("raspberry-pi-4", "int8", "dotprod")],
+)
 def test_reduced_precision_is_refused_where_the_cpu_has_no_dot_product(target, precision, feature):
     model = make_model("base", tiny_config())
     with pytest.raises(TargetError, match=f"{feature}.*precision='fp32'"):
@@ -195,8 +206,8 @@ def test_accuracy_refuses_inputs_it_cannot_read(encoder):
         compiled.accuracy({"input_ids": np.ones((1, 8), np.int64), "labels": np.ones(1)})
 
 
-@pytest.mark.parametrize("precision", [runnable("int8")])
-def test_tuning_covers_the_reduced_precision_kernels(precision, encoder, tmp_path):
+@pytest.mark.parametrize("precision, target", [runnable("int8")])
+def test_tuning_covers_the_reduced_precision_kernels(precision, target, encoder, tmp_path):
     summary = mbcompile.tune(
         encoder, work_dir=tmp_path, seq_len=16, precision=precision, trials=3, max_tasks=1,
         log=lambda _line: None,

@@ -152,12 +152,13 @@ class DenseDot(ScheduleRule):
         block, producers, consumers, nb, kind = found
         info = cpu_info(target)
         lanes = info.lanes("float32")
-        native = info.bf16_dot if kind == "bf16" else info.int8_dot == dot_intrinsics.INSTRUCTIONS[kind]
-        if not native or nb % lanes or not dot_intrinsics.available(kind, lanes):
+        instruction = ("vdpbf16ps" if info.bf16_dot else "") if kind == "bf16" else info.int8_dot
+        native = bool(instruction) and dot_intrinsics.kind_of(instruction) == kind
+        if not native or nb % lanes or not dot_intrinsics.available(instruction, lanes):
             return None
         try:
             epilogue = inline_around(sch, producers, consumers)
-            _schedule(sch, block, epilogue, nb, info, kind, tunable)
+            _schedule(sch, block, epilogue, nb, info, instruction, tunable)
         except s_tir.ScheduleError as err:
             logger.warning("DenseDot: matched but could not schedule: %s", err)
             return None
@@ -172,13 +173,13 @@ def most_rows(info, nb: int) -> int:
     return max(1, min((TILE_BYTES - 1) // (4 * nb), registers))
 
 
-def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, kind: str,
+def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, instruction: str,
               tunable: bool) -> None:
     """The loops of the module doc. ``tunable``: the tile's rows (up to ``most_rows``) and the
     K unroll (up to 8 steps) become MetaSchedule knobs (``sample_perfect_tile``), as in
     ``gemm_tile.schedule_gemm``."""
     lanes = info.lanes("float32")
-    depth = dot_intrinsics.depth(kind)
+    depth = dot_intrinsics.depth(dot_intrinsics.kind_of(instruction))
     *batch, i, j, k = sch.get_loops(block)
     m = const_int(sch.get(i).extent)
     steps = const_int(sch.get(k).extent) // depth
@@ -203,8 +204,8 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, kind: 
         sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
     vectorize_tile(sch, writer, lanes)
     sch.decompose_reduction(block, ko)
-    sch.tensorize(ji, dot_intrinsics.intrinsic_name(kind, lanes))
+    sch.tensorize(ji, dot_intrinsics.intrinsic_name(instruction, lanes))
     sch.unroll(kk)
     sch.unroll(ii)
     sch.unroll(jt)
-    dot_intrinsics.prepare_loop(sch, outer, kind, lanes)
+    dot_intrinsics.prepare_loop(sch, outer, instruction, lanes)

@@ -7,8 +7,9 @@ weight panel stored ``[lanes, depth]`` and adds the sums to ``lanes`` accumulato
 
 - bf16 (``depth`` 2, fp32 accumulators): AVX512_BF16's ``vdpbf16ps``. bf16 values are stored as
   their upper 16 bits (``uint16``; ``pack_bf16.widen`` reads one as fp32).
-- int8 (``depth`` 4, int32 accumulators; ``pack_int8``): ``u8s8``, AVX512_VNNI's ``vpdpbusd``
-  (unsigned activations by signed weights), or ``s8s8``, AArch64's ``sdot`` (signed by signed).
+- int8 (``depth`` 4, int32 accumulators; ``pack_int8``): ``u8s8``, unsigned activations by
+  signed weights, on AVX512_VNNI's ``vpdpbusd`` or, without VNNI, AVX2's ``vpmaddubsw`` +
+  ``vpmaddwd``; or ``s8s8``, signed by signed, on AArch64's ``sdot``.
 
 ``lanes`` is 16 (512-bit vectors), 8 (256-bit, on CPUs that split 512-bit operations) or 4
 (AArch64's 128-bit). Each does 2 (bf16) or 4 (int8) multiply-adds per lane in one instruction,
@@ -128,6 +129,44 @@ def _u8s8(lanes: int):
     return _desc(lanes, 4, "uint8", "int8", "int32", _widen_int), impl
 
 
+def _u8s8_maddubs(lanes: int):
+    """The same step without VNNI: ``vpmaddubsw`` (byte pairs into saturating int16) then
+    ``vpmaddwd`` by ones (int16 pairs into int32). A pair saturates past 32767, so the
+    weights take 7 bits (``pack_int8.weight_qmax``): 2·255·63 fits."""
+    i32, i16, i8 = f"int32x{lanes}", f"int16x{2 * lanes}", f"int8x{4 * lanes}"
+    maddubs, maddwd = (
+        ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd")
+        if lanes == 8
+        else ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")
+    )
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=i32) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(maddwd),
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(maddubs),
+                    T.reinterpret(
+                        T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes),
+                        dtype=i8,
+                    ),
+                    B.vload([0, 0], dtype=i8),
+                    dtype=i16,
+                ),
+                T.broadcast(T.int16(1), 2 * lanes),
+                dtype=i32,
+            )
+
+    return _desc(lanes, 4, "uint8", "int8", "int32", _widen_int), impl
+
+
 def _s8s8(lanes: int):
     i32, i8 = f"int32x{lanes}", f"int8x{4 * lanes}"
     intrinsic = f"llvm.aarch64.neon.sdot.v{lanes}i32.v{4 * lanes}i8"
@@ -155,38 +194,46 @@ def _s8s8(lanes: int):
     return _desc(lanes, 4, "int8", "int8", "int32", _widen_int), impl
 
 
-# kind → (k values per step, the intrinsic's maker, the lane counts it exists for)
-_KINDS = {"bf16": (2, _bf16, (8, 16)), "u8s8": (4, _u8s8, (8, 16)), "s8s8": (4, _s8s8, (4,))}
-
-
-# The instruction each kind runs on, as ``CPUInfo`` names a CPU's (``bf16_dot`` is a flag).
-INSTRUCTIONS = {"bf16": "vdpbf16ps", "u8s8": "vpdpbusd", "s8s8": "sdot"}
+# instruction → (kind, its maker, the lane counts it exists for). The kind is what the matmul
+# computes (``dense_dot`` reads it from the kernel); the instruction, what the CPU has
+# (``CPUInfo.bf16_dot``, ``CPUInfo.int8_dot``).
+_STEPS = {
+    "vdpbf16ps": ("bf16", _bf16, (8, 16)),
+    "vpdpbusd": ("u8s8", _u8s8, (8, 16)),
+    "vpmaddubsw": ("u8s8", _u8s8_maddubs, (8, 16)),
+    "sdot": ("s8s8", _s8s8, (4,)),
+}
 
 
 def depth(kind: str) -> int:
-    """k values per step: 2 for bf16, 4 for int8."""
-    return _KINDS[kind][0]
+    """k values per step: 2 for bf16, 4 for the int8 kinds."""
+    return 2 if kind == "bf16" else 4
 
 
-def intrinsic_name(kind: str, lanes: int) -> str:
-    """The registered tensor intrinsic for ``kind`` ("bf16", "u8s8", "s8s8") and ``lanes``."""
-    return f"mbcompile_dot_{lanes}x{depth(kind)}_{kind}"
+def kind_of(instruction: str) -> str:
+    """What ``instruction`` computes: "bf16", "u8s8" or "s8s8"."""
+    return _STEPS[instruction][0]
 
 
-def available(kind: str, lanes: int) -> bool:
-    """Whether ``kind`` has an intrinsic for ``lanes``."""
-    return lanes in _KINDS[kind][2]
+def intrinsic_name(instruction: str, lanes: int) -> str:
+    """The registered tensor intrinsic of ``instruction`` for ``lanes`` accumulators."""
+    return f"mbcompile_dot_{lanes}x{depth(kind_of(instruction))}_{instruction}"
+
+
+def available(instruction: str, lanes: int) -> bool:
+    """Whether ``instruction`` has an intrinsic for ``lanes``."""
+    return instruction in _STEPS and lanes in _STEPS[instruction][2]
 
 
 # Registered on import, before any tuning database is read: its records name them.
-for _kind, (_, _make, _widths) in _KINDS.items():
+for _instruction, (_, _make, _widths) in _STEPS.items():
     for _lanes in _widths:
-        if TensorIntrin.get(intrinsic_name(_kind, _lanes), allow_missing=True) is None:
-            TensorIntrin.register(intrinsic_name(_kind, _lanes), *_make(_lanes))
+        if TensorIntrin.get(intrinsic_name(_instruction, _lanes), allow_missing=True) is None:
+            TensorIntrin.register(intrinsic_name(_instruction, _lanes), *_make(_lanes))
 
 
-def prepare_loop(sch: Schedule, loop, kind: str, lanes: int) -> None:
-    """What a kernel with ``kind`` steps needs on an outer loop of them: bf16 links its step
-    function (``pragma_import_llvm``); the int8 kinds need nothing."""
-    if kind == "bf16":
+def prepare_loop(sch: Schedule, loop, instruction: str, lanes: int) -> None:
+    """What a kernel of ``instruction`` steps needs on an outer loop of them: bf16 links its
+    step function (``pragma_import_llvm``); the int8 ones need nothing."""
+    if instruction == "vdpbf16ps":
         sch.annotate(loop, "pragma_import_llvm", _bf16_llvm_ir(lanes))

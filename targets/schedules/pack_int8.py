@@ -6,12 +6,14 @@ activations per row at run time, int32 sums, dequantized in the matmul's epilogu
                                    call_tir(dense_int8, xq, sx, Wq[⌈N/nb⌉, K/4, nb, 4], sw, cw)
 
 - Weights, symmetric per output channel: ``sw[n] = max_k |W[k, n]| / 127``,
-  ``Wq = round(W / sw)`` in [-127, 127]; packed as the fp32 panels (``pack_weights.py``) with
+  ``Wq = round(W / sw)`` in [-127, 127] (but see ``vpmaddubsw`` below); packed as the fp32 panels (``pack_weights.py``) with
   each 4 consecutive k side by side, the operand order of ``vpdpbusd`` (``dot_intrinsics.py``).
 - Activations, symmetric per row (token): ``sx[m] = max_k |x[m, k]| / 127``,
   ``q = round(x / sx)`` in [-127, 127], stored as ``q + z``: ``z`` = 128 (uint8) for
-  ``vpdpbusd``, which multiplies unsigned by signed bytes; ``z`` = 0 (int8) for AArch64's
-  ``sdot``, signed by signed (``zero_point``).
+  ``vpdpbusd`` and AVX2's ``vpmaddubsw``, which multiply unsigned by signed bytes; ``z`` = 0
+  (int8) for AArch64's ``sdot``, signed by signed (``zero_point``).
+- ``vpmaddubsw`` sums two byte products into a saturating int16: its weights take 7 bits
+  ([-63, 63], ``weight_qmax``), so that 2·255·63 fits.
 - ``Σ_k (q + z)·Wq = Σ_k q·Wq + z·cw[n]`` with ``cw[n] = Σ_k Wq[k, n]`` (a constant), so
   ``y[m, n] = sx[m] · sw[n] · (acc[m, n] − z·cw[n])``: exact integer sums, one rounding per
   operand. K is padded to a multiple of 4 with zeros (a zero weight cancels the padded ``z``).
@@ -29,11 +31,11 @@ QMAX = 127
 TINY = 1e-30  # a row of zeros gets this scale, not a division by zero
 
 
-def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``[K, N]`` fp32 → (``Wq`` int8 ``[K, N]``, per-column scales fp32 ``[N]``)."""
+def quantize_weight(weight: np.ndarray, qmax: int = QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """``[K, N]`` fp32 → (``Wq`` int8 ``[K, N]`` in [-qmax, qmax], per-column scales ``[N]``)."""
     w = weight.astype(np.float64)
-    scale = np.maximum(np.abs(w).max(axis=0), TINY) / QMAX
-    q = np.clip(np.rint(w / scale), -QMAX, QMAX).astype(np.int8)
+    scale = np.maximum(np.abs(w).max(axis=0), TINY) / qmax
+    q = np.clip(np.rint(w / scale), -qmax, qmax).astype(np.int8)
     return q, scale.astype(np.float32)
 
 
@@ -61,7 +63,13 @@ def _scale(amax: te.Tensor):
 
 def zero_point(instruction: str) -> int:
     """``z`` of the module doc for the dot product ``instruction`` (``CPUInfo.int8_dot``)."""
-    return 128 if instruction == "vpdpbusd" else 0
+    return 128 if instruction in ("vpdpbusd", "vpmaddubsw") else 0
+
+
+def weight_qmax(instruction: str) -> int:
+    """The weights' largest step: 127, or 63 for ``vpmaddubsw``, whose int16 sum of two
+    byte products saturates past 32767 (2·255·63 fits, 2·255·127 does not)."""
+    return 63 if instruction == "vpmaddubsw" else QMAX
 
 
 def row_scales(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
@@ -94,10 +102,16 @@ def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0, zero: int = 12
 
 
 def dense_int8(
-    xq: te.Tensor, sx: te.Tensor, wq: te.Tensor, sw: te.Tensor, n: int, cw: te.Tensor | None = None
+    xq: te.Tensor,
+    sx: te.Tensor,
+    wq: te.Tensor,
+    sw: te.Tensor,
+    n: int,
+    cw: te.Tensor | None = None,
+    zero: int = 0,
 ) -> te.Tensor:
     """``x · W`` from the quantized operands (module doc); ``wq[⌈N/nb⌉, K/4, nb, 4]``; ``cw``
-    with uint8 ``xq`` (zero point 128) only."""
+    (the weight's column sums) with a non-zero ``zero`` point only."""
     n_outer, k4, block, _ = wq.shape
     *rows, _ = xq.shape
     k = te.reduce_axis((0, 4 * k4), name="k")
@@ -112,7 +126,7 @@ def dense_int8(
     )
     def dequantize(*idx):
         r, col = idx[:-1], idx[-1]
-        exact = acc(*idx) if cw is None else acc(*idx) - tirx.const(128, "int32") * cw[col]
+        exact = acc(*idx) if not zero else acc(*idx) - tirx.const(zero, "int32") * cw[col]
         return exact.astype("float32") * (sx[r] * sw[col])
 
     return te.compute((*rows, n), dequantize, name="dequantize")

@@ -43,6 +43,7 @@ from mbcompile.targets.schedules.pack_int8 import (
     quantize_rows,
     quantize_weight,
     row_scales,
+    weight_qmax,
     zero_point,
 )
 
@@ -217,7 +218,8 @@ class _Packer(relax.PyExprMutator):
         )
 
     def _int8(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
-        zero = zero_point(cpu_info(self.target).int8_dot)
+        instruction = cpu_info(self.target).int8_dot
+        zero = zero_point(instruction)
         emit, call_te = self.builder_.emit, self.builder_.call_te
         opaque = {"op_pattern": OP_PATTERN_OPAQUE}
         k = {"k_extent": w.shape[0], "k_offset": k_offset}
@@ -225,7 +227,7 @@ class _Packer(relax.PyExprMutator):
                           primfunc_attrs=opaque))
         sx = emit(call_te(row_scales, x, **k, primfunc_name_hint="row_scales",
                           primfunc_attrs=opaque))
-        q, scales = quantize_weight(w)
+        q, scales = quantize_weight(w, weight_qmax(instruction))
         column_sums = relax.const(q.astype(np.int32).sum(axis=0)) if zero else None
         return call_te(
             dense_int8,
@@ -235,6 +237,7 @@ class _Packer(relax.PyExprMutator):
             relax.const(scales),
             n=w.shape[1],
             cw=column_sums,
+            zero=zero,
             primfunc_name_hint="dense_int8",
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
         )

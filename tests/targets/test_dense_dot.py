@@ -10,7 +10,7 @@ import tvm
 from tvm import te
 
 from mbcompile.cpu import cpu_info
-from mbcompile.targets.registry import host_target, resolve_target
+from mbcompile.targets.registry import host_features, host_target, resolve_target
 from mbcompile.targets.schedules import DenseDot
 from mbcompile.targets.schedules.pack_bf16 import (
     bf16_bits,
@@ -25,6 +25,7 @@ from mbcompile.targets.schedules.pack_int8 import (
     quantize_rows,
     quantize_weight,
     row_scales,
+    weight_qmax,
     zero_point,
 )
 from mbcompile.targets.schedules.pack_weights import packed_block_width
@@ -33,6 +34,8 @@ HOST = host_target().tvm_target()
 SAPPHIRE = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids"})
 ZEN4 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
 DOTPROD = resolve_target("aarch64-dotprod").tvm_target()
+ZEN3 = resolve_target("x86-64-zen3").tvm_target()
+SKYLAKE = resolve_target("x86-64-avx512").tvm_target()
 
 
 def _instruction(kind: str, target) -> str:
@@ -40,10 +43,11 @@ def _instruction(kind: str, target) -> str:
     return "vdpbf16ps" if kind == "bf16" else info.int8_dot
 
 
-def _int8_activations(x: np.ndarray, zero: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(``q + zero``: uint8 for 128, int8 for 0; per-row scales) as ``pack_int8`` rounds a row."""
-    sx = (np.maximum(np.abs(x).max(axis=1), 1e-30) / 127).astype(np.float32)
-    q = np.clip(np.rint(x * (1 / sx[:, None])), -127, 127)
+def _int8_activations(x: np.ndarray, zero: int = 128, qmax: int = 127):
+    """(``q + zero``: uint8 for a non-zero point, int8 for 0; per-row scales) as ``pack_int8``
+    rounds a row to ``qmax`` steps each way."""
+    sx = (np.maximum(np.abs(x).max(axis=1), 1e-30) / qmax).astype(np.float32)
+    q = np.clip(np.rint(x * (1 / sx[:, None])), -qmax, qmax)
     return (q + zero).astype(np.uint8 if zero else np.int8), sx
 
 
@@ -62,14 +66,15 @@ def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0):
         inputs = [xb, wp]
         expected = bf16_values(bf16_bits(x)).astype(np.float64) @ bf16_values(bf16_bits(w))
     else:
-        q, sw = quantize_weight(w)
-        zero = zero_point(cpu_info(target).int8_dot)
+        instruction = cpu_info(target).int8_dot
+        q, sw = quantize_weight(w, weight_qmax(instruction))
+        zero = zero_point(instruction)
         xq, sx = _int8_activations(x, zero)
         xq = np.pad(xq, ((0, 0), (0, -k % 4)), constant_values=zero)
         inputs = [xq, sx, pack_weight_int8(q, block), sw]
         inputs += [q.astype(np.int32).sum(axis=0)] if zero else []
         tensors = [te.placeholder(a.shape, str(a.dtype)) for a in inputs]
-        out = dense_int8(*tensors[:4], n=n, cw=tensors[4] if zero else None)
+        out = dense_int8(*tensors[:4], n=n, cw=tensors[4] if zero else None, zero=zero)
         expected = ((xq[:, :k].astype(np.float64) - zero) * sx[:, None]) @ (q * sw.astype(np.float64))
     func = te.create_prim_func([*tensors, out])
     return DenseDot().apply(func, target, False), inputs, expected, out.shape
@@ -93,12 +98,16 @@ def test_the_run_time_rounding_kernels_round_as_numpy():
     assert xq.shape[1] == 40 and (xq[:, 37:] == 128).all()  # padded with the zero point
     assert (xq[2] == 128).all()
     np.testing.assert_array_equal(signed.astype(int), xq.astype(int) - 128)  # sdot's: no offset
+    q7, _ = quantize_weight(x.T, 63)  # vpmaddubsw's weights: 7 bits
+    assert np.abs(q7).max() == 63
 
 
 @pytest.mark.parametrize(
     "kind, target",
-    [("bf16", SAPPHIRE), ("int8", SAPPHIRE), ("bf16", ZEN4), ("int8", ZEN4), ("int8", DOTPROD)],
-    ids=["bf16-512-bit", "int8-512-bit", "bf16-zen4-256-bit", "int8-zen4-256-bit", "int8-aarch64"],
+    [("bf16", SAPPHIRE), ("int8", SAPPHIRE), ("bf16", ZEN4), ("int8", ZEN4), ("int8", DOTPROD),
+     ("int8", ZEN3), ("int8", SKYLAKE)],
+    ids=["bf16-512-bit", "int8-512-bit", "bf16-zen4-256-bit", "int8-zen4-256-bit", "int8-aarch64",
+         "int8-zen3-avx2", "int8-avx512-without-vnni"],
 )
 def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
     sch, *_ = _kernel(kind, target, 24, 64, 96)
@@ -109,15 +118,18 @@ def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
     assert lines and all(register in line for line in lines), lines[:3]
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int8"])
+@pytest.mark.parametrize("kind, target", [("bf16", HOST), ("int8", HOST), ("int8", ZEN3)],
+                         ids=["bf16-host", "int8-host", "int8-avx2"])
 @pytest.mark.parametrize("shape", [(24, 64, 96), (8, 130, 40), (1, 512, 128)])
-def test_the_kernel_computes_the_rounded_product(kind, shape):
-    info = cpu_info(HOST)
+def test_the_kernel_computes_the_rounded_product(kind, target, shape):
+    if target is ZEN3 and "avx2" not in host_features():
+        pytest.skip("this CPU has no AVX2 to run the Zen 3 kernels on")
+    info = cpu_info(target)
     if not (info.bf16_dot if kind == "bf16" else info.int8_dot):
         pytest.skip(f"this CPU has no {kind} dot product to run {kind} kernels on")
-    sch, inputs, expected, out_shape = _kernel(kind, HOST, *shape)
+    sch, inputs, expected, out_shape = _kernel(kind, target, *shape)
     assert sch is not None
-    lib = tvm.tirx.build(sch.mod, target=HOST)
+    lib = tvm.tirx.build(sch.mod, target=target)
     args = [tvm.runtime.tensor(a) for a in inputs]
     out = tvm.runtime.tensor(np.zeros([int(d) for d in out_shape], np.float32))
     lib(*args, out)
