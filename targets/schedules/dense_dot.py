@@ -39,6 +39,7 @@ from mbcompile.targets.schedules.gemm_tile import (
     inline_around,
     largest_divisor,
     split_at_reduction,
+    stage_rows,
     vectorize_tile,
 )
 
@@ -98,7 +99,8 @@ def _is_packed(indices, j, k, nb: int, d: int) -> bool:
 
 
 def _match(sch: s_tir.Schedule):
-    """(block, producers, consumers, nb, kind) of a reduced-precision dense PrimFunc, or None."""
+    """(block, producers, consumers, nb, kind, activation buffer) of a reduced-precision dense
+    PrimFunc, or None."""
     split = split_at_reduction(sch)
     if split is None:
         return None
@@ -127,7 +129,7 @@ def _match(sch: s_tir.Schedule):
     nb = const_int(b.source.shape[2]) if len(b.source.shape) == 4 else None
     if nb is None or not _is_packed(list(b.indices), j, k, nb, dot_intrinsics.depth(kind)):
         return None
-    return block, producers, consumers, nb, kind
+    return block, producers, consumers, nb, kind, a.source
 
 
 def tile_rows(m: int, nb: int, info) -> int:
@@ -149,7 +151,7 @@ class DenseDot(ScheduleRule):
         found = _match(sch)
         if found is None:
             return None
-        block, producers, consumers, nb, kind = found
+        block, producers, consumers, nb, kind, activations = found
         info = cpu_info(target)
         lanes = info.lanes("float32")
         instruction = ("vdpbf16ps" if info.bf16_dot else "") if kind == "bf16" else info.int8_dot
@@ -158,7 +160,9 @@ class DenseDot(ScheduleRule):
             return None
         try:
             epilogue = inline_around(sch, producers, consumers)
-            _schedule(sch, block, epilogue, nb, info, instruction, tunable)
+            # AArch64: a row's bytes in one vector, the steps by its lanes, as the fp32 tiles do
+            stage = activations if info.fma_by_lane else None
+            _schedule(sch, block, epilogue, nb, info, instruction, tunable, stage)
         except s_tir.ScheduleError as err:
             logger.warning("DenseDot: matched but could not schedule: %s", err)
             return None
@@ -174,10 +178,11 @@ def most_rows(info, nb: int) -> int:
 
 
 def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, instruction: str,
-              tunable: bool) -> None:
+              tunable: bool, stage=None) -> None:
     """The loops of the module doc. ``tunable``: the tile's rows (up to ``most_rows``) and the
     K unroll (up to 8 steps) become MetaSchedule knobs (``sample_perfect_tile``), as in
-    ``gemm_tile.schedule_gemm``."""
+    ``gemm_tile.schedule_gemm``. ``stage``: the activation buffer, its rows staged per ``ko``
+    (``gemm_tile.stage_rows``)."""
     lanes = info.lanes("float32")
     depth = dot_intrinsics.depth(dot_intrinsics.kind_of(instruction))
     *batch, i, j, k = sch.get_loops(block)
@@ -203,6 +208,8 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, instru
         writer = sch.cache_write(block, 0, "global")
         sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
     vectorize_tile(sch, writer, lanes)
+    if stage is not None:
+        stage_rows(sch, block, stage, ko)
     sch.decompose_reduction(block, ko)
     sch.tensorize(ji, dot_intrinsics.intrinsic_name(instruction, lanes))
     sch.unroll(kk)

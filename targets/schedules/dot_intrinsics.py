@@ -180,14 +180,16 @@ def _s8s8(lanes: int):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
+            # the broadcast activations second: LLVM then multiplies by a vector lane (the
+            # indexed sdot) where they come from a register, as staged rows do
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(intrinsic),
                 C.vload([0], dtype=i32),
+                B.vload([0, 0], dtype=i8),
                 T.reinterpret(
                     T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), lanes),
                     dtype=i8,
                 ),
-                B.vload([0, 0], dtype=i8),
                 dtype=i32,
             )
 

@@ -298,13 +298,19 @@ def _load_rows_as_vectors(sch: s_tir.Schedule, gemm: Gemm, ko, info: CPUInfo) ->
     vector load per row, so that the k steps multiply by its lanes (AArch64's FMA by element)
     instead of loading each A value with a scalar load: 8 loads per 4 k steps for an 8-row
     tile instead of 32. Left as is where A is not read directly (an inlined producer)."""
-    reads = [r.source for r in sch.get(gemm.block).reads]
-    index = next(
-        (n for n, b in enumerate(reads) if gemm.lhs is not None and b.same_as(gemm.lhs)), None
-    )
+    if gemm.lhs is not None:
+        stage_rows(sch, gemm.block, gemm.lhs, ko)
+
+
+def stage_rows(sch: s_tir.Schedule, block, lhs: tirx.Buffer, ko) -> None:
+    """``block``'s reads of ``lhs`` within one ``ko`` iteration, staged per row in a small
+    buffer filled with one vector load per row (``_load_rows_as_vectors``). Nothing when
+    ``block`` does not read ``lhs`` directly."""
+    reads = [r.source for r in sch.get(block).reads]
+    index = next((n for n, b in enumerate(reads) if b.same_as(lhs)), None)
     if index is None:
         return
-    staged = sch.cache_read(gemm.block, index, "global")
+    staged = sch.cache_read(block, index, "global")
     sch.compute_at(staged, ko, preserve_unit_loops=True)
     loops = sch.get_loops(staged)
     rows, ks = loops[-2], loops[-1]
