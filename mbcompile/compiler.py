@@ -242,6 +242,11 @@ def compile(
     ``passes`` (also with ``passes=()``): the pass sets the compiled function's inputs and
     outputs, so it is an option here and cannot be listed in ``passes``.
 
+    ``precision``: ``"fp32"``, or ``"bf16"`` / ``"int8"`` for the matmuls by the model's weights
+    on a CPU with native dot products for them (TargetError otherwise); every compile checks
+    the model against PyTorch fp32 on two random rows where it can run here and records the
+    errors (``metadata.report["accuracy"]``); ``compiled.accuracy(inputs)`` does it on yours.
+
     ``tuning_db``: a folder written by ``mbcompile.tune`` (refused if made for another target or
     TVM version), ``"default"`` (the database shipped in targets/databases/ for this target, if
     any) or None (the untuned schedules only).

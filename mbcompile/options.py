@@ -89,7 +89,8 @@ class CompileOptions:
         default="fp32",
         metadata=_help(
             "'bf16': the weight matmuls in bf16 with fp32 sums (CPUs with AVX512_BF16); "
-            "'int8': in int8 with int32 sums (AVX512_VNNI); 'fp32': everything in fp32",
+            "'int8': in int8 with int32 sums (x86 AVX2 or AVX512_VNNI, ARM dotprod); 'fp32': "
+            "everything in fp32",
             choices=PRECISIONS,
         ),
     )

@@ -124,9 +124,9 @@ def test_no_worse_than_the_peers_on_the_same_weights(
         assert peer.precision == "bf16"
     compiled = mbcompile.compile(model, seq_len=32, precision=precision, target=target)
     ours = compiled.accuracy(inputs)["outputs"]["last_hidden_state"]
-    from mbcompile.runtime.accuracy import _Totals, reference_outputs
+    from mbcompile.runtime.accuracy import Totals, reference_outputs
 
-    theirs = _Totals()
+    theirs = Totals()
     reference = reference_outputs(model, inputs)["last_hidden_state"]
     theirs.add(peer(*example)[0], reference, None, top1=False)
     theirs = theirs.report(top1=False)

@@ -86,8 +86,9 @@ def reference_outputs(reference, batch: dict) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
-class _Totals:
-    """Running metrics of one output over the batches."""
+class Totals:
+    """Running metrics of one output over the batches (``add`` each pair of compiled and
+    reference arrays, then ``report``): also how the tests score a peer backend the same way."""
 
     def __init__(self) -> None:
         self.max_abs = 0.0
@@ -139,7 +140,7 @@ def _positions(name: str, got: np.ndarray, batch: dict, mask_token_id: int, mask
 
 def compare(compiled, reference, batches: list[dict], mask_token_id: int) -> dict:
     """The metrics of the module doc, per output name, over ``batches``."""
-    totals: dict[str, _Totals] = {}
+    totals: dict[str, Totals] = {}
     rows = 0
     for batch in batches:
         got = dict(compiled(**batch))
@@ -157,7 +158,7 @@ def compare(compiled, reference, batches: list[dict], mask_token_id: int) -> dic
                 where = positions >= 0
             else:
                 where = _positions(name, value, batch, mask_token_id, positions is not None)
-            totals.setdefault(name, _Totals()).add(
+            totals.setdefault(name, Totals()).add(
                 np.asarray(value), expected, where, top1="logits" in name
             )
     return {
