@@ -217,3 +217,18 @@ def test_tuning_covers_the_reduced_precision_kernels(precision, target, encoder,
     assert compiled.metadata.tuned_kernels == 1
     report = compiled.accuracy(_inputs(encoder.config, (2, 8), pad=3))
     assert report["outputs"]["last_hidden_state"]["max_rel_error"] <= BOUNDS[precision][0]
+
+
+@pytest.mark.parametrize("precision, target", [runnable("int8")])
+def test_pipeline_compiles_a_checkpoint_in_reduced_precision(precision, target, tmp_path):
+    model = trained_pad_row(make_model("masked-lm", tiny_config(vocab_size=len(WORDS))))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
+    quantized = mbcompile.pipeline("fill-mask", tmp_path, precision=precision)
+    assert quantized.model.metadata.precision == precision
+    exact = mbcompile.pipeline("fill-mask", tmp_path)
+    got, want = quantized("w1 w2 [MASK] w3", top_k=3), exact("w1 w2 [MASK] w3", top_k=3)
+    assert got[0]["token_str"] == want[0]["token_str"]
+    assert got[0]["score"] == pytest.approx(want[0]["score"], rel=0.1)
+    with pytest.raises(mbcompile.errors.PipelineError, match="compile options apply to a checkpoint"):
+        mbcompile.pipeline("fill-mask", exact.model, precision=precision)

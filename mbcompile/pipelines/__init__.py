@@ -69,6 +69,7 @@ def pipeline(
     tokenizer: Any = None,
     *,
     num_threads: int | None = None,
+    **compile_options: Any,
 ) -> Pipeline:
     """A pipeline for ``task`` over a compiled model, the path of a saved artifact, or a
     checkpoint to compile first for this task's head (a local checkpoint folder or a Hugging Face
@@ -80,7 +81,8 @@ def pipeline(
     (vocab.txt, tokenizer.json, ...), or None: the tokenizer saved in the artifact (see
     ``Pipeline.save``), else the one beside the checkpoint the model was compiled from.
     ``num_threads``: kernel threads per call (default: every CPU the process may use, or
-    ``TVM_NUM_THREADS``).
+    ``TVM_NUM_THREADS``). ``compile_options`` (e.g. ``precision="int8"``): those of
+    ``mbcompile.compile``, for a checkpoint compiled here; refused with anything else.
     """
     name = ALIASES.get(task, task)
     if name not in TASKS:
@@ -88,7 +90,12 @@ def pipeline(
     cls = TASKS[name]
     source = None
     if isinstance(model, (str, os.PathLike)) and _is_checkpoint(model):
-        model = _compile_checkpoint(model, cls)
+        model = _compile_checkpoint(model, cls, compile_options)
+    elif compile_options:
+        raise PipelineError(
+            f"{name}: {sorted(compile_options)}: compile options apply to a checkpoint compiled "
+            "here, not to a compiled model or a saved artifact"
+        )
     elif isinstance(model, (str, os.PathLike)):
         source = Path(model)
         model = load(source)
@@ -131,12 +138,14 @@ def _is_checkpoint(name: str | os.PathLike) -> bool:
     return not path.exists() and is_hub_id(os.fspath(name)) and not str(name).endswith(".mbc")
 
 
-def _compile_checkpoint(name: str | os.PathLike, cls: type[Pipeline]) -> CompiledModel:
+def _compile_checkpoint(
+    name: str | os.PathLike, cls: type[Pipeline], compile_options: dict[str, Any]
+) -> CompiledModel:
     from mbcompile.compiler import compile as compile_model
 
     head = cls.heads[0]
     options = {"logits_for": "masked"} if cls.task == "fill-mask" else {}
-    return compile_model(name, head=head, **options)
+    return compile_model(name, head=head, **{**options, **compile_options})
 
 
 __all__ = [
