@@ -42,7 +42,8 @@ class CPUInfo:
     bf16_dot: bool = False
     # The byte dot product an int8 build's matmuls run on, into int32 lanes: "vpdpbusd"
     # (AVX512_VNNI, unsigned activations × signed weights), "vpmaddubsw" (AVX2 without VNNI,
-    # the same through int16 pairs), "sdot" (AArch64 dot product, signed × signed), or "".
+    # the same through int16 pairs), "sdot" (AArch64 dot product, signed × signed), "smull"
+    # (NEON without it: byte products widened and summed pairwise), or "".
     int8_dot: str = ""
 
     def lanes(self, dtype: str = "float32") -> int:
@@ -109,8 +110,8 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
     if _has("avx", target):
         return CPUInfo(256, 16, num_cores, int8_dot="vpmaddubsw" if _has("avx2", target) else "")
     if _has("neon", target) or _has("asimd", target):
-        sdot = "sdot" if _has("dotprod", target) else ""
-        return CPUInfo(128, 32, num_cores, fma_by_lane=True, int8_dot=sdot)
+        dot = "sdot" if _has("dotprod", target) else "smull"
+        return CPUInfo(128, 32, num_cores, fma_by_lane=True, int8_dot=dot)
     # SSE, RISC-V without V, or an unknown CPU: a 128-bit guess keeps the code valid everywhere.
     return CPUInfo(128, 16, num_cores)
 
@@ -120,9 +121,8 @@ _PRECISION_NEEDS = {
     "bf16": ("bf16_dot", "bf16 dot products: x86 AVX512_BF16 (the avx512bf16 feature: AMD Zen 4, "
              "Intel Cooper Lake, Sapphire Rapids and later; bf16 on ARM, BFDOT, is not supported "
              "yet)"),
-    "int8": ("int8_dot", "int8 dot products: x86 AVX2 (the avx2 feature; AVX512_VNNI, avx512vnni, "
-             "where there is one) or the ARMv8.2 dot product (the dotprod feature: targets "
-             "aarch64-dotprod and android-arm64); ARM without it is not supported yet"),
+    "int8": ("int8_dot", "int8 multiply-adds: x86 AVX2 (the avx2 feature; AVX512_VNNI, avx512vnni, "
+             "where there is one) or ARM NEON (the dotprod feature where there is one)"),
 }
 
 

@@ -9,7 +9,8 @@ weight panel stored ``[lanes, depth]`` and adds the sums to ``lanes`` accumulato
   their upper 16 bits (``uint16``; ``pack_bf16.widen`` reads one as fp32).
 - int8 (``depth`` 4, int32 accumulators; ``pack_int8``): ``u8s8``, unsigned activations by
   signed weights, on AVX512_VNNI's ``vpdpbusd`` or, without VNNI, AVX2's ``vpmaddubsw`` +
-  ``vpmaddwd``; or ``s8s8``, signed by signed, on AArch64's ``sdot``.
+  ``vpmaddwd``; or ``s8s8``, signed by signed, on AArch64's ``sdot`` or, without the dot
+  product, NEON's ``smull`` + ``saddlp`` + ``addp``.
 
 ``lanes`` is 16 (512-bit vectors), 8 (256-bit, on CPUs that split 512-bit operations) or 4
 (AArch64's 128-bit). Each does 2 (bf16) or 4 (int8) multiply-adds per lane in one instruction,
@@ -196,6 +197,14 @@ def _s8s8(lanes: int):
     return _desc(lanes, 4, "int8", "int8", "int32", _widen_int), impl
 
 
+def _s8s8_smull(lanes: int):
+    """The step on plain ARMv8 NEON, without the dot product: TVM's own ``smull`` (bytes into
+    int16 products) + ``saddlp`` (pairs into int32) + ``addp`` sequence."""
+    from tvm.s_tir.tensor_intrin.arm_cpu import neon_4x4_i8i8i32_impl
+
+    return _desc(lanes, 4, "int8", "int8", "int32", _widen_int), neon_4x4_i8i8i32_impl
+
+
 # instruction → (kind, its maker, the lane counts it exists for). The kind is what the matmul
 # computes (``dense_dot`` reads it from the kernel); the instruction, what the CPU has
 # (``CPUInfo.bf16_dot``, ``CPUInfo.int8_dot``).
@@ -204,6 +213,7 @@ _STEPS = {
     "vpdpbusd": ("u8s8", _u8s8, (8, 16)),
     "vpmaddubsw": ("u8s8", _u8s8_maddubs, (8, 16)),
     "sdot": ("s8s8", _s8s8, (4,)),
+    "smull": ("s8s8", _s8s8_smull, (4,)),
 }
 
 

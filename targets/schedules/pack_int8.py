@@ -11,7 +11,7 @@ activations per row at run time, int32 sums, dequantized in the matmul's epilogu
 - Activations, symmetric per row (token): ``sx[m] = max_k |x[m, k]| / 127``,
   ``q = round(x / sx)`` in [-127, 127], stored as ``q + z``: ``z`` = 128 (uint8) for
   ``vpdpbusd`` and AVX2's ``vpmaddubsw``, which multiply unsigned by signed bytes; ``z`` = 0
-  (int8) for AArch64's ``sdot``, signed by signed (``zero_point``).
+  (int8) on AArch64 (``sdot``, or NEON's ``smull``), signed by signed (``zero_point``).
 - ``vpmaddubsw`` sums two byte products into a saturating int16: its weights take 7 bits
   ([-63, 63], ``weight_qmax``), so that 2·255·63 fits.
 - ``Σ_k (q + z)·Wq = Σ_k q·Wq + z·cw[n]`` with ``cw[n] = Σ_k Wq[k, n]`` (a constant), so

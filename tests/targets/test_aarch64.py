@@ -240,12 +240,13 @@ def test_full_size_head_matches_eager_on_emulated_device_at_seq_128(head, device
 
 
 @pytest.mark.slow
-def test_int8_sdot_build_is_within_its_bound_on_emulated_device(device, tmp_path):
-    """precision="int8" for an ARMv8.2 dot-product target: its matmuls are sdot kernels
-    (tests/targets/test_dense_dot.py reads them), and its outputs stay within the int8 bound of
+@pytest.mark.parametrize("target", ["aarch64-dotprod", "aarch64"])
+def test_int8_build_is_within_its_bound_on_emulated_device(target, device, tmp_path):
+    """precision="int8" for ARM: sdot kernels with the ARMv8.2 dot product, NEON smull ones
+    without (tests/targets/test_dense_dot.py reads them); outputs within the int8 bound of
     tests/test_precision.py against PyTorch."""
     model = trained_pad_row(make_model("base", tiny_config()))
-    compiled = mbcompile.compile(model, seq_len=SEQ, target="aarch64-dotprod", precision="int8")
+    compiled = mbcompile.compile(model, seq_len=SEQ, target=target, precision="int8")
     assert compiled.metadata.report["accuracy"]["skipped"].startswith("not run")
     remote = mbcompile.load(compiled.save(tmp_path / "int8.mbc"), remote=device.address)
     try:

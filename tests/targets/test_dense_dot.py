@@ -36,6 +36,7 @@ ZEN4 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu":
 DOTPROD = resolve_target("aarch64-dotprod").tvm_target()
 ZEN3 = resolve_target("x86-64-zen3").tvm_target()
 SKYLAKE = resolve_target("x86-64-avx512").tvm_target()
+NEON = resolve_target("aarch64").tvm_target()
 
 
 def _instruction(kind: str, target) -> str:
@@ -105,15 +106,16 @@ def test_the_run_time_rounding_kernels_round_as_numpy():
 @pytest.mark.parametrize(
     "kind, target",
     [("bf16", SAPPHIRE), ("int8", SAPPHIRE), ("bf16", ZEN4), ("int8", ZEN4), ("int8", DOTPROD),
-     ("int8", ZEN3), ("int8", SKYLAKE)],
+     ("int8", ZEN3), ("int8", SKYLAKE), ("int8", NEON)],
     ids=["bf16-512-bit", "int8-512-bit", "bf16-zen4-256-bit", "int8-zen4-256-bit", "int8-aarch64",
-         "int8-zen3-avx2", "int8-avx512-without-vnni"],
+         "int8-zen3-avx2", "int8-avx512-without-vnni", "int8-aarch64-neon"],
 )
 def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
     sch, *_ = _kernel(kind, target, 24, 64, 96)
     assert sch is not None, "DenseDot did not schedule the kernel"
     asm = tvm.tirx.build(sch.mod, target=target).inspect_source("asm")
     register = {512: "%zmm", 256: "%ymm", 128: ".4s"}[cpu_info(target).vector_bits]
+    register = ".8h" if _instruction(kind, target) == "smull" else register  # int16 products
     lines = [line for line in asm.splitlines() if _instruction(kind, target) in line]
     assert lines and all(register in line for line in lines), lines[:3]
 
