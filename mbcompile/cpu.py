@@ -37,9 +37,9 @@ class CPUInfo:
     # k values with one vector load and multiplies by each lane, instead of one scalar load per
     # k value. x86 has no such form; it broadcasts from memory instead.
     fma_by_lane: bool = False
-    # bf16 pair dot products into fp32 lanes (AVX512_BF16 ``vdpbf16ps``): what a bf16 build's
-    # matmuls run on (``targets/schedules/dense_bf16.py``).
-    bf16_dot: bool = False
+    # The bf16 pair dot product a bf16 build's matmuls run on, into fp32 lanes: "vdpbf16ps"
+    # (AVX512_BF16), "bfdot" (Armv8.6 BF16), or "" for none (``targets/schedules/dense_dot.py``).
+    bf16_dot: str = ""
     # The byte dot product an int8 build's matmuls run on, into int32 lanes: "vpdpbusd"
     # (AVX512_VNNI, unsigned activations × signed weights), "vpmaddubsw" (AVX2 without VNNI,
     # the same through int16 pairs), "sdot" (AArch64 dot product, signed × signed), "smull"
@@ -99,7 +99,7 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
     if _has("avx512f", target):
         vnni = _has("avx512vnni", target) and _has("avx512vl", target)
         dots = {
-            "bf16_dot": _has("avx512bf16", target) and _has("avx512vl", target),
+            "bf16_dot": "vdpbf16ps" if _has("avx512bf16", target) and _has("avx512vl", target) else "",
             "int8_dot": "vpdpbusd" if vnni else "vpmaddubsw" if _has("avx512bw", target) else "",
         }
         if splits_512_bit_vectors(target):
@@ -111,7 +111,8 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
         return CPUInfo(256, 16, num_cores, int8_dot="vpmaddubsw" if _has("avx2", target) else "")
     if _has("neon", target) or _has("asimd", target):
         dot = "sdot" if _has("dotprod", target) else "smull"
-        return CPUInfo(128, 32, num_cores, fma_by_lane=True, int8_dot=dot)
+        bf16 = "bfdot" if _has("bf16", target) else ""
+        return CPUInfo(128, 32, num_cores, fma_by_lane=True, bf16_dot=bf16, int8_dot=dot)
     # SSE, RISC-V without V, or an unknown CPU: a 128-bit guess keeps the code valid everywhere.
     return CPUInfo(128, 16, num_cores)
 
@@ -119,8 +120,8 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
 # precision → (CPUInfo flag, what a target needs for it)
 _PRECISION_NEEDS = {
     "bf16": ("bf16_dot", "bf16 dot products: x86 AVX512_BF16 (the avx512bf16 feature: AMD Zen 4, "
-             "Intel Cooper Lake, Sapphire Rapids and later; bf16 on ARM, BFDOT, is not supported "
-             "yet)"),
+             "Intel Cooper Lake, Sapphire Rapids and later) or Armv8.6 BF16 (the bf16 feature: "
+             "target aarch64-armv9)"),
     "int8": ("int8_dot", "int8 multiply-adds: x86 AVX2 (the avx2 feature; AVX512_VNNI, avx512vnni, "
              "where there is one) or ARM NEON (the dotprod feature where there is one)"),
 }

@@ -72,10 +72,11 @@ _AVX2 = ("avx2", "fma")
 _AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512dq", "avx512vl")
 
 # CPU flags a target may require, as /proc/cpuinfo spells them ("flags" on x86, "Features" on
-# aarch64: asimd = NEON, asimddp = the ARMv8.2 dot-product instructions SDOT/UDOT).
+# aarch64: asimd = NEON, asimddp = the ARMv8.2 dot-product instructions SDOT/UDOT, i8mm and
+# bf16 = Armv8.6's int8 matrix multiply and BF16 instructions).
 FEATURES = {
     "x86_64": ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
-    "aarch64": ("asimd", "asimddp"),
+    "aarch64": ("asimd", "asimddp", "i8mm", "bf16"),
 }
 # How each export links, and for which architecture and LLVM triple (OS) it can.
 EXPORT_TRIPLES = {
@@ -131,6 +132,16 @@ TARGETS: dict[str, Target] = {
             arch="aarch64",
             llvm={**_AARCH64, "mcpu": "generic", "mattr": ["+v8.2a", "+neon", "+dotprod"]},
             features=("asimd", "asimddp"),
+            export="aarch64-linux-gnu",
+        ),
+        Target(
+            name="aarch64-armv9",
+            description="64-bit ARM Linux, Armv9-A phone big cores (Cortex-A710/X2 and later): "
+                        "dot product, int8 matrix multiply, bf16",
+            arch="aarch64",
+            llvm={**_AARCH64, "mcpu": "generic",
+                  "mattr": ["+v8.6a", "+neon", "+dotprod", "+i8mm", "+bf16"]},
+            features=("asimd", "asimddp", "i8mm", "bf16"),
             export="aarch64-linux-gnu",
         ),
         Target(

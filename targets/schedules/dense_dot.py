@@ -154,7 +154,7 @@ class DenseDot(ScheduleRule):
         block, producers, consumers, nb, kind, activations = found
         info = cpu_info(target)
         lanes = info.lanes("float32")
-        instruction = ("vdpbf16ps" if info.bf16_dot else "") if kind == "bf16" else info.int8_dot
+        instruction = info.bf16_dot if kind == "bf16" else info.int8_dot
         native = bool(instruction) and dot_intrinsics.kind_of(instruction) == kind
         if not native or nb % lanes or not dot_intrinsics.available(instruction, lanes):
             return None

@@ -5,8 +5,9 @@ weight panel stored ``[lanes, depth]`` and adds the sums to ``lanes`` accumulato
 
     C[j] += Σ_p  A[p] · B[j, p]                     j < lanes, p < depth
 
-- bf16 (``depth`` 2, fp32 accumulators): AVX512_BF16's ``vdpbf16ps``. bf16 values are stored as
-  their upper 16 bits (``uint16``; ``pack_bf16.widen`` reads one as fp32).
+- bf16 (``depth`` 2, fp32 accumulators): AVX512_BF16's ``vdpbf16ps``, Armv8.6's ``bfdot``.
+  bf16 values are stored as their upper 16 bits (``uint16``; ``pack_bf16.widen`` reads one as
+  fp32).
 - int8 (``depth`` 4, int32 accumulators; ``pack_int8``): ``u8s8``, unsigned activations by
   signed weights, on AVX512_VNNI's ``vpdpbusd`` or, without VNNI, AVX2's ``vpmaddubsw`` +
   ``vpmaddwd``; or ``s8s8``, signed by signed, on AArch64's ``sdot`` or, without the dot
@@ -16,8 +17,8 @@ weight panel stored ``[lanes, depth]`` and adds the sums to ``lanes`` accumulato
 (AArch64's 128-bit). Each does 2 (bf16) or 4 (int8) multiply-adds per lane in one instruction,
 where fp32 FMA does one.
 
-bf16: TVM 0.27 cannot emit ``vdpbf16ps`` directly: its ``bfloat16`` values are legalized to
-fp32 before code generation, and LLVM 22's ``llvm.x86.avx512bf16.dpbf16ps`` takes
+bf16: TVM 0.27 cannot emit ``vdpbf16ps`` or ``bfdot`` directly: its ``bfloat16`` values are
+legalized to fp32 before code generation, and LLVM 22's intrinsics for them take
 ``<N x bfloat>``. So the step calls a tiny LLVM IR function (``_bf16_llvm_ir``, linked into the
 kernel by the ``pragma_import_llvm`` annotation ``prepare_loop`` puts on a loop) that bitcasts
 integer vectors to bfloat ones and calls the intrinsic; LLVM inlines it. Either way the kernel
@@ -30,13 +31,15 @@ from __future__ import annotations
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
-_BF16_STEP = "mbc_dpbf16ps_{lanes}"
+_BF16_STEP = "mbc_{instruction}_{lanes}"
+_BF16_INTRINSICS = {"vdpbf16ps": "@llvm.x86.avx512bf16.dpbf16ps.{bits}",
+                    "bfdot": "@llvm.aarch64.neon.bfdot.v{lanes}f32.v{pairs}bf16"}
 
 
-def _bf16_llvm_ir(lanes: int) -> str:
+def _bf16_llvm_ir(instruction: str, lanes: int) -> str:
     bits, pairs = 32 * lanes, 2 * lanes
-    name = _BF16_STEP.format(lanes=lanes)
-    intrinsic = f"@llvm.x86.avx512bf16.dpbf16ps.{bits}"
+    name = _BF16_STEP.format(instruction=instruction, lanes=lanes)
+    intrinsic = _BF16_INTRINSICS[instruction].format(bits=bits, lanes=lanes, pairs=pairs)
     acc, ints, bf = f"<{lanes} x float>", f"<{lanes} x i32>", f"<{pairs} x bfloat>"
     return f"""
 declare {acc} {intrinsic}({acc}, {bf}, {bf})
@@ -78,7 +81,7 @@ def _widen_bf16(value):
     return T.reinterpret(T.shift_left(T.Cast("uint32", value), T.uint32(16)), dtype="float32")
 
 
-def _bf16(lanes: int):
+def _bf16(lanes: int, instruction: str = "vdpbf16ps"):
     f32 = f"float32x{lanes}"
 
     @T.prim_func(s_tir=True)
@@ -93,7 +96,7 @@ def _bf16(lanes: int):
             # One expression: a named intermediate would become a memory buffer.
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_pure_extern(
                 f32,
-                _BF16_STEP.format(lanes=lanes),
+                _BF16_STEP.format(instruction=instruction, lanes=lanes),
                 C.vload([0], dtype=f32),
                 T.broadcast(T.reinterpret(A.vload([0], "uint16x2"), dtype="int32"), lanes),
                 T.reinterpret(B.vload([0, 0], dtype=f"uint16x{2 * lanes}"), dtype=f"int32x{lanes}"),
@@ -210,6 +213,7 @@ def _s8s8_smull(lanes: int):
 # (``CPUInfo.bf16_dot``, ``CPUInfo.int8_dot``).
 _STEPS = {
     "vdpbf16ps": ("bf16", _bf16, (8, 16)),
+    "bfdot": ("bf16", lambda lanes: _bf16(lanes, "bfdot"), (4,)),
     "vpdpbusd": ("u8s8", _u8s8, (8, 16)),
     "vpmaddubsw": ("u8s8", _u8s8_maddubs, (8, 16)),
     "sdot": ("s8s8", _s8s8, (4,)),
@@ -247,5 +251,5 @@ for _instruction, (_, _make, _widths) in _STEPS.items():
 def prepare_loop(sch: Schedule, loop, instruction: str, lanes: int) -> None:
     """What a kernel of ``instruction`` steps needs on an outer loop of them: bf16 links its
     step function (``pragma_import_llvm``); the int8 ones need nothing."""
-    if instruction == "vdpbf16ps":
-        sch.annotate(loop, "pragma_import_llvm", _bf16_llvm_ir(lanes))
+    if kind_of(instruction) == "bf16":
+        sch.annotate(loop, "pragma_import_llvm", _bf16_llvm_ir(instruction, lanes))

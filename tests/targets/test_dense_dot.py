@@ -37,11 +37,12 @@ DOTPROD = resolve_target("aarch64-dotprod").tvm_target()
 ZEN3 = resolve_target("x86-64-zen3").tvm_target()
 SKYLAKE = resolve_target("x86-64-avx512").tvm_target()
 NEON = resolve_target("aarch64").tvm_target()
+ARMV9 = resolve_target("aarch64-armv9").tvm_target()
 
 
 def _instruction(kind: str, target) -> str:
     info = cpu_info(target)
-    return "vdpbf16ps" if kind == "bf16" else info.int8_dot
+    return info.bf16_dot if kind == "bf16" else info.int8_dot
 
 
 def _int8_activations(x: np.ndarray, zero: int = 128, qmax: int = 127):
@@ -106,9 +107,9 @@ def test_the_run_time_rounding_kernels_round_as_numpy():
 @pytest.mark.parametrize(
     "kind, target",
     [("bf16", SAPPHIRE), ("int8", SAPPHIRE), ("bf16", ZEN4), ("int8", ZEN4), ("int8", DOTPROD),
-     ("int8", ZEN3), ("int8", SKYLAKE), ("int8", NEON)],
+     ("int8", ZEN3), ("int8", SKYLAKE), ("int8", NEON), ("bf16", ARMV9)],
     ids=["bf16-512-bit", "int8-512-bit", "bf16-zen4-256-bit", "int8-zen4-256-bit", "int8-aarch64",
-         "int8-zen3-avx2", "int8-avx512-without-vnni", "int8-aarch64-neon"],
+         "int8-zen3-avx2", "int8-avx512-without-vnni", "int8-aarch64-neon", "bf16-armv9"],
 )
 def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
     sch, *_ = _kernel(kind, target, 24, 64, 96)
