@@ -7,7 +7,7 @@ activation rounded at run time, fp32 accumulation.
 bf16 is stored as the upper 16 bits of the fp32 value (``uint16``), rounded to nearest even.
 ``Wb[jo, k2, ji, p] = bf16(W[2·k2 + p, jo·nb + ji])``: a ``K × nb`` panel as in the fp32 layout
 (``pack_weights.py``), with each pair of k values side by side, the operand order of
-``vdpbf16ps`` (``bf16_dot.py``). K is padded to even with zeros.
+``vdpbf16ps`` and ``bfdot`` (``dot_intrinsics.py``). K is padded to even with zeros.
 
 ``to_bf16`` is opaque to FuseOps on purpose: fused into the kernel that produces ``x``, it
 would give that kernel a second output (``x`` itself is usually read again by a residual add),
