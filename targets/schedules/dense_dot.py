@@ -1,11 +1,11 @@
 """Schedule rule for the reduced-precision matmuls of ``pack_bf16.py`` and ``pack_int8.py``,
 on dot-product instructions (``dot_intrinsics.py``).
 
-Matches the block ``C[.., i, j] += a(A[.., i, k]) · b(Wp[j // nb, k // d, j % nb, k % d])``, where
-either ``a``, ``b`` widen bf16 bits to fp32 (``d`` = 2, fp32 ``C``: ``vdpbf16ps``) or cast
-uint8 and int8 (``vpdpbusd``) or int8 and int8 (AArch64 ``sdot``) to int32 (``d`` = 4, int32
-``C``), with any spatial epilogue after
-it (int8's dequantization, bias, NoNorm, activation, residual), and schedules::
+Matches the block ``C[.., i, j] += a(A[.., i, k]) · b(Wp[j // nb, k // d, j % nb, k % d])``,
+where either ``a``, ``b`` widen bf16 bits to fp32 (``d`` = 2, fp32 ``C``: ``vdpbf16ps``,
+``bfdot``) or cast bytes to int32 (``d`` = 4, int32 ``C``: uint8 by int8 on ``vpdpbusd`` or
+``vpmaddubsw``, int8 by int8 on ``sdot`` or ``smull``), with any spatial epilogue after it
+(int8's dequantization, bias, NoNorm, activation, residual), and schedules::
 
     for b, jo, io in parallel (fused):           # jo outer: one K × nb panel stays in L1
         acc[rows, nb] = 0                         # in registers
@@ -14,10 +14,12 @@ it (int8's dequantization, bias, NoNorm, activation, residual), and schedules::
         out[i, j] = epilogue(acc[ii, ji])
 
 ``L`` is the 32-bit lanes of a vector (16, 8 on a CPU that splits 512-bit operations, 4 on
-AArch64) and ``nb`` two vectors. The accumulator tile stays under 1 KiB, the size TVM 0.27 keeps on the
-stack (a heap tile keeps LLVM from holding it in registers across the steps): 4 rows of 32, or
-6 where M divides by 6. Measured on an AVX512_BF16 Xeon, 1 thread, 128×512·512×128 in bf16:
-108 GFLOP/s with 4 × 32 against 87 for an fp32 kernel of the same loops.
+AArch64) and ``nb`` two vectors. The accumulator tile stays under 1 KiB, the size TVM 0.27
+keeps on the stack (a heap tile keeps LLVM from holding it in registers across the steps): 4
+rows of 32, or 6 where M divides by 6. Measured on an AVX512_BF16 Xeon, 1 thread,
+128×512·512×128 in bf16: 108 GFLOP/s with 4 × 32 against 87 for an fp32 kernel of the same
+loops. On AArch64 each row's activations for a ``ko`` step are loaded as one vector
+(``gemm_tile.stage_rows``) and the steps multiply by its lanes (the indexed ``sdot``).
 
 Bails (returns None) on any other PrimFunc, on a CPU without the instruction, or when a
 schedule primitive refuses.
