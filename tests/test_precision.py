@@ -220,9 +220,9 @@ def test_pipeline_compiles_a_checkpoint_in_reduced_precision(precision, target, 
     model = trained_pad_row(make_model("masked-lm", tiny_config(vocab_size=len(WORDS))))
     model.save_pretrained(tmp_path)
     (tmp_path / "vocab.txt").write_text("\n".join(WORDS) + "\n")
-    quantized = mbcompile.pipeline("fill-mask", tmp_path, precision=precision)
+    quantized = mbcompile.pipeline("fill-mask", tmp_path, precision=precision, max_seq_len=16)
     assert quantized.model.metadata.precision == precision
-    exact = mbcompile.pipeline("fill-mask", tmp_path)
+    exact = mbcompile.pipeline("fill-mask", tmp_path, max_seq_len=16)
     got, want = quantized("w1 w2 [MASK] w3", top_k=3), exact("w1 w2 [MASK] w3", top_k=3)
     assert got[0]["token_str"] == want[0]["token_str"]
     assert got[0]["score"] == pytest.approx(want[0]["score"], rel=0.1)
