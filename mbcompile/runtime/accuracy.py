@@ -171,7 +171,8 @@ def sample_inputs(signature, vocab_size: int, mask_token_id: int, seed: int = 0)
     """Two random rows for the compile's own check: the longest compiled length up to 128, the
     second row a third shorter (attention-mask padding), two segments, a [MASK] token each."""
     rng = np.random.default_rng(seed)
-    length = max(n for n in signature.lengths if n <= 128) if min(signature.lengths) <= 128 else min(signature.lengths)
+    short = [n for n in signature.lengths if n <= 128]
+    length = max(short) if short else min(signature.lengths)
     shape = (2, signature.num_choices, length) if signature.num_choices else (2, length)
     ids = rng.integers(1000, max(vocab_size, 1001), size=shape, dtype=np.int64) % vocab_size
     mask = np.ones(shape, dtype=np.int64)
