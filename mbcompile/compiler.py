@@ -159,10 +159,13 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     prune = masked_head_pass(model, options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    log(
-        f"capture: torch.export of {type(model).__name__} at "
-        f"{_lengths_text(seq_lens)} ..."
-    )
+    from mbcompile.capture import OnnxModel
+
+    how = "torch.export"
+    name = type(model).__name__
+    if isinstance(model, OnnxModel):
+        how, name = f"ONNX import of {model.path.name}", model.model_class
+    log(f"capture: {how} of {name} at {_lengths_text(seq_lens)} ...")
     # TVM calls back into Python here (the importer, the passes): a Ctrl-C raised inside such a
     # callback crosses C++ and comes out as a bare RuntimeError, so it waits for the block's end
     with sigint_held():
@@ -267,9 +270,12 @@ def compile(
 
 
 def resolve_model(model, head: str | None):
-    """``model`` itself, or the checkpoint it names (a folder or hub id) loaded as ``head``."""
-    from mbcompile.capture import check_model, load_checkpoint
+    """``model`` itself, or the checkpoint it names (a folder, a hub id or an ONNX file)
+    loaded as ``head``."""
+    from mbcompile.capture import check_model, is_onnx_path, load_checkpoint, load_onnx
 
+    if is_onnx_path(model):
+        return load_onnx(model, head=head)
     if isinstance(model, (str, os.PathLike)):
         return load_checkpoint(model, head=head)
     if head is not None and check_model(model) != head:

@@ -14,11 +14,14 @@ every term and β joins one bias::
         add(multiply(add(add(linear(trigram, W, b), take(P, pos)), take(T, types)), γ), β)
       → add(add(linear(trigram, W·γ, b·γ + β), take(P·γ, pos)), take(T·γ, types))
 
+A term may also be a constant (an ONNX export's position embeddings, folded at a static
+length into one ``(1, S, channels)`` tensor): it becomes the constant ``C·γ``.
+
 Folding is done in float64 on numpy and cast back to the weights' dtype.
 
 It bails (and says why in ``refusals``) unless γ and β are constants of the tensor's dtype that
 broadcast along the last axis only; unless every term is a linear with constant weights or a
-``take(table, ids, axis=0)`` from a constant 2-D table; when a reshape on the way changes the last
+``take(table, ids, axis=0)`` from a constant 2-D table, or a constant; when a reshape on the way changes the last
 axis; and when any intermediate (the scaled tensor, a partial sum, a term) has another user, since
 that user still needs the unfolded value.
 
@@ -54,12 +57,13 @@ from mbcompile.passes.linear import Linear, LinearPattern
 
 @dataclass
 class _Term:
-    """One summand: a linear or a table gather, seen through reshapes that keep the last axis."""
+    """One summand: a linear, a table gather or a constant, seen through reshapes that keep
+    the last axis."""
 
     reshapes: list[relax.Call]  # outermost first
     linear: Linear | None = None
     gather: relax.Call | None = None
-    table: np.ndarray | None = None
+    table: np.ndarray | None = None  # the gather's table, or the constant itself
 
     def rebuild(self, gamma: np.ndarray, beta: np.ndarray | None) -> relax.Expr:
         g = gamma.astype(np.float64)
@@ -73,7 +77,9 @@ class _Term:
             table = self.table.astype(np.float64) * g
             if beta is not None:
                 table = table + beta.astype(np.float64)
-            out = call(self.gather, fold_const(table, str(self.table.dtype)), self.gather.args[1])
+            out = fold_const(table, str(self.table.dtype))
+            if self.gather is not None:
+                out = call(self.gather, out, self.gather.args[1])
         for reshape in reversed(self.reshapes):
             out = call(reshape, out, reshape.args[1])
         return out
@@ -145,6 +151,14 @@ class FoldNoNorm(MobileBertPass):
     ) -> str | None:
         name = graph.name(expr)
         value = graph.value(expr)
+        constant = graph.constant(expr)
+        if constant is not None:
+            if constant.ndim == 0 or constant.shape[-1] != channels:
+                return f"the constant term {name} is not over the normalised channels"
+            if str(constant.dtype) != dtype_of(expr):
+                return f"the constant term {name} is {constant.dtype}"
+            terms.append(_Term([], table=constant))
+            return None
         if isinstance(value, relax.Var):
             return f"{name} is a function input (a residual: left for kernel fusion)"
         if graph.users(expr) > 1:

@@ -7,7 +7,9 @@
     g  = logical_not(astype(max(astype(logical_not(equal(s2, -inf)), int8), -1), bool))
     o  = matmul(reshape(where(g, full_like(p, 0), p), (B·H, Sq, Sk)), v)
 
-and becomes ``o = call_tir(fused_attention, (q, kt, v, bias))`` (``attention_kernel.py``): one
+(an ONNX export guards with ``g = isnan(p)``, ``where(g, 0, p)``: the same zeros for rows whose
+keys are all masked, whose softmax is NaN), and becomes
+``o = call_tir(fused_attention, (q, kt, v, bias))`` (``attention_kernel.py``): one
 kernel per layer instead of two batched matmuls, a softmax and six elementwise kernels, and no
 (B·H, Sq, Sk) intermediate in memory. Rows whose keys are all masked give zeros, as the guard
 does. (Eager attention, exported without the guard, is left alone.)
@@ -69,9 +71,14 @@ class FuseAttention(MobileBertPass):
         self.guard = is_op("relax.logical_not")(is_op("relax.astype")(any_unmasked))
         zeros = is_op("relax.full_like")(self.probs, is_const())
         self.guarded = is_op("relax.where")(self.guard, zeros, self.probs)
+        self.zero = is_const()
+        self.nan_guarded = is_op("relax.where")(
+            is_op("relax.isnan")(self.probs), self.zero, self.probs
+        )
         # As imported, an identity broadcast_to sits before the reshape (RemoveLayoutNoise
         # drops it); accept both.
-        guarded_3d = self.guarded | is_op("relax.broadcast_to")(self.guarded, wildcard())
+        guarded = self.guarded | self.nan_guarded
+        guarded_3d = guarded | is_op("relax.broadcast_to")(guarded, wildcard())
         self.pattern = is_op("relax.matmul")(is_op("relax.reshape")(guarded_3d, wildcard()), self.v)
         self._kernels: dict[str, tuple[relax.GlobalVar, tvm.tirx.PrimFunc]] = {}
 
@@ -87,8 +94,11 @@ class FuseAttention(MobileBertPass):
         return f"{self.name}()" if self.target is None else f"{self.name}(target={self.target!r})"
 
     def why_not(self, graph: Graph, var: relax.Var, m: dict) -> str | None:
-        # Users inside the pattern: s2 → softmax and equal; p → full_like and where.
-        for part, inside in ((self.biased, 2), (self.probs, 2), (self.guarded, 1)):
+        # Users inside the pattern: s2 → softmax and equal; p → full_like and where (isnan
+        # and where).
+        nan_guard = self.nan_guarded in m
+        guarded = self.nan_guarded if nan_guard else self.guarded
+        for part, inside in ((self.biased, 1 if nan_guard else 2), (self.probs, 2), (guarded, 1)):
             if graph.users(m[part]) != inside:
                 return "the attention scores or probabilities have another user"
         shapes = {p: static_shape(m[p]) for p in (self.q, self.kt, self.v, self.bias, self.biased)}
@@ -105,6 +115,11 @@ class FuseAttention(MobileBertPass):
         dtypes = {str(m[p].ty.dtype) for p in (self.q, self.kt, self.v, self.bias)}
         if dtypes != {"float32"}:
             return f"dtypes {sorted(dtypes)} are not float32"
+        if nan_guard:
+            zero = graph.constant(m[self.zero])
+            if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0:
+                return "the NaN guard does not put zeros"
+            return None
         neg = graph.constant(m[self.neg_inf])
         if neg is None or neg.size != 1 or float(neg.reshape(())) != float("-inf"):
             return "the guard does not test for -inf"

@@ -2,8 +2,10 @@
 
 ``models`` builds the PyTorch model (a local checkpoint folder or a named architecture);
 ``torch_export`` runs ``torch.export`` at the compiled shape and imports the program into Relax
-with the weights bound as constants. Needs torch and transformers (the ``compile`` extra); the
-runtime never imports this package.
+with the weights bound as constants. ``onnx_model`` loads an ONNX export instead and
+``onnx_import`` imports it with TVM's ONNX frontend into the same interface; ``relax_forms``
+makes both importers' modules read alike. Needs torch and transformers (the ``compile``
+extra; onnx and onnxruntime for ONNX files, the ``onnx`` extra).
 """
 
 from mbcompile.capture.models import (
@@ -14,6 +16,7 @@ from mbcompile.capture.models import (
     named_config,
     random_model,
 )
+from mbcompile.capture.onnx_model import OnnxModel, is_onnx_path, load_onnx
 from mbcompile.capture.torch_export import (
     DEFAULT_NUM_CHOICES,
     Captured,
@@ -26,12 +29,15 @@ __all__ = [
     "CONFIGS",
     "DEFAULT_NUM_CHOICES",
     "Captured",
+    "OnnxModel",
     "capture",
     "check_model",
     "checkpoint_folder",
     "checkpoint_source",
     "example_inputs",
+    "is_onnx_path",
     "load_checkpoint",
+    "load_onnx",
     "named_config",
     "random_model",
 ]

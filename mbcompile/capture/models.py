@@ -143,6 +143,8 @@ def checkpoint_folder(config) -> Path | None:
         return None
     if Path(name).is_dir():
         return Path(name)
+    if Path(name).is_file():  # an ONNX file: its folder (Optimum saves the tokenizer there)
+        return Path(name).parent
     if "revision" not in source or not is_hub_id(name):
         return None
     from huggingface_hub import try_to_load_from_cache

@@ -15,6 +15,7 @@ import torch
 import tvm
 from tvm.relax.frontend.torch import from_exported_program
 
+from mbcompile.capture.relax_forms import bounded_gathers
 from mbcompile.errors import ModelError, OptionError
 from mbcompile.heads import head_of_class
 from mbcompile.options import check_shape
@@ -73,31 +74,18 @@ def _flatten(out) -> list:
 
 
 def _bounded_gathers(mod: tvm.IRModule) -> tvm.IRModule:
-    """``R.take(mode="fast")`` → ``mode="clip"``.
-
-    The importer's gathers (embedding tables, the pooler's first token) skip the bounds check.
-    The runtime range-checks token and type ids before anything runs; clipped gathers keep even
-    an unchecked caller (a remote program, a hand-made call) from reading outside a table, for
-    the cost of two integer compares per index.
-    """
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
-
-    data, indices = wildcard(), wildcard()
-    pattern = is_op("relax.take")(data, indices)
-
-    def clip(call, matches):
-        if call.attrs.mode != "fast":
-            return call
-        axis = None if call.attrs.axis is None else int(call.attrs.axis)
-        return tvm.relax.op.take(matches[data], matches[indices], axis=axis, mode="clip")
-
     mod = mod.clone()
-    mod["main"] = rewrite_call(pattern, clip, mod["main"])
+    mod["main"] = bounded_gathers(mod["main"])
     return mod
 
 
 def check_model(model) -> str:
-    """The head name of ``model``, or ModelError if it is not a Hugging Face MobileBERT."""
+    """The head name of ``model``, or ModelError if it is not a Hugging Face MobileBERT (or
+    an ONNX one, ``OnnxModel``)."""
+    from mbcompile.capture.onnx_model import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        return model.head
     try:
         from transformers import MobileBertPreTrainedModel
     except ImportError as err:  # pragma: no cover - transformers is a compile dependency
@@ -217,6 +205,16 @@ def capture(
     ``compile(..., logits_for="masked")`` prunes the vocabulary projection afterwards with the
     ``PruneMaskedLMHead`` pass.
     """
+    from mbcompile.capture.onnx_import import capture_onnx
+    from mbcompile.capture.onnx_model import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        return capture_onnx(
+            model,
+            seq_lens=seq_lens or (seq_len,),
+            batch_size=batch_size,
+            num_choices=num_choices,
+        )
     head = check_model(model)
     config = model.config
     if head == "multiple-choice" and num_choices is None:

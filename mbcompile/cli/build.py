@@ -129,10 +129,12 @@ def register(sub) -> None:
 
 
 def _model(args: ModelArgs):
-    from mbcompile.capture import load_checkpoint, random_model
+    from mbcompile.capture import is_onnx_path, load_checkpoint, load_onnx, random_model
 
     if args.checkpoint and args.config:
         raise ModelError("give a checkpoint folder or --config, not both")
+    if args.checkpoint and is_onnx_path(args.checkpoint):
+        return load_onnx(args.checkpoint, head=args.head)
     if args.checkpoint:
         return load_checkpoint(args.checkpoint, head=args.head)
     if args.config:

@@ -215,9 +215,10 @@ class CompiledModel:
                 "checkpoint folder or hub id); only a model compile() returned keeps its own"
             )
         if isinstance(reference, (str, os.PathLike)):
-            from mbcompile.capture import load_checkpoint
+            from mbcompile.capture import is_onnx_path, load_checkpoint, load_onnx
 
-            reference = load_checkpoint(reference, head=self.metadata.head)
+            load = load_onnx if is_onnx_path(reference) else load_checkpoint
+            reference = load(reference, head=self.metadata.head)
         config = self.metadata.config
         batches = accuracy.input_batches(
             inputs, self.tokenizer_files.get("tokenizer.json"), int(config.get("pad_token_id") or 0)
