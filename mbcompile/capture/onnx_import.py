@@ -11,7 +11,8 @@ For each compiled length:
    into constants (TVM's importer refuses a ``Pad`` whose pads are computed, which is how
    exporters write the trigram's shifts with a dynamic length);
 3. ``tvm.relax.frontend.onnx.from_onnx`` imports it with the weights bound as constants;
-4. ``relax_forms`` writes the 4-D attention matmuls as torch.export does and bounds the gathers.
+4. ``relax_forms`` brings the module to torch.export's forms: shape arithmetic folded, the 4-D
+   attention matmuls between reshapes, decomposed layer norms as one op, gathers bounded.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import numpy as np
 import tvm
 
 from mbcompile.capture.onnx_model import OnnxModel
-from mbcompile.capture.relax_forms import batched_matmuls_as_3d, bounded_gathers, tuple_output
+from mbcompile.capture.relax_forms import (
+    batched_matmuls_as_3d,
+    bounded_gathers,
+    layer_norms,
+    static_shapes_as_constants,
+    tuple_output,
+)
 from mbcompile.errors import ModelError, OptionError
 from mbcompile.options import check_shape
 from mbcompile.signature import INPUT_NAMES, OutputSpec, Signature
@@ -179,7 +186,11 @@ def _import(model: OnnxModel, proto, shape: tuple[int, ...], workdir: Path, buil
         return tvm.relax.Call(call.op, [new, *call.args[1:]], call.attrs, call.ty_args)
 
     main = rewrite_call(is_op("relax.call_tir")(wildcard(), wildcard()), rename, mod["main"])
-    for rewrite in (bounded_gathers, batched_matmuls_as_3d, tuple_output):
+    rewrites = (
+        static_shapes_as_constants, bounded_gathers, batched_matmuls_as_3d, layer_norms,
+        tuple_output,
+    )
+    for rewrite in rewrites:
         main = rewrite(main)
     return main.without_attr("num_input") if "num_input" in (main.attrs or {}) else main
 

@@ -6,9 +6,10 @@ importer (ONNX) to them, and make the gathers of both bounded. Each moves no dat
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, rewrite_call, wildcard
+from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
 
 def bounded_gathers(func: relax.Function) -> relax.Function:
@@ -61,6 +62,66 @@ def batched_matmuls_as_3d(func: relax.Function) -> relax.Function:
     return rewrite_call(pattern, as_3d, func)
 
 
+def layer_norms(func: relax.Function) -> relax.Function:
+    """Layer norms that an exporter wrote out op by op (ONNX before opset 17 has no
+    LayerNormalization) as the one op torch.export's importer writes::
+
+        d = subtract(x, mean(x, axis=-1));  v = mean(power(d, 2), axis=-1)
+        add(multiply(divide(d, sqrt(add(v, eps))), γ), β)
+      → layer_norm(x, γ, β, axes=[-1], epsilon=eps)
+
+    (MobileBERT's masked-LM transform is its one true layer norm; the NoNorms are not.)
+    """
+    x, eps, gamma, beta, two = wildcard(), is_const(), is_const(), is_const(), is_const()
+    mean = is_op("relax.mean")(x)
+    centred = is_op("relax.subtract")(x, mean)
+    variance = is_op("relax.mean")(is_op("relax.power")(centred, two))
+    normed = is_op("relax.divide")(centred, is_op("relax.sqrt")(is_op("relax.add")(variance, eps)))
+    pattern = is_op("relax.add")(is_op("relax.multiply")(normed, gamma), beta)
+
+    bound = relax.analysis.get_var2val(func)
+
+    def fuse(call, m):
+        shape = _static_shape(m[x])
+        values = {p: _constant(m[p]) for p in (eps, gamma, beta)}
+        square = _constant(m[two])
+        if shape is None or any(v is None for v in values.values()) or square is None:
+            return call
+        channels = shape[-1]
+        for reduce in (bound.get(m[mean], m[mean]), bound.get(m[variance], m[variance])):
+            axes = reduce.attrs.axis
+            if axes is None or [int(a) % len(shape) for a in axes] != [len(shape) - 1]:
+                return call
+        if values[eps].size != 1 or square.size != 1 or float(square.reshape(())) != 2.0:
+            return call
+        if any(values[p].size != channels for p in (gamma, beta)):
+            return call
+        dtype = str(values[gamma].dtype)
+        g = relax.const(values[gamma].reshape(channels), dtype)
+        b = relax.const(values[beta].reshape(channels), dtype)
+        epsilon = float(values[eps].reshape(()))
+        return relax.op.nn.layer_norm(m[x], g, b, axes=[-1], epsilon=epsilon)
+
+    return rewrite_call(pattern, fuse, func)
+
+
+def static_shapes_as_constants(func: relax.Function) -> relax.Function:
+    """``shape_to_tensor(shape_of(x))`` of a statically shaped ``x`` → that shape as a
+    constant, then constant folding: the ONNX importer's index arithmetic on shapes (the
+    pooler's first token: ``take(x, where(0 < 0, 0 + shape[1], 0))``) becomes the constant
+    index torch.export's importer writes."""
+    x = wildcard()
+    pattern = is_op("relax.shape_to_tensor")(is_op("relax.shape_of")(x))
+
+    def constant(call, m):
+        shape = _static_shape(m[x])
+        return call if shape is None else relax.const(np.array(shape, np.int64), "int64")
+
+    func = rewrite_call(pattern, constant, func)
+    mod = relax.transform.FoldConstant()(tvm.IRModule({"main": func}))
+    return mod["main"]
+
+
 def tuple_output(func: relax.Function) -> relax.Function:
     """``func`` returning a tuple, as torch.export's importer always does (a single output
     comes back from the ONNX importer as a bare tensor)."""
@@ -70,6 +131,10 @@ def tuple_output(func: relax.Function) -> relax.Function:
     seq = relax.SeqExpr(body.blocks, relax.Tuple([body.body]))
     new = relax.Function(func.params, seq, relax.TupleType([func.ret_ty]), attrs=func.attrs)
     return tvm.relax.transform.Normalize()(tvm.IRModule({"main": new}))["main"]
+
+
+def _constant(expr: relax.Expr) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
 
 
 def _static_shape(expr: relax.Expr) -> tuple[int, ...] | None:
