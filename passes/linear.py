@@ -1,5 +1,9 @@
 """Linears as the importer writes them: ``matmul(x, permute_dims(W) | W) (+ b)``, W and b constant.
 
+torch.export writes a linear on a batched non-contiguous view as a batched matmul by the weight
+broadcast over the batch, ``matmul(x, broadcast_to(permute_dims(W), (B, K, N)))``: matched too,
+and rebuilt without the broadcast (Relax's matmul broadcasts a 2-D right operand).
+
 :class:`LinearPattern` (a ``tvm.relax.dpl`` pattern built once) finds one and returns a
 :class:`Linear`, which knows its kernel as ``(in, out)`` and rebuilds itself, in the same form,
 around a new kernel and bias. ``FoldNoNorm``, ``FoldAttentionScale`` and
@@ -14,7 +18,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax.dpl import is_const, is_op, wildcard
 
-from mbcompile.passes.graph import Graph, call, fold_const, last_axis_vector
+from mbcompile.passes.graph import Graph, call, fold_const, last_axis_vector, static_shape
 
 
 @dataclass
@@ -73,7 +77,9 @@ class LinearPattern:
         self.x = wildcard()
         self.weight = is_const()
         self.transposed = is_op("relax.permute_dims")(self.weight)
-        self.matmul = is_op("relax.matmul")(self.x, self.transposed | self.weight)
+        operand = self.transposed | self.weight
+        self.broadcast = is_op("relax.broadcast_to")(operand, wildcard())
+        self.matmul = is_op("relax.matmul")(self.x, self.broadcast | operand)
         self.bias = is_const()
         self.biased = is_op("relax.add")(self.matmul, self.bias)
         self.pattern = self.biased | self.matmul
@@ -92,6 +98,10 @@ class LinearPattern:
         weight = graph.constant(m[self.weight])
         if weight is None or weight.ndim != 2:
             return None
+        if self.broadcast in m:  # only over x's batch: the product's shape stays
+            x_shape, to = static_shape(m[self.x]), static_shape(m[self.broadcast])
+            if x_shape is None or to is None or to[:-2] != x_shape[:-2] or len(to) < 3:
+                return None
         axes = None
         template = None
         if self.transposed in m:

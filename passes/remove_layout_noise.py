@@ -10,8 +10,14 @@ shape a tensor already has before each batched matmul. Rewrites, repeated until 
     permute_dims(x, identity)              → x
     permute_dims(permute_dims(x, p), q)    → permute_dims(x, p∘q)   (→ x if p∘q = identity)
     broadcast_to(x, shape(x))              → x
+    matmul(x, broadcast_to(W, (B, K, N)))  → matmul(x, W)           (W of shape (K, N))
 
-Every rewrite moves no data and keeps the values bit for bit.
+The last is how torch.export writes a linear whose input is a batched, non-contiguous view (the
+attention output's linear at batch > 1, or with the choices of a multiple-choice model): the
+weight copied once per batch row into a batched matmul. Relax's matmul broadcasts a 2-D right
+operand itself, and the linear is then one the other passes recognise.
+
+Every rewrite keeps the values bit for bit; none adds a copy.
 
 It bails (and says why in ``refusals``) when a shape is not static, and it does not compose a
 chain whose intermediate has another user unless the chain cancels outright: composing would
@@ -58,7 +64,10 @@ class RemoveLayoutNoise(MobileBertPass):
         self.inner_permute = is_op("relax.permute_dims")(self.x)
         self.permute = is_op("relax.permute_dims")(self.inner_permute | self.x)
         self.broadcast = is_op("relax.broadcast_to")(self.x, wildcard())
-        self.pattern = self.reshape | self.permute | self.broadcast
+        self.left, self.weight = wildcard(), wildcard()
+        self.broadcast_weight = is_op("relax.broadcast_to")(self.weight, wildcard())
+        self.batched = is_op("relax.matmul")(self.left, self.broadcast_weight)
+        self.pattern = self.reshape | self.permute | self.broadcast | self.batched
         self._changed: set[relax.Var] = set()  # bindings rewritten in the current round
 
     def find_rewrites(self, graph: Graph) -> list[dict[relax.Var, relax.Expr]]:
@@ -78,6 +87,8 @@ class RemoveLayoutNoise(MobileBertPass):
         """Why this layout op stays (None: it goes, or it is simply needed); puts the
         replacement in ``match.new``."""
         m = match.found
+        if self.batched in m:
+            return self._unbroadcast(m, match)
         x = m[self.x]
         in_shape, out_shape = static_shape(x), static_shape(var)
         if in_shape is None or out_shape is None:
@@ -108,6 +119,16 @@ class RemoveLayoutNoise(MobileBertPass):
             return {}
         self._changed.add(var)
         return {var: match.new}
+
+    def _unbroadcast(self, m: dict, match: _LayoutOp) -> str | None:
+        left, weight = static_shape(m[self.left]), static_shape(m[self.weight])
+        broadcast = static_shape(m[self.broadcast_weight])
+        if left is None or weight is None or broadcast is None:
+            return "a shape is not static"
+        if len(weight) != 2 or len(left) < 3 or broadcast != left[:-2] + weight:
+            return f"the broadcast {weight} → {broadcast} is not of a 2-D operand over {left}'s batch"
+        match.new = call(m[self.batched], m[self.left], m[self.weight])
+        return None
 
     def _is_identity_on(self, m: dict, shape: tuple[int, ...]) -> bool:
         """Whether the matched op returns its input ``x`` unchanged (shapes already equal)."""
