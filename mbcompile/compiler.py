@@ -155,6 +155,9 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     check_precision(options.precision, tvm_target, spec.name)
     passes = listed_passes(options.passes, tvm_target)  # checked before the slow work
     check_model(model)
+    fixed = getattr(model, "fixed_seq_len", None)  # an ONNX file exported at one length
+    if fixed is not None and options.seq_len is None and options.max_seq_len is None:
+        options = dataclasses.replace(options, seq_len=fixed)
     seq_lens = options.seq_lens(model.config.max_position_embeddings)
     prune = masked_head_pass(model, options)
     timings: dict[str, float] = {}
@@ -224,7 +227,10 @@ def compile(
     head its config.json names): a local folder, or a hub id such as
     ``"google/mobilebert-uncased"``, resolved as transformers does (the local hub cache first,
     ``HF_HUB_OFFLINE`` honoured; the resolved revision is recorded in the metadata's
-    ``source``).
+    ``source``); or an ONNX file (``"model.onnx"``, exported by ``torch.onnx`` or Optimum with
+    static or dynamic axes): imported with TVM's Relax ONNX frontend into the same interface,
+    its head taken from ``head``, a ``config.json`` beside it or its outputs, and checked
+    against ONNX Runtime instead of PyTorch (``mbcompile.capture.onnx_model``).
 
     The options before ``tuning_db`` are :class:`mbcompile.options.CompileOptions` (see it for
     each; ``mbcompile.tune`` takes the same). ``target`` is a name (``mbcompile targets``) or a
@@ -378,6 +384,7 @@ def _check(compiled: CompiledModel, log: Callable[[str], None]) -> dict:
     )
     result = compiled.accuracy(batch)
     worst = max((o["max_abs_error"] for o in result["outputs"].values()), default=0.0)
-    log(f"accuracy: max abs error {worst:.2e} against PyTorch fp32 ({result['precision']})")
+    log(f"accuracy: max abs error {worst:.2e} against {result['reference']} "
+        f"({result['precision']})")
     length = batch["input_ids"].shape[-1]
     return {**result, "inputs": f"2 random rows of {length} tokens (one padded), seed 0"}

@@ -11,8 +11,9 @@ For each compiled length:
    into constants (TVM's importer refuses a ``Pad`` whose pads are computed, which is how
    exporters write the trigram's shifts with a dynamic length);
 3. ``tvm.relax.frontend.onnx.from_onnx`` imports it with the weights bound as constants;
-4. ``relax_forms`` brings the module to torch.export's forms: shape arithmetic folded, the 4-D
-   attention matmuls between reshapes, decomposed layer norms as one op, gathers bounded.
+4. ``relax_forms`` brings the module to torch.export's forms: shape arithmetic folded, gather
+   indices as given, the 4-D attention matmuls between reshapes, decomposed layer norms as one
+   op, gathers bounded.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from mbcompile.capture.relax_forms import (
     batched_matmuls_as_3d,
     bounded_gathers,
     layer_norms,
+    plain_gather_indices,
     static_shapes_as_constants,
     tuple_output,
 )
@@ -187,8 +189,8 @@ def _import(model: OnnxModel, proto, shape: tuple[int, ...], workdir: Path, buil
 
     main = rewrite_call(is_op("relax.call_tir")(wildcard(), wildcard()), rename, mod["main"])
     rewrites = (
-        static_shapes_as_constants, bounded_gathers, batched_matmuls_as_3d, layer_norms,
-        tuple_output,
+        static_shapes_as_constants, plain_gather_indices, bounded_gathers,
+        batched_matmuls_as_3d, layer_norms, tuple_output,
     )
     for rewrite in rewrites:
         main = rewrite(main)

@@ -32,6 +32,30 @@ def bounded_gathers(func: relax.Function) -> relax.Function:
     return rewrite_call(pattern, clip, func)
 
 
+def plain_gather_indices(func: relax.Function) -> relax.Function:
+    """The ONNX importer's wrap of negative gather indices dropped::
+
+        take(table, where(less(ids, 0), add(ids, rows), ids))  → take(table, ids)
+
+    (ONNX's Gather counts negative indices from the end.) The runtime refuses negative token
+    and type ids before anything runs, and ``bounded_gathers`` clips every gather, so the
+    token ids reach the gathers as torch.export's importer passes them, the form the
+    ``PruneMaskedLMHead`` pass traces the token ids through.
+    """
+    ids, zero, rows = wildcard(), is_const(), is_const()
+    wrapped = is_op("relax.add")(ids, rows)
+    pattern = is_op("relax.where")(is_op("relax.less")(ids, zero), wrapped, ids)
+
+    def plain(call, m):
+        value = _constant(m[zero])
+        dtype = getattr(m[ids].ty, "dtype", "")
+        if value is None or value.size != 1 or int(value.reshape(())) != 0:
+            return call
+        return m[ids] if str(dtype).startswith("int") else call
+
+    return rewrite_call(pattern, plain, func)
+
+
 def batched_matmuls_as_3d(func: relax.Function) -> relax.Function:
     """4-D batched matmuls of two computed tensors as torch.export's importer writes them::
 
@@ -123,12 +147,17 @@ def static_shapes_as_constants(func: relax.Function) -> relax.Function:
 
 
 def tuple_output(func: relax.Function) -> relax.Function:
-    """``func`` returning a tuple, as torch.export's importer always does (a single output
-    comes back from the ONNX importer as a bare tensor)."""
+    """``func`` returning a tuple bound in its last block, as torch.export's importer always
+    writes it (a single output comes back from the ONNX importer as a bare tensor)."""
     if isinstance(func.ret_ty, relax.TupleType):
         return func
     body = func.body
-    seq = relax.SeqExpr(body.blocks, relax.Tuple([body.body]))
+    blocks = list(body.blocks)
+    out = relax.Var("gv", relax.TupleType([body.body.ty]))
+    bindings = [*blocks[-1].bindings, relax.VarBinding(out, relax.Tuple([body.body]))]
+    block_type = type(blocks[-1])
+    blocks[-1] = block_type(bindings)
+    seq = relax.SeqExpr(blocks, out)
     new = relax.Function(func.params, seq, relax.TupleType([func.ret_ty]), attrs=func.attrs)
     return tvm.relax.transform.Normalize()(tvm.IRModule({"main": new}))["main"]
 

@@ -66,7 +66,8 @@ class AddTokenizerArgs:
 def _add_model_source(p: argparse.ArgumentParser, *, random_init: bool) -> None:
     p.add_argument(
         "checkpoint", nargs="?",
-        help="local checkpoint folder (config.json + weights) or Hugging Face hub id "
+        help="local checkpoint folder (config.json + weights), an ONNX file (*.onnx) or "
+        "Hugging Face hub id "
         "(the hub cache first; HF_HUB_OFFLINE honoured)",
     )
     p.add_argument(
@@ -242,7 +243,8 @@ def _accuracy_lines(report) -> list[str]:
         ]
         lines.append(f"{name}: " + ", ".join(p for p in parts if p))
     if lines and isinstance(report.get("inputs"), str):
-        lines[-1] += f" (against PyTorch fp32 on {report['inputs']})"
+        against = report.get("reference", "PyTorch fp32")
+        lines[-1] += f" (against {against} on {report['inputs']})"
     return lines or ["no outputs compared"]
 
 

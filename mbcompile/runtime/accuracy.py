@@ -1,4 +1,5 @@
-"""How far a compiled model's outputs are from PyTorch fp32 on given inputs.
+"""How far a compiled model's outputs are from PyTorch fp32 (or ONNX Runtime's, for a model
+compiled from an ONNX file) on given inputs.
 
 ``CompiledModel.accuracy`` runs both on the same inputs and reports, for every output:
 

@@ -203,8 +203,8 @@ class CompiledModel:
     def accuracy(self, inputs, reference=None) -> dict:
         """This model's outputs against PyTorch fp32 on ``inputs``: texts (tokenized with the
         artifact's tokenizer), a dict of input arrays, or a list of such dicts. ``reference``:
-        the PyTorch model, or a checkpoint folder or hub id to load it from (default: the model
-        ``compile`` was given). Per output: max abs and relative error, cosine similarity,
+        the PyTorch model, or a checkpoint folder or hub id to load it from, or an ONNX file
+        (run by ONNX Runtime) (default: the model ``compile`` was given). Per output: max abs and relative error, cosine similarity,
         top-1 agreement of logits (``runtime/accuracy.py`` defines each)."""
         from mbcompile.runtime import accuracy
 
@@ -227,7 +227,8 @@ class CompiledModel:
         if mask_token_id is None:
             mask_token_id = DEFAULT_MASK_TOKEN_ID
         report = accuracy.compare(self, reference, batches, mask_token_id)
-        return {"precision": self.metadata.precision, **report}
+        against = "ONNX Runtime" if hasattr(reference, "outputs_for") else "PyTorch"
+        return {"precision": self.metadata.precision, "reference": f"{against} fp32", **report}
 
     def __call__(
         self,
