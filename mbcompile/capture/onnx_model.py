@@ -92,7 +92,15 @@ class OnnxModel:
 
     def outputs_for(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The file's outputs on ``batch`` (numpy, the inputs the file takes), by Hugging
-        Face name, computed by ONNX Runtime."""
+        Face name, computed by ONNX Runtime (in chunks of the file's batch size, if fixed)."""
+        rows = int(np.asarray(batch["input_ids"]).shape[0])
+        fixed = self.fixed_batch_size
+        if fixed is not None and rows != fixed and rows % fixed == 0:
+            parts = [
+                self.outputs_for({k: np.asarray(v)[i : i + fixed] for k, v in batch.items()})
+                for i in range(0, rows, fixed)
+            ]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         feeds = {}
         for inp in self.session().get_inputs():
             value = np.asarray(batch[inp.name])
@@ -241,9 +249,7 @@ def _config(path: Path, proto, tables: dict[str, np.ndarray]):
 
 def _head(path, head, config, out_names, out_axes: list[list[Axis]], input_rank: int) -> str:
     if head is not None:
-        if head not in HEADS:
-            head = head_of_class(head)
-        return head
+        return head if head in HEADS else head_of_class(head_class_name(head))
     archs = [a for a in (config.architectures or []) if a in HEADS.values()]
     if archs:
         return head_of_class(archs[0])
