@@ -18,7 +18,10 @@ For each compiled length:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -164,6 +167,22 @@ def _folded(proto, workdir: Path):
     return onnx.load(str(folded))
 
 
+@contextlib.contextmanager
+def _native_warnings_silenced():
+    """Standard error (file descriptor 2) sent to /dev/null: TVM logs a warning from C++ for
+    every gather in the "fast" mode that the importer writes (``bounded_gathers`` replaces
+    them) or constant folding evaluates. Errors still come back as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _import(model: OnnxModel, proto, shape: tuple[int, ...], workdir: Path, builder):
     """Relax ``main`` of ``proto`` at ``shape``; the TIR functions it calls (the importer
     writes ``Pad`` as one) are added to ``builder``'s module under names of their own."""
@@ -172,7 +191,8 @@ def _import(model: OnnxModel, proto, shape: tuple[int, ...], workdir: Path, buil
 
     folded = _folded(_static(proto, shape), workdir)
     try:
-        mod = from_onnx(folded, keep_params_in_input=False)
+        with _native_warnings_silenced():
+            mod = from_onnx(folded, keep_params_in_input=False)
     except Exception as err:  # noqa: BLE001 - the importer raises many unrelated types
         reason = " ".join(str(err).split())[:300]
         raise ModelError(f"{model.path}: TVM's ONNX importer refuses the graph ({reason})") from None
@@ -192,8 +212,9 @@ def _import(model: OnnxModel, proto, shape: tuple[int, ...], workdir: Path, buil
         static_shapes_as_constants, plain_gather_indices, bounded_gathers,
         batched_matmuls_as_3d, layer_norms, tuple_output,
     )
-    for rewrite in rewrites:
-        main = rewrite(main)
+    with _native_warnings_silenced():  # FoldConstant evaluates "fast" gathers on constants
+        for rewrite in rewrites:
+            main = rewrite(main)
     return main.without_attr("num_input") if "num_input" in (main.attrs or {}) else main
 
 
