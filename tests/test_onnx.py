@@ -273,3 +273,27 @@ def test_the_cli_compiles_an_onnx_file_and_refuses_a_damaged_one_in_one_line(tmp
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "bad.onnx: not a valid ONNX model" in proc.stderr
+
+
+def test_a_graph_taking_int32_ids_runs_on_the_runtime_int64_inputs(tmp_path):
+    """tf2onnx-style graphs take int32 ids: the import casts the runtime's int64 to them."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = make_model("token-classification", tiny_config(), seed=10)
+    proto = onnx.load(str(export(model, tmp_path / "m.onnx")))
+    graph = proto.graph
+    for inp in graph.input:
+        for node in graph.node:
+            for i, used in enumerate(node.input):
+                if used == inp.name:
+                    node.input[i] = inp.name + "_64"
+        graph.node.insert(0, helper.make_node("Cast", [inp.name], [inp.name + "_64"], to=TensorProto.INT64))
+        inp.type.tensor_type.elem_type = TensorProto.INT32
+    onnx.save(proto, str(tmp_path / "int32.onnx"))
+    compiled = mbcompile.compile(tmp_path / "int32.onnx", max_seq_len=16)
+    ids = np.random.default_rng(4).integers(1, 211, (1, 13))
+    ref = load_onnx(tmp_path / "int32.onnx").outputs_for(
+        {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    )
+    assert np.abs(compiled(input_ids=ids)["logits"] - ref["logits"]).max() <= TOL

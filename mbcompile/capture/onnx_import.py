@@ -56,10 +56,22 @@ def with_lengths(model: OnnxModel):
     graph = proto.graph
     by_name = {i.name: i for i in graph.input}
     ids = by_name["input_ids"]
-    int_type = ids.type.tensor_type.elem_type
     dims = [d.dim_param or d.dim_value for d in ids.type.tensor_type.shape.dim]
+    for name in INPUT_NAMES:  # int64 in, as the runtime passes them; cast to what the graph takes
+        tensor_type = by_name[name].type.tensor_type if name in by_name else None
+        if tensor_type is None or tensor_type.elem_type == TensorProto.INT64:
+            continue
+        given = _PREFIX + name
+        for node in graph.node:
+            for i, used in enumerate(node.input):
+                if used == name:
+                    node.input[i] = given
+        graph.node.insert(0, helper.make_node("Cast", [name], [given], to=tensor_type.elem_type))
+        tensor_type.elem_type = TensorProto.INT64
     if "token_type_ids" not in by_name:
-        by_name["token_type_ids"] = helper.make_tensor_value_info("token_type_ids", int_type, dims)
+        by_name["token_type_ids"] = helper.make_tensor_value_info(
+            "token_type_ids", TensorProto.INT64, dims
+        )
     by_name["lengths"] = helper.make_tensor_value_info("lengths", TensorProto.INT64, dims[:-1])
     others = [i for i in graph.input if i.name not in by_name]  # initializers listed as inputs
     del graph.input[:]
