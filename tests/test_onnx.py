@@ -199,6 +199,14 @@ def test_an_optimum_style_folder_gives_head_config_and_tokenizer(tmp_path):
     fill = mbcompile.pipeline("fill-mask", compiled)
     answers = fill("w1 w2 [MASK] w3")
     assert len(answers) == 5 and all(a["token_str"] for a in answers)
+    # pipeline(task, "model.onnx") compiles the file for the task (fill-mask: the masked build)
+    direct = mbcompile.pipeline("fill-mask", tmp_path / "model.onnx", max_seq_len=16)
+    assert direct.model.signature.max_masked is not None
+    again = direct("w1 w2 [MASK] w3")
+    assert [a["token"] for a in again] == [a["token"] for a in answers]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(again, answers)) <= TOL
+    with pytest.raises(mbcompile.PipelineError, match="question-answering"):
+        mbcompile.pipeline("question-answering", tmp_path / "model.onnx", max_seq_len=16)
 
 
 def test_a_file_exported_at_one_length_compiles_at_that_length(tmp_path):

@@ -276,7 +276,8 @@ def _fields(path, head: str, out_names: tuple[str, ...]) -> tuple[str, ...]:
     expected = HEAD_OUTPUTS[head]
     if set(out_names) <= set(expected):
         return out_names
-    if len(out_names) <= len(expected):
+    known = {name for names in HEAD_OUTPUTS.values() for name in names}
+    if len(out_names) <= len(expected) and not set(out_names) <= known:
         return expected[: len(out_names)]
     raise ModelError(
         f"{path}: {len(out_names)} outputs {list(out_names)}, but a {head} model returns "

@@ -72,8 +72,8 @@ def pipeline(
     **compile_options: Any,
 ) -> Pipeline:
     """A pipeline for ``task`` over a compiled model, the path of a saved artifact, or a
-    checkpoint to compile first for this task's head (a local checkpoint folder or a Hugging Face
-    hub id, resolved as ``mbcompile.compile`` does; needs the ``compile`` extra).
+    checkpoint to compile first for this task's head (a local checkpoint folder, an ONNX file or
+    a Hugging Face hub id, resolved as ``mbcompile.compile`` does; needs the ``compile`` extra).
 
     ``task``: "fill-mask", "question-answering", "text-classification" (alias
     "sentiment-analysis"), "token-classification" (alias "ner"), "next-sentence-prediction",
@@ -129,8 +129,11 @@ def pipeline(
 
 
 def _is_checkpoint(name: str | os.PathLike) -> bool:
-    """A checkpoint folder (config.json inside), or a hub id that is no file here."""
+    """A checkpoint folder (config.json inside), an ONNX file, or a hub id that is no file
+    here."""
     path = Path(name)
+    if path.suffix == ".onnx":
+        return True
     if path.is_dir():
         return (path / "config.json").is_file()
     from mbcompile.hub import is_hub_id
@@ -143,7 +146,8 @@ def _compile_checkpoint(
 ) -> CompiledModel:
     from mbcompile.compiler import compile as compile_model
 
-    head = cls.heads[0]
+    # An ONNX file's graph has its head (its outputs say which): check_head then judges it.
+    head = None if Path(name).suffix == ".onnx" else cls.heads[0]
     options = {"logits_for": "masked"} if cls.task == "fill-mask" else {}
     return compile_model(name, head=head, **{**options, **compile_options})
 
