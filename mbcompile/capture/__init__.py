@@ -8,6 +8,7 @@ makes both importers' modules read alike. Needs torch and transformers (the ``co
 extra; onnx and onnxruntime for ONNX files, the ``onnx`` extra).
 """
 
+from mbcompile.capture.captured import DEFAULT_NUM_CHOICES, Captured
 from mbcompile.capture.models import (
     CONFIGS,
     checkpoint_folder,
@@ -18,8 +19,6 @@ from mbcompile.capture.models import (
 )
 from mbcompile.capture.onnx_model import OnnxModel, is_onnx_path, load_onnx
 from mbcompile.capture.torch_export import (
-    DEFAULT_NUM_CHOICES,
-    Captured,
     capture,
     check_model,
     example_inputs,

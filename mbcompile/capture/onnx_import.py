@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import tvm
 
+from mbcompile.capture.captured import DEFAULT_NUM_CHOICES, Captured
 from mbcompile.capture.onnx_model import OnnxModel
 from mbcompile.capture.relax_forms import (
     batched_matmuls_as_3d,
@@ -268,8 +269,6 @@ def capture_onnx(
 ):
     """Import ``model`` at static ``(batch, [choices,] seq)`` shapes: one function per length
     of ``seq_lens`` (``Signature.function_name``), as ``torch_export.capture`` does."""
-    from mbcompile.capture.torch_export import DEFAULT_NUM_CHOICES, Captured
-
     seq_lens = tuple(sorted(set(seq_lens)))
     choices_axis = len(model.input_axes) == 3
     if choices_axis and num_choices is None:

@@ -9,28 +9,19 @@ later passes can fold them.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 import tvm
 from tvm.relax.frontend.torch import from_exported_program
 
+from mbcompile.capture.captured import DEFAULT_NUM_CHOICES, Captured
 from mbcompile.capture.relax_forms import bounded_gathers
 from mbcompile.errors import ModelError, OptionError
 from mbcompile.heads import head_of_class
 from mbcompile.options import check_shape
 from mbcompile.signature import OutputSpec, Signature
 
-DEFAULT_NUM_CHOICES = 4
-
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Captured:
-    mod: tvm.IRModule
-    signature: Signature
-    config: dict
 
 
 class _FlatOutputs(torch.nn.Module):

@@ -166,6 +166,7 @@ def compare(compiled, reference, batches: list[dict], mask_token_id: int) -> dic
                 np.asarray(value), expected, where, top1="logits" in name
             )
     return {
+        "reference": ("ONNX Runtime" if hasattr(reference, "outputs_for") else "PyTorch") + " fp32",
         "rows": rows,
         "outputs": {name: t.report("logits" in name) for name, t in totals.items()},
     }

@@ -203,9 +203,9 @@ class CompiledModel:
     def accuracy(self, inputs, reference=None) -> dict:
         """This model's outputs against PyTorch fp32 on ``inputs``: texts (tokenized with the
         artifact's tokenizer), a dict of input arrays, or a list of such dicts. ``reference``:
-        the PyTorch model, or a checkpoint folder or hub id to load it from, or an ONNX file
-        (run by ONNX Runtime) (default: the model ``compile`` was given). Per output: max abs and relative error, cosine similarity,
-        top-1 agreement of logits (``runtime/accuracy.py`` defines each)."""
+        the PyTorch model, a checkpoint folder or hub id to load it from, or an ONNX file (run
+        by ONNX Runtime); default: the model ``compile`` was given. Per output: max abs and
+        relative error, cosine similarity, top-1 agreement of logits (``runtime/accuracy.py``)."""
         from mbcompile.runtime import accuracy
 
         reference = self.reference if reference is None else reference
@@ -217,8 +217,8 @@ class CompiledModel:
         if isinstance(reference, (str, os.PathLike)):
             from mbcompile.capture import is_onnx_path, load_checkpoint, load_onnx
 
-            load = load_onnx if is_onnx_path(reference) else load_checkpoint
-            reference = load(reference, head=self.metadata.head)
+            loader = load_onnx if is_onnx_path(reference) else load_checkpoint
+            reference = loader(reference, head=self.metadata.head)
         config = self.metadata.config
         batches = accuracy.input_batches(
             inputs, self.tokenizer_files.get("tokenizer.json"), int(config.get("pad_token_id") or 0)
@@ -227,8 +227,7 @@ class CompiledModel:
         if mask_token_id is None:
             mask_token_id = DEFAULT_MASK_TOKEN_ID
         report = accuracy.compare(self, reference, batches, mask_token_id)
-        against = "ONNX Runtime" if hasattr(reference, "outputs_for") else "PyTorch"
-        return {"precision": self.metadata.precision, "reference": f"{against} fp32", **report}
+        return {"precision": self.metadata.precision, **report}
 
     def __call__(
         self,
