@@ -185,15 +185,22 @@ def _embedding_tables(proto) -> dict[str, np.ndarray]:
                 constants[node.output[0]] = attr.t
     producers = {out: node for node in graph.node for out in node.output}
     inputs = {i.name for i in graph.input}
+    seen: dict[str, str | None] = {}
 
     def source(name: str, depth: int = 0) -> str | None:
         """The graph input an index tensor comes from, "positions" if from constants only."""
+        if name not in seen:
+            seen[name] = None  # a cycle (none in a valid graph) or too deep: no answer
+            seen[name] = _source(name, depth)
+        return seen[name]
+
+    def _source(name: str, depth: int) -> str | None:
         if name in inputs and name not in constants:
             return name
         if name in constants:
             return "positions"
         node = producers.get(name)
-        if node is None or depth > 12:
+        if node is None or depth > 32:
             return None
         found = {source(i, depth + 1) for i in node.input if i}
         found.discard(None)
