@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,6 +65,54 @@ def _cpus() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+class _RunsOrOneChange:
+    """Any number of VM calls at once, or one VM being made or dropped, process-wide.
+
+    Making a Relax VM over a library while another thread's VM runs crashed the process
+    (SIGSEGV in a map of TVM's runtime, inside the new VM's constructor): a VM is made (and
+    dropped) only while no VM runs. Runs wait for a change that waits, so a steady stream of
+    calls cannot starve it; a change waits for the calls in flight.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._changing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def run(self) -> Iterator[None]:
+        with self._cond:
+            while self._changing or self._waiting:
+                self._cond.wait()
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if not self._running:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._changing or self._running:
+                self._cond.wait()
+            self._waiting -= 1
+            self._changing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()
+
+
+_VMS = _RunsOrOneChange()
+
+
 # Worker threads that run the chunks of one batch side by side, one kernel thread each.
 _batch_pool: tuple[int, ThreadPoolExecutor] | None = None
 _batch_pool_lock = threading.Lock()
@@ -118,7 +167,9 @@ class LocalProgram:
                 self._checked = True
             import tvm
 
-            vm = tvm.relax.VirtualMachine(self._library.module(), tvm.cpu())
+            module = self._library.module()
+            with _VMS.change():
+                vm = tvm.relax.VirtualMachine(module, tvm.cpu())
             self._local.vm = vm
         return vm
 
@@ -136,7 +187,8 @@ class LocalProgram:
         name = self._signature.function_for(length)
         checked = self._local.__dict__.setdefault("checked", set())
         if name not in checked:
-            self._check_parameters(vm, name)
+            with _VMS.change():  # looks functions up in the library, as making a VM does
+                self._check_parameters(vm, name)
             checked.add(name)
         return name
 
@@ -168,7 +220,8 @@ class LocalProgram:
         vm = self._machine()
         name = self._function(vm, arrays)
         try:
-            result = vm[name](*(tvm.runtime.tensor(a) for a in arrays))
+            with _VMS.run():
+                result = vm[name](*(tvm.runtime.tensor(a) for a in arrays))
         except (RuntimeError, ValueError) as err:
             text = " ".join(str(err).split())[:400]
             if "loc=param" in text:  # TVM checks the shapes main was built for
@@ -209,4 +262,5 @@ class LocalProgram:
 
     def close(self) -> None:
         """Drop the VMs (the library stays loaded for the model's other programs)."""
-        self._local = threading.local()
+        with _VMS.change():
+            self._local = threading.local()
