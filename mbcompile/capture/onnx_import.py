@@ -19,7 +19,6 @@ For each compiled length:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
@@ -41,8 +40,6 @@ from mbcompile.capture.relax_forms import (
 from mbcompile.errors import ModelError, OptionError
 from mbcompile.options import check_shape
 from mbcompile.signature import INPUT_NAMES, OutputSpec, Signature
-
-logger = logging.getLogger(__name__)
 
 _PREFIX = "mbcompile_"
 
@@ -85,9 +82,8 @@ def with_lengths(model: OnnxModel):
         for i, name in enumerate(node.input):
             if name == words:
                 node.input[i] = masked
-    for i, out in enumerate(graph.output):
-        if out.name == words:
-            raise ModelError(f"{model.path}: the word embeddings are an output of the graph")
+    if any(out.name == words for out in graph.output):
+        raise ModelError(f"{model.path}: the word embeddings are an output of the graph")
 
     def name(s: str) -> str:
         return _PREFIX + s
