@@ -43,15 +43,28 @@ def plain_gather_indices(func: relax.Function) -> relax.Function:
     ``PruneMaskedLMHead`` pass traces the token ids through.
     """
     ids, zero, rows = wildcard(), is_const(), is_const()
+    negative = is_op("relax.less")(ids, zero)
     wrapped = is_op("relax.add")(ids, rows)
-    pattern = is_op("relax.where")(is_op("relax.less")(ids, zero), wrapped, ids)
+    pattern = is_op("relax.where")(negative, wrapped, ids)
+    bound = relax.analysis.get_var2val(func)
+    params = list(func.params)
 
     def plain(call, m):
         value = _constant(m[zero])
-        dtype = getattr(m[ids].ty, "dtype", "")
+        index = call.args[2]  # the ids as the where reads them (a variable or an input)
         if value is None or value.size != 1 or int(value.reshape(())) != 0:
             return call
-        return m[ids] if str(dtype).startswith("int") else call
+        if not str(getattr(index.ty, "dtype", "")).startswith("int"):
+            return call
+        uses = [bound.get(m[negative], m[negative]).args[0], bound.get(m[wrapped], m[wrapped]).args[0]]
+        if not all(bound.get(u, u).same_as(bound.get(index, index)) for u in uses):
+            return call
+        source = index  # only the model's inputs: token and type ids, which the runtime checks
+        while isinstance(bound.get(source), relax.Call) and getattr(bound[source].op, "name", "") in (
+            "relax.astype", "relax.reshape"
+        ):
+            source = bound[source].args[0]
+        return index if any(source.same_as(p) for p in params) else call
 
     return rewrite_call(pattern, plain, func)
 
@@ -111,6 +124,9 @@ def layer_norms(func: relax.Function) -> relax.Function:
         square = _constant(m[two])
         if shape is None or any(v is None for v in values.values()) or square is None:
             return call
+        subtracted = bound.get(m[centred], m[centred]).args[0]
+        if not bound.get(subtracted, subtracted).same_as(bound.get(m[x], m[x])):
+            return call  # x - mean(y): not a normalisation of one tensor
         channels = shape[-1]
         for reduce in (bound.get(m[mean], m[mean]), bound.get(m[variance], m[variance])):
             axes = reduce.attrs.axis
