@@ -19,6 +19,15 @@ import torch
 
 TOL = 1e-4  # max abs error against PyTorch eager, fp32
 
+# MBCOMPILE_SOAK=1: the long soaks whole (every full-size head, repeated interrupts); without
+# it (CI, the README's command) a smaller part of each, to keep the suite near 25 minutes.
+SOAK = os.environ.get("MBCOMPILE_SOAK", "") == "1"
+
+
+def soak(every: list, default: list) -> list:
+    """``every`` under MBCOMPILE_SOAK=1, else ``default`` (a part of it)."""
+    return every if SOAK else default
+
 # A small architecture of MobileBERT's shape family: fast to capture and build.
 TINY = {
     "vocab_size": 211,

@@ -260,7 +260,7 @@ def test_the_cli_compiles_an_onnx_file_and_refuses_a_damaged_one_in_one_line(tmp
     path = export(model, tmp_path / "m.onnx")
     out = tmp_path / "m.mbc"
     proc = subprocess.run(
-        [sys.executable, "-m", "mbcompile.cli", "compile", str(path), "--max-seq-len", "16",
+        [sys.executable, "-m", "mbcompile.cli", "compile", str(path), "--seq-len", "16",
          "-o", str(out)],
         capture_output=True, text=True, timeout=600,
     )

@@ -17,7 +17,14 @@ import time
 import zipfile
 
 import pytest
-from helpers import assert_matches_eager, make_model, random_inputs, tiny_config, trained_pad_row
+from helpers import (
+    assert_matches_eager,
+    make_model,
+    random_inputs,
+    soak,
+    tiny_config,
+    trained_pad_row,
+)
 
 import mbcompile
 from mbcompile import TargetError, ToolchainError
@@ -213,7 +220,7 @@ def test_arm_board_targets_run_on_emulated_device(target, device, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["masked-lm", "question-answering"])
+@pytest.mark.parametrize("head", soak(["masked-lm", "question-answering"], ["question-answering"]))
 def test_full_size_head_matches_eager_on_emulated_device_at_seq_128(head, device, tmp_path):
     """google/mobilebert-uncased architecture (24 layers). Under emulation one forward takes
     tens of seconds; the timings are printed (pytest -s)."""
