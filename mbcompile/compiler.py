@@ -145,7 +145,7 @@ def _quiet(_message: str) -> None:
 def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet) -> Prepared:
     """Capture ``model`` and run the MobileBERT passes for ``options.target``; ``log`` gets a
     line as each stage starts and ends."""
-    from mbcompile.capture import capture, check_model
+    from mbcompile.capture import OnnxModel, capture, capture_onnx, check_model
     from mbcompile.cpu import check_precision
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.registry import resolve_target
@@ -162,17 +162,15 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     prune = masked_head_pass(model, options)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    from mbcompile.capture import OnnxModel
-
-    how = "torch.export"
-    name = type(model).__name__
+    how, name, capture_with = "torch.export", type(model).__name__, capture
     if isinstance(model, OnnxModel):
         how, name = f"ONNX import of {model.path.name}", model.model_class
+        capture_with = capture_onnx
     log(f"capture: {how} of {name} at {_lengths_text(seq_lens)} ...")
     # TVM calls back into Python here (the importer, the passes): a Ctrl-C raised inside such a
     # callback crosses C++ and comes out as a bare RuntimeError, so it waits for the block's end
     with sigint_held():
-        captured = capture(
+        captured = capture_with(
             model,
             seq_lens=seq_lens,
             batch_size=options.batch_size,

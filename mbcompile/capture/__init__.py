@@ -17,6 +17,7 @@ from mbcompile.capture.models import (
     named_config,
     random_model,
 )
+from mbcompile.capture.onnx_import import capture_onnx
 from mbcompile.capture.onnx_model import OnnxModel, is_onnx_path, load_onnx
 from mbcompile.capture.torch_export import (
     capture,
@@ -30,6 +31,7 @@ __all__ = [
     "Captured",
     "OnnxModel",
     "capture",
+    "capture_onnx",
     "check_model",
     "checkpoint_folder",
     "checkpoint_source",

@@ -75,8 +75,7 @@ def with_lengths(model: OnnxModel):
     del graph.input[:]
     graph.input.extend([by_name[n] for n in (*INPUT_NAMES, "lengths")] + others)
 
-    gather = _word_gather(graph)
-    words = gather.output[0]
+    words = model.word_embeddings
     masked = _PREFIX + "masked_words"
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -114,30 +113,10 @@ def with_lengths(model: OnnxModel):
         helper.make_node("Reshape", [name("real_f"), name("mask_shape")], [name("mask")]),
         helper.make_node("Mul", [words, name("mask")], [masked]),
     ]
-    position = list(graph.node).index(gather) + 1
+    position = next(i for i, node in enumerate(graph.node) if words in node.output) + 1
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)
     return proto
-
-
-def _word_gather(graph):
-    """The Gather of the word-embedding table by ``input_ids`` (directly or through casts)."""
-    producers = {out: node for node in graph.node for out in node.output}
-    constants = {init.name for init in graph.initializer} | {
-        n.output[0] for n in graph.node if n.op_type == "Constant"
-    }
-    for node in graph.node:
-        if node.op_type != "Gather" or node.input[0] not in constants:
-            continue
-        source, seen = node.input[1], 0
-        while source != "input_ids" and source in producers and seen < 8:
-            producer = producers[source]
-            if producer.op_type not in ("Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"):
-                break
-            source, seen = producer.input[0], seen + 1
-        if source == "input_ids":
-            return node
-    raise ModelError("found no gather of the word embeddings by input_ids in the graph")
 
 
 def _static(proto, shape: tuple[int, ...]):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -63,6 +63,7 @@ class OnnxModel:
     onnx_outputs: tuple[str, ...]  # the graph's output names
     fields: tuple[str, ...]  # the Hugging Face name of each output
     config: Any  # transformers MobileBertConfig
+    word_embeddings: str  # the output of the Gather of the word-embedding table by input_ids
     _session: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -163,7 +164,10 @@ def load_onnx(path: str | os.PathLike, head: str | None = None) -> OnnxModel:
     head = _head(path, head, config, out_names, out_axes, len(axes))
     fields = _fields(path, head, out_names)
     config.architectures = [head_class_name(head)]
-    return OnnxModel(path, proto, head, inputs, tuple(axes), out_names, fields, config)
+    return OnnxModel(
+        path, proto, head, inputs, tuple(axes), out_names, fields, config,
+        tables["input_ids"].gathered,
+    )
 
 
 def _axes(value_info) -> list[Axis]:
@@ -171,10 +175,18 @@ def _axes(value_info) -> list[Axis]:
     return [Axis(d.dim_value or None, d.dim_param or None) for d in dims]
 
 
-def _embedding_tables(proto) -> dict[str, np.ndarray]:
+class Table(NamedTuple):
+    """A constant fp32 embedding table the graph gathers rows of."""
+
+    rows: int
+    width: int
+    gathered: str  # the Gather's output
+
+
+def _embedding_tables(proto) -> dict[str, Table]:
     """The constant 2-D tables the graph gathers rows of, by what indexes them: a graph input's
     name, or ``"positions"`` for constant indices."""
-    from onnx import numpy_helper
+    from onnx import TensorProto
 
     graph = proto.graph
     constants = {init.name: init for init in graph.initializer}
@@ -211,20 +223,20 @@ def _embedding_tables(proto) -> dict[str, np.ndarray]:
             return named.pop()
         return "positions" if found == {"positions"} else None
 
-    tables: dict[str, np.ndarray] = {}
+    tables: dict[str, Table] = {}
     for node in graph.node:
         if node.op_type != "Gather" or node.input[0] not in constants:
             continue
-        table = numpy_helper.to_array(constants[node.input[0]])
-        if table.ndim != 2 or table.dtype != np.float32:
+        table = constants[node.input[0]]
+        if len(table.dims) != 2 or table.data_type != TensorProto.FLOAT:
             continue
         role = source(node.input[1])
         if role is not None and role not in tables:
-            tables[role] = table
+            tables[role] = Table(int(table.dims[0]), int(table.dims[1]), node.output[0])
     return tables
 
 
-def _config(path: Path, proto, tables: dict[str, np.ndarray]):
+def _config(path: Path, proto, tables: dict[str, Table]):
     """The config.json beside the file (if it is a MobileBERT's), else one built from the
     embedding tables' shapes."""
     from transformers import MobileBertConfig
@@ -235,7 +247,7 @@ def _config(path: Path, proto, tables: dict[str, np.ndarray]):
             config = MobileBertConfig.from_pretrained(str(path.parent), local_files_only=True)
         except (OSError, ValueError) as err:
             raise ModelError(f"{config_file}: cannot be read ({err})") from None
-        if config.model_type != "mobilebert" or config.vocab_size != tables["input_ids"].shape[0]:
+        if config.model_type != "mobilebert" or config.vocab_size != tables["input_ids"].rows:
             raise ModelError(
                 f"{config_file} is not the config of {path.name} (model_type "
                 f"{config.model_type!r}, vocab_size {config.vocab_size})"
@@ -244,11 +256,11 @@ def _config(path: Path, proto, tables: dict[str, np.ndarray]):
         words = tables["input_ids"]
         extra: dict[str, int] = {}
         if "token_type_ids" in tables:
-            extra["type_vocab_size"] = tables["token_type_ids"].shape[0]
+            extra["type_vocab_size"] = tables["token_type_ids"].rows
         if "positions" in tables:
-            extra["max_position_embeddings"] = tables["positions"].shape[0]
+            extra["max_position_embeddings"] = tables["positions"].rows
         config = MobileBertConfig(
-            vocab_size=words.shape[0], embedding_size=words.shape[1], **extra
+            vocab_size=words.rows, embedding_size=words.width, **extra
         )
     config._name_or_path = str(path)
     return config

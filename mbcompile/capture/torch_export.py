@@ -196,16 +196,6 @@ def capture(
     ``compile(..., logits_for="masked")`` prunes the vocabulary projection afterwards with the
     ``PruneMaskedLMHead`` pass.
     """
-    from mbcompile.capture.onnx_import import capture_onnx
-    from mbcompile.capture.onnx_model import OnnxModel
-
-    if isinstance(model, OnnxModel):
-        return capture_onnx(
-            model,
-            seq_lens=seq_lens or (seq_len,),
-            batch_size=batch_size,
-            num_choices=num_choices,
-        )
     head = check_model(model)
     config = model.config
     if head == "multiple-choice" and num_choices is None:
