@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mbcompile.compiler import prepare
-from mbcompile.errors import OptionError, RemoteError
+from mbcompile.errors import OptionError, RemoteError, TargetError
 from mbcompile.options import CompileOptions
 
 # A device's RPC server must have this (it is in TVM's libtvm_runtime_extra.so) for MetaSchedule.
@@ -42,6 +42,7 @@ def tune(
     tracker: str | None = None,
     key: str | None = None,
     session_timeout: int | None = None,
+    emulator_cost: str | None = None,
     runner=None,
     builder=None,
 ) -> dict:
@@ -65,6 +66,12 @@ def tune(
     ``libtvm_runtime_extra.so``); ``target`` must be their CPU. Checked before anything is
     captured: RemoteError if the tracker cannot be reached, lists no device under ``key`` or its
     device cannot measure. ``session_timeout``: seconds a device may take per candidate (60).
+    ``emulator_cost="a76"`` (or ``"a55"``, ``"instructions"``), for an aarch64 ``target``: cost
+    each candidate on the emulated device (``mbcompile emulator build``) by the instructions it
+    executes, counted under qemu, turned into a modelled core's cycles
+    (``devices/emulator/cycle_models.py``; ``instructions``: their count), instead of by
+    time. Wall time under qemu says nothing about a phone; the modelled cycles rank
+    candidates by what they execute. Recorded as seconds at ``cycle_models.GHZ``.
     ``runner``/``builder``: functions returning MetaSchedule objects of your own instead; the
     search runs in a process of its own, which calls them, so they must pickle (module-level
     functions, or ``functools.partial`` of one).
@@ -82,9 +89,15 @@ def tune(
     if max_tasks is not None and (not isinstance(max_tasks, int) or max_tasks < 1):
         raise OptionError(f"max_tasks must be a positive integer, got {max_tasks!r}")
 
+    measures = [name for name, given in (("tracker=/key=", tracker is not None or key is not None),
+                                         ("emulator_cost=", emulator_cost is not None),
+                                         ("runner=/builder=", runner is not None or builder is not None))
+                if given]
+    if len(measures) > 1:
+        raise OptionError(f"give one way to measure candidates, not {' and '.join(measures)}")
+    if emulator_cost is not None:
+        emulator_dir = _check_emulator_cost(emulator_cost, options)
     if tracker is not None or key is not None:
-        if runner is not None or builder is not None:
-            raise OptionError("give tracker= and key=, or runner= and builder=, not both")
         devices = _check_tracker(tracker, key)
     start = time.perf_counter()
     try:
@@ -101,6 +114,14 @@ def tune(
                 f_create_session=_runner_session,
             )
             log(f"tune: measuring on {devices} device(s) with key {key!r} from tracker {tracker}")
+        if emulator_cost is not None:
+            from mbcompile.devices.emulator.counting_runner import counting_runner
+
+            builder = functools.partial(rpc_builder, spec)
+            runner = functools.partial(counting_runner, emulator_cost, workers=2,
+                                       emulator_dir=emulator_dir)
+            log(f"tune: costing candidates by instructions counted on the emulated device "
+                f"({emulator_cost})")
         db = Database.create(work_dir, tvm_target)
         with sigint_held():  # TVM passes calling Python: Ctrl-C takes effect after them
             fused = fused_module(mod, tvm_target, options.precision)
@@ -118,7 +139,28 @@ def tune(
     summary["work_dir"] = str(db.path)
     if tracker is not None:
         summary["tracker"], summary["key"] = tracker, key
+    if emulator_cost is not None:
+        summary["emulator_cost"] = emulator_cost
     return summary
+
+
+def _check_emulator_cost(cost: str, options: CompileOptions) -> str:
+    """The built emulated device's folder, after checking that ``cost`` is known, the target is
+    aarch64 and counting's tools are here (OptionError, TargetError, ToolchainError)."""
+    from mbcompile.devices.emulator import build
+    from mbcompile.devices.emulator.counting import build_plugin
+    from mbcompile.devices.emulator.counting_runner import check_cost
+    from mbcompile.targets.registry import resolve_target
+
+    check_cost(cost)
+    spec = resolve_target(options.target)
+    if spec.arch != "aarch64":
+        raise TargetError(
+            f"emulator_cost counts aarch64 code; the target {spec.name!r} is {spec.arch} "
+            f"(give target='aarch64' or 'aarch64-dotprod')"
+        )
+    build_plugin()
+    return str(build(log=lambda _: None).directory)
 
 
 def _check_tracker(tracker: str | None, key: str | None) -> int:

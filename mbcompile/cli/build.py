@@ -44,6 +44,7 @@ class TuneArgs:
     max_tasks: int | None = None
     tracker: str | None = None  # measure on devices registered with this TVM RPC tracker
     key: str | None = None
+    emulator_cost: str | None = None  # cost candidates by counted instructions on the emulator
 
 
 @dataclass
@@ -103,6 +104,12 @@ def register(sub) -> None:
         "--target must be their CPU, e.g. aarch64",
     )
     t.add_argument("--key", default=None, help="the device key to request from --tracker")
+    t.add_argument(
+        "--emulator-cost", choices=("a76", "a55", "instructions"), default=None,
+        help="for an aarch64 --target: cost candidates by the instructions they execute on the "
+        "emulated device, as a modelled Cortex-A76 or A55 core's cycles (a model, not a "
+        "measurement), instead of by time under qemu",
+    )
     t.set_defaults(handler=_tune)
 
     i = sub.add_parser("info", help="describe a saved artifact")
@@ -187,7 +194,7 @@ def _tune(ns: argparse.Namespace) -> int:
         _model(args.model), **args.options.kwargs(), work_dir=args.work_dir, trials=args.trials,
         minutes=args.minutes, max_tasks=args.max_tasks,
         log=lambda line: print(line, file=sys.stderr, flush=True),
-        tracker=args.tracker, key=args.key,
+        tracker=args.tracker, key=args.key, emulator_cost=args.emulator_cost,
     )
     print(json.dumps(summary))
     print(f"apply it with: mbcompile compile ... --tuning-db {args.work_dir}")
