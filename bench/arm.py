@@ -21,6 +21,7 @@ Writes bench/results/arm.{json,md,png}; ``--quick`` (one layer, 32 tokens) is wh
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -85,14 +86,16 @@ def macs(module, *args) -> int:
 def _case(head: str, layers: int, seq: int) -> dict:
     """The model, its inputs, PyTorch's reference output and the MACs of each backend."""
     config = named_config("mobilebert-uncased", num_hidden_layers=layers)
-    config._attn_implementation = "eager"  # PyTorch's FlopCounter sees the attention matmuls
-    model = random_model(config, head, seed=0)
+    model = random_model(config, head, seed=0)  # transformers' default attention (SDPA)
+    eager = random_model(copy.deepcopy(config), head, seed=0)  # the same weights, attention as plain matmuls
+    eager.set_attn_implementation("eager")  # ... which PyTorch's FlopCounter counts
+    assert model.config._attn_implementation != "eager"
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, model.config.vocab_size, size=(1, seq)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
              "token_type_ids": np.zeros_like(ids)}
     tensors = {k: torch.from_numpy(v) for k, v in feeds.items()}
-    full = macs(lambda: model(**tensors))
+    full = macs(lambda: eager(**tensors))
     with torch.no_grad():
         out = model(**tensors)[0]
     case = {"head": head, "layers": layers, "seq": seq, "model": model, "feeds": feeds,
@@ -103,7 +106,7 @@ def _case(head: str, layers: int, seq: int) -> dict:
         with torch.no_grad():
             out = model(**tensors)[0]
             hidden = model.mobilebert(**tensors)[0]
-        encoder = macs(lambda: model.mobilebert(**tensors))
+        encoder = macs(lambda: eager.mobilebert(**tensors))
         case["macs"]["mbcompile"] = encoder + macs(lambda: model.cls(hidden[:, position:position + 1]))
         case["macs"]["ort"] = encoder + macs(lambda: model.cls(hidden))
         case["position"] = position
@@ -171,7 +174,7 @@ def count_ort(case: dict, forwards: int, log) -> dict:
 
 
 def _tables(doc: dict) -> str:
-    out = [f"# Executed instructions of one forward on the emulated aarch64 device", "",
+    out = ["# Executed instructions of one forward on the emulated aarch64 device", "",
            f"qemu-aarch64 -cpu {doc['cpu']}, 1 thread, batch 1, {doc['forwards']} counted forwards "
            f"after one warm-up; google/mobilebert-uncased architecture, {doc['layers']} layer(s), "
            f"random weights. Cycles are models ({', '.join(f'{k}: {v[0]}' for k, v in MODELS.items())}), "

@@ -6,6 +6,7 @@ between marks 1 and 2 (the window).
     python3 arm_guest.py MODEL.onnx FEEDS.npz N OUT.npz
 """
 
+import contextlib
 import os
 import sys
 
@@ -13,10 +14,8 @@ MARK_BASE = 987000  # mbcompile.devices.emulator.counting.MARK_BASE
 
 
 def mark(label: int) -> None:
-    try:
+    with contextlib.suppress(OSError):  # EBADF: the plugin saw the call
         os.close(MARK_BASE + label)
-    except OSError:
-        pass
 
 
 def main(model: str, feeds_path: str, n: int, out_path: str) -> None:

@@ -47,7 +47,7 @@ STAGES = {
     "mbcompile": 9,  # the package itself: the public API
 }
 # Run inside the emulated device with its own Python: imports nothing of ours.
-STANDALONE = {"mbcompile.devices.emulator.server"}
+STANDALONE = {"mbcompile.devices.emulator.server", "mbcompile.devices.emulator.counting_guest"}
 
 
 def _modules() -> dict[str, Path]:

@@ -4,8 +4,8 @@ kernel, with a QEMU TCG plugin of our own (``a64count.c``).
 There is no ARM hardware here and wall time under qemu means nothing, but the instructions a
 program executes can be counted. :func:`run_counted` runs an aarch64 program of the device under
 Debian's dynamic ``qemu-aarch64`` (the static build cannot load plugins) with the plugin loaded;
-the program marks points of its run with :data:`MARK_CODE` (``close(MARK_BASE + label)``, a
-syscall that fails and does nothing else), and the plugin reports the classes' totals at each
+the program marks points of its run with ``close(MARK_BASE + label)`` (a syscall that fails
+and does nothing else; ``counting_guest.py``), and the plugin reports the classes' totals at each
 mark and, between marks 1 and 2 (the window), every executed block, which
 :func:`kernels_of` names by the function of a library it lies in.
 
@@ -40,14 +40,6 @@ MARK_BASE = 987000
 WINDOW_OPEN, WINDOW_CLOSE = 1, 2  # the labels bounding the per-block window
 CLASSES = ("total", "neon", "neon_q", "fp_scalar", "load", "store", "load_simd", "store_simd",
            "branch", "fmla", "fmla_lanes", "dot")
-# A guest program's way to mark a point of its run (Python, needing only os).
-MARK_CODE = f"""
-def mark(label):
-    try:
-        os.close({MARK_BASE} + label)
-    except OSError:
-        pass
-"""
 # /proc/cpuinfo of the emulated core, MIDR fields and features as Linux prints them on a
 # Cortex-A76 (qemu's -cpu cortex-a76). qemu-user gives the guest the host's x86 file, which
 # some aarch64 libraries (ONNX Runtime's cpuinfo) cannot parse.
@@ -253,6 +245,32 @@ def _symbols(library: Path) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _regions(counts: Counts, library: Path) -> list[tuple[int, int, int]]:
+    """(start, end, file offset) of ``library``'s executable mappings in the guest's memory map:
+    by its full path if the map has it, else by its file name."""
+    found: dict[bool, list] = {True: [], False: []}
+    for line in counts.maps.splitlines():
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) \S+ \d+\s+(.*)$", line)
+        if m and "x" in m.group(3) and Path(m.group(5).strip()).name == library.name:
+            exact = m.group(5).strip() == str(library)
+            found[exact].append((int(m.group(1), 16), int(m.group(2), 16), int(m.group(4), 16)))
+    regions = found[True] or found[False]
+    if not regions:
+        raise EmulatorError(f"{library.name} is not in the counted run's memory map")
+    return regions
+
+
+def in_library(counts: Counts, library: Path) -> dict[str, int]:
+    """What the window's blocks inside ``library`` (by full path) executed, by class."""
+    regions = _regions(counts, library)
+    total = {k: 0 for k in CLASSES}
+    for block in counts.blocks:
+        if any(lo <= block["vaddr"] < hi for lo, hi, _ in regions):
+            for k in CLASSES:
+                total[k] += block[k] * block["execs"]
+    return total
+
+
 def kernels_of(counts: Counts, library: Path | None, per: float = 1.0) -> list[dict]:
     """The window's blocks summed per function of ``library`` (found in the guest's memory map
     by file name), each class divided by ``per`` (e.g. the forwards in the window), with the
@@ -262,12 +280,7 @@ def kernels_of(counts: Counts, library: Path | None, per: float = 1.0) -> list[d
     every block is, under ``"(all)"``."""
     regions, symbols = [], []
     if library is not None:
-        for line in counts.maps.splitlines():
-            m = re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) \S+ \d+\s+(.*)$", line)
-            if m and "x" in m.group(3) and Path(m.group(5).strip()).name == library.name:
-                regions.append((int(m.group(1), 16), int(m.group(2), 16), int(m.group(4), 16)))
-        if not regions:
-            raise EmulatorError(f"{library.name} is not in the counted run's memory map")
+        regions = _regions(counts, library)
         symbols = _symbols(library)
     starts = [a for a, _ in symbols]
     models = list(cycle_models.MODELS)

@@ -4,8 +4,8 @@ instructions instead of time.
 Wall time under qemu says nothing about a phone, so ``mbcompile tune --target aarch64
 --emulator-cost a76`` measures each candidate kernel by what it executes: a batch of candidates
 (linked for the target by ``rpc_tuning.rpc_builder``) runs in one emulated process under the
-counting plugin (``counting_guest.py kernels``), each called once to warm up and once counted
-between two marks. The cost MetaSchedule records is the counted call's modelled cycles
+counting plugin (``counting_guest.py kernels``), each called once to warm up and once counted:
+the instructions executed inside the candidate's library, not the runtime's call. The cost MetaSchedule records is the counted call's modelled cycles
 (``cycle_models``: ``a76`` or ``a55``; ``instructions``: one a cycle) at ``GHZ``, in seconds, so
 databases and logs keep their units. A candidate that fails or crashes the process is recorded
 as failed, and the rest of its batch runs again without it.
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mbcompile.devices.emulator import cycle_models
-from mbcompile.devices.emulator.counting import run_counted
+from mbcompile.devices.emulator.counting import in_library, run_counted
 from mbcompile.devices.emulator.device import Emulator, cached
 from mbcompile.errors import EmulatorError, OptionError
 
@@ -63,8 +63,8 @@ def count_candidates(device: Emulator, candidates: list[dict], *, cost: str, cpu
             why = reported[j]
             if why is not None:
                 results[i] = (None, f"the emulated device failed on it: {why}")
-            elif counts is not None:
-                classes = counts.between(100 + 2 * j, 101 + 2 * j)
+            elif counts is not None:  # the kernel's own instructions, not the call's
+                classes = in_library(counts, Path(candidates[i]["path"]))
                 results[i] = (candidate_seconds(classes, cost), None)
         if counts is not None:
             break
@@ -87,8 +87,8 @@ def counting_runner(cost: str = "a76", *, cpu: str = "cortex-a76", workers: int 
     """A MetaSchedule runner (made in the tuning search process, so a module-level function)
     counting candidates on the built emulated device (``emulator_dir``, default its cache).
     ``workers`` emulated processes share each batch."""
-    from tvm.s_tir.meta_schedule.runner import LocalRunnerFuture, PyRunner
     from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import LocalRunnerFuture, PyRunner
 
     check_cost(cost)
     device = cached(Path(emulator_dir) if emulator_dir else None)
