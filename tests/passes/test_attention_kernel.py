@@ -183,3 +183,16 @@ def test_rows_layout_refuses_batches_and_layouts_too_narrow_for_the_heads():
         attention_kernel(8, 4, 4, 2, 2, 4, (1, 1, 1, 4), lanes=4, rows_layout=RowsLayout(8, 0, 8, 0))
     with pytest.raises(ValueError, match="does not hold"):
         attention_kernel(4, 4, 4, 2, 2, 4, (1, 1, 1, 4), lanes=4, rows_layout=RowsLayout(8, 1, 8, 0))
+
+
+def test_fma_by_lane_takes_the_aarch64_tiles_and_one_workspace():
+    """AArch64's tiles (4 rows, staged groups of 4 head dims and 8 keys, 4 vectors of head
+    dims) keep every buffer but the block's scores off the heap too."""
+    from mbcompile.passes.attention_kernel import BROADCAST_TILES, BY_LANE_TILES
+
+    assert BY_LANE_TILES.rows * BY_LANE_TILES.dim_vectors <= 16 < 32  # accumulators, of 32
+    assert BROADCAST_TILES.rows * BROADCAST_TILES.key_vectors <= 12  # of AVX2's 16
+    kernel = attention_kernel(4, 128, 128, 32, 32, 4, (1, 1, 1, 128), lanes=4, fma_by_lane=True)
+    lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}), TARGET)
+    source = lib.mod.imports[0].inspect_source("ll") if lib.mod.imports else lib.mod.inspect_source("ll")
+    assert source.count("@__TVMBackendAllocWorkspace, align") == 1
