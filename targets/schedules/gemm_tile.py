@@ -297,9 +297,33 @@ def _load_rows_as_vectors(sch: s_tir.Schedule, gemm: Gemm, ko, info: CPUInfo) ->
     """Stage the tile's ``A[i, ko·u : ko·u + u]`` (u: the K unroll) in a small buffer, one
     vector load per row, so that the k steps multiply by its lanes (AArch64's FMA by element)
     instead of loading each A value with a scalar load: 8 loads per 4 k steps for an 8-row
-    tile instead of 32. Left as is where A is not read directly (an inlined producer)."""
-    if gemm.lhs is not None:
-        stage_rows(sch, gemm.block, gemm.lhs, ko)
+    tile instead of 32. An inlined producer that only selects A's elements (a column slice of
+    a wider tensor) leaves a direct read of that tensor, which is staged instead; any other
+    inlined producer leaves A computed in place, not staged."""
+    lhs = gemm.lhs
+    if lhs is not None and not any(r.source.same_as(lhs) for r in sch.get(gemm.block).reads):
+        lhs = _read_as_rows(sch, gemm)
+    if lhs is not None:
+        stage_rows(sch, gemm.block, lhs, ko)
+
+
+def _read_as_rows(sch: s_tir.Schedule, gemm: Gemm) -> tirx.Buffer | None:
+    """The buffer the matmul reads as ``X[..., i, k + c]`` (c constant) for its A operand after
+    its producers were inlined, or None when A is computed in place."""
+    block = sch.get(gemm.block)
+    loads = accumulated_product(block.body)
+    if loads is None:
+        return None
+    i, k = block.iter_vars[-3].var, block.iter_vars[-1].var
+    for load in loads:
+        idx = list(load.indices)
+        if len(idx) < 2 or not idx[-2].same_as(i) or _uses(idx[:-2], k) or _uses(idx[:-2], i):
+            continue
+        last = idx[-1]
+        offset = last.b if isinstance(last, tirx.Add) and last.a.same_as(k) else None
+        if last.same_as(k) or (offset is not None and const_int(offset) is not None):
+            return load.source
+    return None
 
 
 def stage_rows(sch: s_tir.Schedule, block, lhs: tirx.Buffer, ko) -> None:
