@@ -3,8 +3,8 @@
 Each parallel iteration takes a block of query rows (``Tiles.rows``) of one (batch·head), so
 every load of K and V serves all of them, and keeps the block's scores in a local buffer:
 
-1. scores ``q·kᵀ + bias``: a register tile of the block's rows × vectors of keys, reduced over the
-   head dim (12 independent FMA chains on AVX2);
+1. scores ``q·kᵀ + bias``: a register tile of the block's rows × vectors of keys, reduced over
+   the head dim (12 independent FMA chains on AVX2);
 2. per row: the max by vector-wide partials; ``exp(s - max)`` in base 2 (range reduction and a
    degree-5 polynomial, relative error 2e-7; LLVM's ``expf`` is a scalar libm call); the sum by
    vector-wide partials. A row whose scores are all -inf (every key masked) gives zeros, as HF's

@@ -554,3 +554,11 @@ def test_small_mobilebert_compiles_for_other_targets_with_every_kernel_scheduled
     _, report = _compile_reporting(mod, target)
     assert report["failed"] == [] and "unscheduled" not in report
     assert report["prefetching"] == report["DensePacked"] > 0
+
+
+def test_aarch64_unrolls_k_by_eight_and_x86_by_four():
+    from mbcompile.targets.registry import resolve_target
+    from mbcompile.targets.schedules.gemm_tile import k_unroll
+
+    assert k_unroll(cpu_info(resolve_target("aarch64").tvm_target())) == 8
+    assert k_unroll(cpu_info(AVX2)) == k_unroll(cpu_info(AVX512)) == 4

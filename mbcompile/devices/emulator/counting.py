@@ -174,7 +174,8 @@ def run_counted(
     check: bool = True,
 ) -> tuple[Counts | None, subprocess.CompletedProcess]:
     """Run ``program`` (an aarch64 command line, its program a host path, e.g.
-    ``[str(device.root / "usr/bin/python3"), ...]``) under ``qemu-aarch64 -cpu CPU`` with the counting plugin; its counts and process.
+    ``[str(device.root / "usr/bin/python3"), ...]``) under ``qemu-aarch64 -cpu CPU`` with the
+    counting plugin; its counts and process.
 
     One kernel thread (``TVM_NUM_THREADS=OMP_NUM_THREADS=1``); address randomisation is off
     (``setarch -R``) so that repeated runs execute the same blocks. ``env`` adds to the guest's

@@ -2,13 +2,14 @@
 instructions instead of time.
 
 Wall time under qemu says nothing about a phone, so ``mbcompile tune --target aarch64
---emulator-cost a76`` measures each candidate kernel by what it executes: a batch of candidates
-(linked for the target by ``rpc_tuning.rpc_builder``) runs in one emulated process under the
-counting plugin (``counting_guest.py kernels``), each called once to warm up and once counted:
-the instructions executed inside the candidate's library, not the runtime's call. The cost MetaSchedule records is the counted call's modelled cycles
-(``cycle_models``: ``a76`` or ``a55``; ``instructions``: one a cycle) at ``GHZ``, in seconds, so
-databases and logs keep their units. A candidate that fails or crashes the process is recorded
-as failed, and the rest of its batch runs again without it.
+--emulator-cost a76`` measures each candidate kernel by what it executes. A batch of
+candidates (linked for the target by ``rpc_tuning.rpc_builder``) runs in one emulated process
+under the counting plugin (``counting_guest.py kernels``). Each is called once to warm up and
+once counted: the instructions executed inside the candidate's library, not the runtime's call.
+The cost MetaSchedule records is the counted call's modelled cycles (``cycle_models``: ``a76``
+or ``a55``; ``instructions``: one a cycle) at ``GHZ``, in seconds, so databases and logs keep
+their units. A candidate that fails or crashes the process is recorded as failed, and the rest
+of its batch runs again without it.
 """
 
 from __future__ import annotations
