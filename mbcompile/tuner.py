@@ -94,7 +94,8 @@ def tune(
                                          ("runner=/builder=", runner is not None or builder is not None))
                 if given]
     if len(measures) > 1:
-        raise OptionError(f"give one way to measure candidates, not {' and '.join(measures)}")
+        given = " and ".join(measures) if len(measures) == 2 else ", ".join(measures)
+        raise OptionError(f"give one way to measure candidates, not {'both' if len(measures) == 2 else 'all of'} {given}")
     if emulator_cost is not None:
         emulator_dir = _check_emulator_cost(emulator_cost, options)
     if tracker is not None or key is not None:
