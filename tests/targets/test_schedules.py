@@ -227,24 +227,36 @@ def test_prefetch_pass_adds_next_panel_prefetches_and_outputs_stay_bit_identical
     np.testing.assert_array_equal(_run(with_prefetch, args), _run(scheduled, args))
 
 
+@pytest.mark.parametrize("m", [128, 1], ids=["row-tiles", "one-row"])
 @pytest.mark.parametrize("nb", [8, 16, 32], ids=["half-line", "one-line", "two-lines"])
-def test_prefetches_cover_every_cache_line_of_the_next_panel_and_stay_inside_the_weight(nb):
+def test_prefetches_cover_every_cache_line_of_the_next_panel_and_stay_inside_the_weight(nb, m):
     """The row tiles of panel jo together prefetch all of panel jo + 1's 64-byte lines, whether
-    a K row of the panel is half a line (nb 8), one (16) or two (32, AVX-512)."""
-    m, k, n = 128, 128, 96
+    a K row of the panel is half a line (nb 8), one (16) or two (32, AVX-512). A tile's
+    prefetches are unrolled: all of them, or (one row: the whole panel) in groups of 8."""
+    k, n = 128, 96
     scheduled = DensePacked().apply(packed_dense_with_bias(m, k, n, nb), HOST, False)
     site = _find_site(scheduled)
     assert site is not None and site.row_tiles == m // tile_rows(cpu_info(HOST), "float32", m)
     t = tirx.Var("t", "int64")
     loop = _prefetches(site, t)
-    index = loop.body.value.args[0].args[0].indices  # prefetch(address_of(Wp[panel, row, col]))
+    if isinstance(loop.body, tirx.For):  # groups
+        inner = loop.body
+        assert inner.kind == tirx.ForKind.UNROLLED and int(inner.extent) == 8 and m == 1
+        steps = [(g, s) for g in range(int(loop.extent)) for s in range(8)]
+        variables, call = (loop.loop_var, inner.loop_var), inner.body
+    else:
+        assert loop.kind == tirx.ForKind.UNROLLED and int(loop.extent) <= 32
+        steps = [(p,) for p in range(int(loop.extent))]
+        variables, call = (loop.loop_var,), loop.body
+    index = call.value.args[0].args[0].indices  # prefetch(address_of(Wp[panel, row, col]))
     panels = -(-n // nb)
     covered = {}
     for value in range(panels * site.row_tiles):
-        for p in range(int(loop.extent)):
+        for step in steps:
             analyzer = Analyzer()
             analyzer.bind(t, tirx.IntImm("int64", value))
-            analyzer.bind(loop.loop_var, tirx.IntImm("int64", p))
+            for var, v in zip(variables, step):
+                analyzer.bind(var, tirx.IntImm("int64", v))
             panel, row, col = (int(analyzer.simplify(e)) for e in index)
             assert 0 <= panel < panels and 0 <= row < k and 0 <= col < nb
             line = (row * nb + col) * 4 // 64
