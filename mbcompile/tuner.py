@@ -71,7 +71,9 @@ def tune(
     executes, counted under qemu, turned into a modelled core's cycles
     (``devices/emulator/cycle_models.py``; ``instructions``: their count), instead of by
     time. Wall time under qemu says nothing about a phone; the modelled cycles rank
-    candidates by what they execute. Recorded as seconds at ``cycle_models.GHZ``.
+    candidates by what they execute. Recorded as seconds at ``cycle_models.GHZ``. It is the
+    default for an aarch64 target on a CPU that cannot run its code; any other target this CPU
+    cannot run needs ``tracker=``/``key=`` (TargetError before anything is captured).
     ``runner``/``builder``: functions returning MetaSchedule objects of your own instead; the
     search runs in a process of its own, which calls them, so they must pickle (module-level
     functions, or ``functools.partial`` of one).
@@ -96,6 +98,8 @@ def tune(
     if len(measures) > 1:
         given = " and ".join(measures) if len(measures) == 2 else ", ".join(measures)
         raise OptionError(f"give one way to measure candidates, not {'both' if len(measures) == 2 else 'all of'} {given}")
+    if not measures:
+        emulator_cost = _default_measure(options, log)
     if emulator_cost is not None:
         emulator_dir = _check_emulator_cost(emulator_cost, options)
     if tracker is not None or key is not None:
@@ -143,6 +147,30 @@ def tune(
     if emulator_cost is not None:
         summary["emulator_cost"] = emulator_cost
     return summary
+
+
+def _default_measure(options: CompileOptions, log) -> str | None:
+    """How candidates are measured when no way is given: here (None) if this CPU runs the
+    target's code; on the emulated device by counted instructions (``"a76"``) for an aarch64
+    target on another CPU; TargetError naming the ways to measure otherwise (measuring here
+    would fail every candidate and record nothing useful)."""
+    from mbcompile.targets.registry import can_run_here, host_arch, host_features, resolve_target
+
+    spec = resolve_target(options.target)
+    if can_run_here(spec) is None:
+        return None
+    reason = (f"this machine is {host_arch()}" if spec.arch != host_arch() else
+              f"this CPU lacks {[f for f in spec.features if f not in host_features()]}")
+    if spec.arch == "aarch64":
+        log(f"tune: {spec.name!r} code cannot run here ({reason}); costing candidates "
+            f"by their instructions on the emulated device, as a Cortex-A76-class core's "
+            f"modelled cycles (choose with emulator_cost= / --emulator-cost, or measure on "
+            f"devices with tracker= and key=)")
+        return "a76"
+    raise TargetError(
+        f"cannot tune for {spec.name!r} here: {reason}; measure on devices of that CPU with "
+        f"tracker='HOST:PORT' and key='KEY' (--tracker, --key)"
+    )
 
 
 def _check_emulator_cost(cost: str, options: CompileOptions) -> str:

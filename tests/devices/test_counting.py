@@ -261,3 +261,20 @@ def test_the_aarch64_attention_kernel_executes_under_two_instructions_per_ideal_
     instructions = seconds * cycle_models.GHZ * 1e9
     ideal_fmla = 2 * 4 * seq * seq * 32 / 4  # scores and context, 4 heads, 4 lanes
     assert instructions < 2.0 * ideal_fmla, instructions / ideal_fmla
+
+
+def test_tuning_for_a_cpu_that_cannot_run_here_picks_the_emulator_or_says_how(monkeypatch):
+    """Measured here, every aarch64 candidate would fail and the database would hold nothing
+    useful: an aarch64 target defaults to counting on the emulated device, and any other
+    target this CPU cannot run is refused, naming the tracker."""
+    from mbcompile import tuner
+    from mbcompile.options import CompileOptions
+    from mbcompile.targets import registry
+
+    lines = []
+    assert tuner._default_measure(CompileOptions(target="aarch64"), lines.append) == "a76"
+    assert "cannot run here (this machine is x86_64)" in lines[0] and "--emulator-cost" in lines[0]
+    assert tuner._default_measure(CompileOptions(target="host"), lines.append) is None
+    monkeypatch.setattr(registry, "host_features", lambda: set())
+    with pytest.raises(TargetError, match="cannot tune for 'x86-64-avx512' here: this CPU lacks"):
+        tuner._default_measure(CompileOptions(target="x86-64-avx512"), lines.append)
