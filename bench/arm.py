@@ -9,7 +9,9 @@ was checked against): one forward to warm up, then ``--forwards`` counted ones, 
 Model: MobileBERT of the google/mobilebert-uncased architecture with ``--layers`` layers (random
 weights, seed 0), batch 1: ``MobileBertModel`` at each ``--seqs`` length, and the fill-mask
 build of ``MobileBertForMaskedLM`` (``logits_for="masked"``, one [MASK]; ONNX Runtime runs the
-whole MaskedLM, as a user of it would) at the first length. MACs are every matmul's, counted
+whole MaskedLM, as a user of it would) at the first length; and int8 at the first length:
+``aarch64-dotprod`` (``sdot``) against ONNX Runtime on the model ``quantize_dynamic`` makes
+(int8 weights per output channel). MACs are every matmul's, counted
 by PyTorch's FlopCounterMode on the same model, each backend on what it computes.
 
 Cycles are MODELS (``cycle_models.py``): a Cortex-A76-class and a Cortex-A55-class core, each
@@ -117,9 +119,11 @@ def _case(head: str, layers: int, seq: int) -> dict:
     return case
 
 
-def _row(backend: str, case: dict, classes: dict, kernels: list[dict], diff: float) -> dict:
+def _row(backend: str, case: dict, classes: dict, kernels: list[dict], diff: float,
+         precision: str = "fp32") -> dict:
     m = case["macs"]["ort" if backend.startswith("onnxruntime") else "mbcompile"]
     row = {"backend": backend, "head": case["head"], "layers": case["layers"], "seq": case["seq"],
+           "precision": precision,
            "macs": m, "max_abs_diff_vs_torch": diff, **{k: classes[k] for k in CLASSES},
            "instr_per_mac": classes["total"] / m, "fmla_lanes_per_mac": classes["fmla_lanes"] / m,
            "ldst_share": (classes["load"] + classes["store"]) / classes["total"],
@@ -130,8 +134,9 @@ def _row(backend: str, case: dict, classes: dict, kernels: list[dict], diff: flo
     return row
 
 
-def count_mbcompile(case: dict, target: str, forwards: int, log) -> tuple[dict, list[dict]]:
-    kwargs = {"target": target, "seq_len": case["seq"]}
+def count_mbcompile(case: dict, target: str, forwards: int, log,
+                    precision: str = "fp32") -> tuple[dict, list[dict]]:
+    kwargs = {"target": target, "seq_len": case["seq"], "precision": precision}
     if case["head"] == "masked-lm":
         kwargs.update(logits_for="masked", max_masked=1)
     t0 = time.time()
@@ -142,12 +147,17 @@ def count_mbcompile(case: dict, target: str, forwards: int, log) -> tuple[dict, 
     out = compiled.with_program(program)(f["input_ids"], f["attention_mask"], f["token_type_ids"])
     got = out[0][:, 0] if case["head"] == "masked-lm" else out[0]
     diff = float(np.abs(got - case["reference"]).max())
-    label = f"mbcompile {target}" + ("" if program.cpu == CPU else f" (qemu -cpu {program.cpu})")
-    row = _row(label, case, program.last.classes, program.last.kernels, diff)
+    label = f"mbcompile {target}" + ("" if precision == "fp32" else f" {precision}") + \
+        ("" if program.cpu == CPU else f" (qemu -cpu {program.cpu})")
+    row = _row(label, case, program.last.classes, program.last.kernels, diff, precision)
     return row, program.last.kernels
 
 
-def count_ort(case: dict, forwards: int, log) -> dict:
+def count_ort(case: dict, forwards: int, log, int8: bool = False) -> dict:
+    """ONNX Runtime's forward on the device; ``int8``: the model quantized as its users do
+    (``quantize_dynamic``, int8 weights per output channel)."""
+    import onnxruntime
+
     from bench.peers import _onnx_export
 
     device = build(log=log)
@@ -156,6 +166,12 @@ def count_ort(case: dict, forwards: int, log) -> dict:
         f = case["feeds"]
         _, onnx_path = _onnx_export(case["model"], (f["input_ids"], f["attention_mask"],
                                                     f["token_type_ids"]), tmp, dynamic=False)
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantized = str(Path(tmp) / "model.int8.onnx")
+            quantize_dynamic(onnx_path, quantized, weight_type=QuantType.QInt8, per_channel=True)
+            onnx_path = quantized
         np.savez(Path(tmp) / "feeds.npz", **f)
         out = Path(tmp) / "out.npz"
         log("onnxruntime: counting")
@@ -170,10 +186,9 @@ def count_ort(case: dict, forwards: int, log) -> dict:
     window = counts.between(WINDOW_OPEN, WINDOW_CLOSE)
     classes = {k: window[k] / forwards for k in CLASSES}
     blocks = kernels_of(counts, None, per=forwards)
-    import onnxruntime
-
-    return _row(f"onnxruntime {onnxruntime.__version__} (MLAS)", case, classes, blocks,
-                float(np.abs(got - case["reference"]).max()))
+    label = f"onnxruntime {onnxruntime.__version__}{' int8' if int8 else ''} (MLAS)"
+    return _row(label, case, classes, blocks, float(np.abs(got - case["reference"]).max()),
+                "int8" if int8 else "fp32")
 
 
 def _tables(doc: dict) -> str:
@@ -187,7 +202,8 @@ def _tables(doc: dict) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         ort = next((o for o in doc["rows"] if o["backend"].startswith("onnxruntime")
-                    and o["head"] == r["head"] and o["seq"] == r["seq"]), None)
+                    and o["head"] == r["head"] and o["seq"] == r["seq"]
+                    and o.get("precision") == r.get("precision")), None)
         ratio = f"{r['total'] / ort['total']:.2f}×" if ort and ort is not r else ""
         model = "MobileBertModel" if r["head"] == "base" else "MaskedLM fill-mask (ORT: full MaskedLM)"
         out.append(
@@ -235,7 +251,7 @@ def _chart(doc: dict, path: Path) -> None:
 
 
 def run(layers: int, seqs: list[int], targets: list[str], fill_mask: bool, forwards: int,
-        log=print) -> dict:
+        log=print, int8: bool = False) -> dict:
     build(log=log)
     build_plugin()
     cases = [_case("base", layers, s) for s in seqs]
@@ -248,7 +264,12 @@ def run(layers: int, seqs: list[int], targets: list[str], fill_mask: bool, forwa
             rows.append(row)
             kernels[f"{case['head']} seq {case['seq']} {target}"] = ks
         rows.append(count_ort(case, forwards, log))
-        for r in rows[-len(targets) - 1:]:
+        if int8 and case is cases[0]:  # int8 (ARMv8.2 dot product) against ORT's int8
+            row, ks = count_mbcompile(case, "aarch64-dotprod", forwards, log, precision="int8")
+            rows.append(row)
+            kernels[f"{case['head']} seq {case['seq']} aarch64-dotprod int8"] = ks
+            rows.append(count_ort(case, forwards, log, int8=True))
+        for r in rows[-len(targets) - 1 - (2 if int8 and case is cases[0] else 0):]:
             log(f"{r['head']} {r['seq']} {r['backend']}: {r['total'] / 1e6:.2f}M instr, "
                 f"{r['instr_per_mac']:.3f}/MAC, diff {r['max_abs_diff_vs_torch']:.1e}")
     return {"cpu": CPU, "layers": layers, "forwards": forwards, "rows": rows,
@@ -263,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--targets", default="aarch64", help="comma-separated aarch64 targets")
     p.add_argument("--no-fill-mask", action="store_true")
     p.add_argument("--forwards", type=int, default=2, help="counted forwards per backend")
+    p.add_argument("--no-int8", action="store_true",
+                   help="skip int8 (aarch64-dotprod against ONNX Runtime's quantize_dynamic)")
     p.add_argument("--quick", action="store_true", help="CI's size: 1 layer, 32 tokens, no fill-mask")
     p.add_argument("--setup", action="store_true",
                    help="only build the emulated device, the plugin and ONNX Runtime's aarch64 site")
@@ -275,9 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         log(f"onnxruntime aarch64 site: {ort_site()}")
         return
     if args.quick:
-        args.layers, args.seqs, args.no_fill_mask = 1, "32", True
+        args.layers, args.seqs, args.no_fill_mask, args.no_int8 = 1, "32", True, True
     doc = run(args.layers, [int(s) for s in args.seqs.split(",")], args.targets.split(","),
-              not args.no_fill_mask, args.forwards, log)
+              not args.no_fill_mask, args.forwards, log, int8=not args.no_int8)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
