@@ -11,7 +11,10 @@ weights, seed 0), batch 1: ``MobileBertModel`` at each ``--seqs`` length, and th
 build of ``MobileBertForMaskedLM`` (``logits_for="masked"``, one [MASK]; ONNX Runtime runs the
 whole MaskedLM, as a user of it would) at the first length; and int8 at the first length:
 ``aarch64-dotprod`` (``sdot``) against ONNX Runtime on the model ``quantize_dynamic`` makes
-(int8 weights per output channel). MACs are every matmul's, counted
+(int8 weights per output channel); and bf16 at the first length: ``aarch64-armv9`` (``bfdot``)
+against ONNX Runtime with its bf16 fast-math option, both on ``qemu -cpu max,sme=off`` (the
+Cortex-A76 has no BF16; with SME on, ONNX Runtime takes KleidiAI's SME kernels, which few
+phones can run). MACs are every matmul's, counted
 by PyTorch's FlopCounterMode on the same model, each backend on what it computes.
 
 Cycles are MODELS (``cycle_models.py``): a Cortex-A76-class and a Cortex-A55-class core, each
@@ -54,7 +57,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GUEST = Path(__file__).with_name("arm_guest.py")
 CPU = "cortex-a76"
 # Targets whose code the Cortex-A76 cannot run (SVE, bf16, i8mm) are counted on qemu's "max".
-CPU_FOR = {"aarch64-armv9": "max"}
+# qemu's "max" also has SME, which ONNX Runtime's KleidiAI kernels then use (a phone with SME2
+# is rare): SME off, it runs MLAS's NEON and BF16 kernels, as on an Armv9 phone core.
+BF16_CPU = "max,sme=off"
+CPU_FOR = {"aarch64-armv9": BF16_CPU}
 
 
 def ort_site() -> Path:
@@ -153,9 +159,11 @@ def count_mbcompile(case: dict, target: str, forwards: int, log,
     return row, program.last.kernels
 
 
-def count_ort(case: dict, forwards: int, log, int8: bool = False) -> dict:
+def count_ort(case: dict, forwards: int, log, int8: bool = False, bf16: bool = False) -> dict:
     """ONNX Runtime's forward on the device; ``int8``: the model quantized as its users do
-    (``quantize_dynamic``, int8 weights per output channel)."""
+    (``quantize_dynamic``, int8 weights per output channel); ``bf16``: fp32 with MLAS's bf16
+    fast math for its matmuls (``mlas.enable_gemm_fastmath_arm64_bfloat16``, Armv8.6 BFMMLA),
+    on ``BF16_CPU``."""
     import onnxruntime
 
     from bench.peers import _onnx_export
@@ -178,7 +186,9 @@ def count_ort(case: dict, forwards: int, log, int8: bool = False) -> dict:
         counts, _ = run_counted(
             device, [str(device.root / "usr/bin/python3"), str(GUEST), onnx_path,
                      str(Path(tmp) / "feeds.npz"), str(forwards), str(out)],
-            cpu=CPU, env={"PYTHONPATH": str(site)})
+            cpu=BF16_CPU if bf16 else CPU,
+            env={"PYTHONPATH": str(site), "ARM_GUEST_ORT_CONFIG":
+                 "mlas.enable_gemm_fastmath_arm64_bfloat16=1" if bf16 else ""})
         with np.load(out) as data:
             got = data["arr_0"]
     if case["head"] == "masked-lm":
@@ -186,9 +196,12 @@ def count_ort(case: dict, forwards: int, log, int8: bool = False) -> dict:
     window = counts.between(WINDOW_OPEN, WINDOW_CLOSE)
     classes = {k: window[k] / forwards for k in CLASSES}
     blocks = kernels_of(counts, None, per=forwards)
-    label = f"onnxruntime {onnxruntime.__version__}{' int8' if int8 else ''} (MLAS)"
+    precision = "int8" if int8 else "bf16" if bf16 else "fp32"
+    label = f"onnxruntime {onnxruntime.__version__}" + \
+        {"int8": " int8", "bf16": f" bf16 fast math (qemu -cpu {BF16_CPU})", "fp32": ""}[precision] + \
+        " (MLAS)"
     return _row(label, case, classes, blocks, float(np.abs(got - case["reference"]).max()),
-                "int8" if int8 else "fp32")
+                precision)
 
 
 def _tables(doc: dict) -> str:
@@ -251,7 +264,7 @@ def _chart(doc: dict, path: Path) -> None:
 
 
 def run(layers: int, seqs: list[int], targets: list[str], fill_mask: bool, forwards: int,
-        log=print, int8: bool = False) -> dict:
+        log=print, int8: bool = False, bf16: bool = False) -> dict:
     build(log=log)
     build_plugin()
     cases = [_case("base", layers, s) for s in seqs]
@@ -269,7 +282,13 @@ def run(layers: int, seqs: list[int], targets: list[str], fill_mask: bool, forwa
             rows.append(row)
             kernels[f"{case['head']} seq {case['seq']} aarch64-dotprod int8"] = ks
             rows.append(count_ort(case, forwards, log, int8=True))
-        for r in rows[-len(targets) - 1 - (2 if int8 and case is cases[0] else 0):]:
+        if bf16 and case is cases[0]:  # bf16 (Armv8.6 BFDOT) against ORT's bf16 fast math
+            row, ks = count_mbcompile(case, "aarch64-armv9", forwards, log, precision="bf16")
+            rows.append(row)
+            kernels[f"{case['head']} seq {case['seq']} aarch64-armv9 bf16"] = ks
+            rows.append(count_ort(case, forwards, log, bf16=True))
+        extra = 2 * ((int8 and case is cases[0]) + (bf16 and case is cases[0]))
+        for r in rows[-len(targets) - 1 - extra:]:
             log(f"{r['head']} {r['seq']} {r['backend']}: {r['total'] / 1e6:.2f}M instr, "
                 f"{r['instr_per_mac']:.3f}/MAC, diff {r['max_abs_diff_vs_torch']:.1e}")
     return {"cpu": CPU, "layers": layers, "forwards": forwards, "rows": rows,
@@ -286,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--forwards", type=int, default=2, help="counted forwards per backend")
     p.add_argument("--no-int8", action="store_true",
                    help="skip int8 (aarch64-dotprod against ONNX Runtime's quantize_dynamic)")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip bf16 (aarch64-armv9 against ONNX Runtime's bf16 fast math)")
     p.add_argument("--quick", action="store_true", help="CI's size: 1 layer, 32 tokens, no fill-mask")
     p.add_argument("--setup", action="store_true",
                    help="only build the emulated device, the plugin and ONNX Runtime's aarch64 site")
@@ -298,9 +319,11 @@ def main(argv: list[str] | None = None) -> None:
         log(f"onnxruntime aarch64 site: {ort_site()}")
         return
     if args.quick:
-        args.layers, args.seqs, args.no_fill_mask, args.no_int8 = 1, "32", True, True
+        args.layers, args.seqs = 1, "32"
+        args.no_fill_mask = args.no_int8 = args.no_bf16 = True
     doc = run(args.layers, [int(s) for s in args.seqs.split(",")], args.targets.split(","),
-              not args.no_fill_mask, args.forwards, log, int8=not args.no_int8)
+              not args.no_fill_mask, args.forwards, log, int8=not args.no_int8,
+              bf16=not args.no_bf16)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))

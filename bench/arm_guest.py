@@ -27,6 +27,9 @@ def main(model: str, feeds_path: str, n: int, out_path: str) -> None:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for entry in filter(None, os.environ.get("ARM_GUEST_ORT_CONFIG", "").split(";")):
+        key, _, value = entry.partition("=")  # session config entries, e.g. bf16 fast math
+        options.add_session_config_entry(key, value)
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     with np.load(feeds_path) as data:
         feeds = {k: data[k] for k in data.files}

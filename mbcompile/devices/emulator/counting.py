@@ -185,7 +185,8 @@ def run_counted(
     ``check=False`` the counts are None then, and the process says what happened.
     """
     plugin = build_plugin()
-    root = with_cpuinfo(device, cpu if cpu in CPUINFO else "cortex-a76")
+    model = cpu.split(",")[0]  # "max,sme=off": qemu's CPU model and its properties
+    root = with_cpuinfo(device, model if model in CPUINFO else "cortex-a76")
     with tempfile.TemporaryDirectory(prefix="mbcompile-count-") as tmp:
         out, maps = Path(tmp) / "counts.jsonl", Path(tmp) / "maps.txt"
         guest_env = {
