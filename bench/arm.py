@@ -246,18 +246,25 @@ def _chart(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = doc["rows"]
-    labels = [f"{r['head']} {r['seq']}\n{r['backend'].split(' (')[0]}" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    rows = doc["rows"][::-1]  # first row on top
+    def model(r):
+        if r["head"] == "base":
+            return f"{r['seq']} tokens"
+        return f"{'fill-mask' if r['backend'].startswith('mbcompile') else 'MaskedLM'} {r['seq']}"
+
+    labels = [f"{model(r)} · {r['backend'].replace(' (MLAS)', '')}" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.42 * len(rows) + 1.6), sharey=True)
     for ax, key, title in zip(axes, ("instr_per_mac", "cycles_a76_per_mac", "cycles_a55_per_mac"),
                               ("executed instructions per MAC", "A76 model: cycles per MAC",
                                "A55 model: cycles per MAC")):
         colors = ["tab:blue" if r["backend"].startswith("mbcompile") else "tab:orange" for r in rows]
-        ax.bar(range(len(rows)), [r[key] for r in rows], color=colors)
-        ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=30, ha="right")
-        ax.set_title(title)
-    fig.suptitle(f"one forward on qemu -cpu {doc['cpu']}, 1 thread ({doc['layers']} layer(s)); "
-                 "cycles are models, not measurements")
+        ax.barh(range(len(rows)), [r[key] for r in rows], color=colors)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"one forward on the emulated aarch64 device (qemu -cpu {doc['cpu']} unless "
+                 f"named), 1 thread, {doc['layers']} layer(s); blue mbcompile, orange ONNX "
+                 "Runtime; cycles are models, not measurements", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
