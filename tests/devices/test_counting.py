@@ -278,3 +278,25 @@ def test_tuning_for_a_cpu_that_cannot_run_here_picks_the_emulator_or_says_how(mo
     monkeypatch.setattr(registry, "host_features", lambda: set())
     with pytest.raises(TargetError, match="cannot tune for 'x86-64-avx512' here: this CPU lacks"):
         tuner._default_measure(CompileOptions(target="x86-64-avx512"), lines.append)
+
+
+def test_the_cpuinfo_copy_of_the_device_is_made_once_when_callers_race(tmp_path):
+    """Two runner workers counting their first candidates at once both get the copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mbcompile.devices.emulator.counting import with_cpuinfo
+    from mbcompile.devices.emulator.device import Emulator
+
+    device = Emulator(tmp_path / "emulator", {"recipe_sha256": "test"})
+    (device.root / "usr/bin").mkdir(parents=True)
+    (device.root / "usr/bin/python3").write_text("not run here")
+    with ThreadPoolExecutor(4) as pool:
+        roots = list(pool.map(lambda _: with_cpuinfo(device, "cortex-a55"), range(8)))
+    assert len(set(roots)) == 1
+    root = roots[0]
+    assert "CPU part\t: 0xd05" in (root / "proc/cpuinfo").read_text()
+    assert (root / "usr/bin/python3").samefile(device.root / "usr/bin/python3")  # hard links
+    assert not (device.root / "proc").exists()  # the device itself is left as built
+    assert [p.name for p in root.parent.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(EmulatorError, match="no /proc/cpuinfo for the CPU 'cortex-x9'"):
+        with_cpuinfo(device, "cortex-x9")

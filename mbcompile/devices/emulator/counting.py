@@ -155,8 +155,11 @@ def with_cpuinfo(device: Emulator, cpu: str) -> Path:
         (tmp / "proc").mkdir(exist_ok=True)
         (tmp / "proc" / "cpuinfo").write_text(text)
         tmp.rename(root)
-    except FileExistsError:  # another process made it first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not root.is_dir():
+            raise
+        # another process or thread made it first (renaming onto it: ENOTEMPTY)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
