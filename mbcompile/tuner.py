@@ -101,7 +101,7 @@ def tune(
     if not measures:
         emulator_cost = _default_measure(options, log)
     if emulator_cost is not None:
-        emulator_dir = _check_emulator_cost(emulator_cost, options)
+        emulator_dir = _check_emulator_cost(emulator_cost, options, log)
     if tracker is not None or key is not None:
         devices = _check_tracker(tracker, key)
     start = time.perf_counter()
@@ -173,7 +173,7 @@ def _default_measure(options: CompileOptions, log) -> str | None:
     )
 
 
-def _check_emulator_cost(cost: str, options: CompileOptions) -> str:
+def _check_emulator_cost(cost: str, options: CompileOptions, log) -> str:
     """The built emulated device's folder, after checking that ``cost`` is known, the target is
     aarch64 and counting's tools are here (OptionError, TargetError, ToolchainError)."""
     from mbcompile.devices.emulator import build
@@ -189,7 +189,7 @@ def _check_emulator_cost(cost: str, options: CompileOptions) -> str:
             f"(give target='aarch64' or 'aarch64-dotprod')"
         )
     build_plugin()
-    return str(build(log=lambda _: None).directory)
+    return str(build(log=lambda line: log(f"tune: {line}")).directory)
 
 
 def _check_tracker(tracker: str | None, key: str | None) -> int:

@@ -152,29 +152,35 @@ def test_the_runner_costs_candidates_by_counts_and_reports_failures(counting_dev
     from mbcompile.targets.export import fcompile_for
     from mbcompile.targets.registry import resolve_target
 
-    def scale(n):
+    def scale(n, stride=1):
         a = te.placeholder((n,), "float32", name="a")
-        return te.create_prim_func([a, te.compute((n,), lambda i: a[i] * 2.0, name="b")])
+        return te.create_prim_func([a, te.compute((n,), lambda i: a[i * stride] * 2.0, name="b")])
 
     spec = resolve_target("aarch64")
     paths = []
-    for n in (4096, 8192):
-        lib = tvm.compile(tvm.IRModule({"main": scale(n)}), target=spec.tvm_target())
-        path = tmp_path / f"k{n}.so"
+    # the third reads 2^40 bytes past its input: the emulated process dies of it
+    for name, n, stride in (("small", 4096, 1), ("large", 8192, 1), ("wild", 4096, 1 << 36)):
+        lib = tvm.compile(tvm.IRModule({"main": scale(n, stride)}), target=spec.tvm_target())
+        path = tmp_path / f"{name}.so"
         lib.export_library(str(path), fcompile=fcompile_for(spec))
         paths.append(str(path))
     broken = tmp_path / "broken.so"
     broken.write_bytes(b"not a library")
+    shutil.copy(paths[0], tmp_path / "small-again.so")  # each candidate has a library of its own
     candidates = [{"path": p, "args": [["TENSOR", "float32", [n]], ["TENSOR", "float32", [n]]]}
-                  for p, n in zip([*paths, str(broken)], (4096, 8192, 4096))]
+                  for p, n in zip([paths[0], paths[1], str(broken), paths[2],
+                                   str(tmp_path / "small-again.so")],
+                                  (4096, 8192, 4096, 4096, 4096))]
 
     results = count_candidates(counting_device, candidates, cost="a76", cpu="cortex-a76",
                                timeout=300)
 
-    (small, e1), (large, e2), (none, why) = results
-    assert e1 is None and e2 is None and none is None
+    (small, e1), (large, e2), (none, why), (crashed, died), (again, e5) = results
+    assert e1 is None and e2 is None and e5 is None and none is None and crashed is None
     assert 1.8 < large / small < 2.2
+    assert again == small  # counted in the process started again after the crash
     assert "the emulated device failed on it" in why
+    assert "the emulated process died on it" in died
     assert candidate_seconds({k: 4.0e9 for k in CLASSES}, "instructions") == 2.0
 
 

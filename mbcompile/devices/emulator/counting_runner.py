@@ -8,8 +8,8 @@ under the counting plugin (``counting_guest.py kernels``). Each is called once t
 once counted: the instructions executed inside the candidate's library, not the runtime's call.
 The cost MetaSchedule records is the counted call's modelled cycles (``cycle_models``: ``a76``
 or ``a55``; ``instructions``: one a cycle) at ``GHZ``, in seconds, so databases and logs keep
-their units. A candidate that fails or crashes the process is recorded as failed, and the rest
-of its batch runs again without it.
+their units. A candidate that fails or crashes the process is recorded as failed; after a crash
+the rest of its batch runs again without it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def candidate_seconds(classes: dict, cost: str) -> float:
 
 def count_candidates(device: Emulator, candidates: list[dict], *, cost: str, cpu: str,
                      timeout: float) -> list[tuple[float | None, str | None]]:
-    """(seconds, None) or (None, why) per candidate (``{"path", "args"}``), in order."""
+    """(seconds, None) or (None, why) per candidate (``{"path", "args"}``, each path a library
+    of its own, as MetaSchedule's builder makes them: a candidate's count is its library's
+    blocks), in order."""
     results: list[tuple[float | None, str | None]] = [(None, "not run")] * len(candidates)
     todo = list(range(len(candidates)))
     python = str(device.root / "usr/bin/python3")
@@ -69,14 +71,18 @@ def count_candidates(device: Emulator, candidates: list[dict], *, cost: str, cpu
                 results[i] = (candidate_seconds(classes, cost), None)
         if counts is not None:
             break
-        # The process died: the first unreported candidate took it down; run the rest again.
+        # The process died: the first unreported candidate took it down. The plugin's counts
+        # died with it, so the candidates that ran well run again, with those after it.
         crashed = next((j for j in range(len(todo)) if j not in reported), None)
         if crashed is None:
             break
         tail = " ".join(proc.stderr.strip().splitlines()[-2:])[:300]
-        results[todo[crashed]] = (None, f"the emulated process died on it (exit "
-                                        f"{proc.returncode}): {tail}")
-        todo = todo[crashed + 1:]
+        results[todo[crashed]] = (None, f"it took the emulated process over {timeout:.0f} s"
+                                  if proc.returncode == 124 else
+                                  f"the emulated process died on it (exit {proc.returncode}): "
+                                  f"{tail}")
+        todo = [i for j, i in enumerate(todo)
+                if (j < crashed and reported.get(j, "") is None) or j > crashed]
     for i, (seconds, why) in enumerate(results):
         if seconds is None and why == "not run":
             results[i] = (None, "the emulated process ended before counting it")
