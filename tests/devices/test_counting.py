@@ -306,3 +306,15 @@ def test_the_cpuinfo_copy_of_the_device_is_made_once_when_callers_race(tmp_path)
     assert [p.name for p in root.parent.iterdir() if p.name.startswith(".")] == []
     with pytest.raises(EmulatorError, match="no /proc/cpuinfo for the CPU 'cortex-x9'"):
         with_cpuinfo(device, "cortex-x9")
+
+
+def test_cli_tune_emulator_cost_mistakes_exit_2_naming_them(tmp_path, capsys):
+    from mbcompile.cli import main
+
+    base = ["tune", "--config", "mobilebert-uncased", "-o", str(tmp_path / "db")]
+    assert main([*base, "--target", "x86-64", "--emulator-cost", "a76"]) == 2
+    assert "emulator_cost counts aarch64 code; the target 'x86-64'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([*base, "--target", "aarch64", "--emulator-cost", "a99"])
+    assert exited.value.code == 2 and "invalid choice: 'a99'" in capsys.readouterr().err
+    assert not (tmp_path / "db").exists()
