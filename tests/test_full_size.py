@@ -1,6 +1,7 @@
 """The heads at full size (google/mobilebert-uncased architecture, 24 layers), seq 128: all
-eight under MBCOMPILE_SOAK=1; otherwise the encoder, MaskedLM, multiple choice and question
-answering (the other four differ from these by their last linear, checked at small size in
+eight under MBCOMPILE_SOAK=1; otherwise MaskedLM and multiple choice (the encoder is in both;
+question answering runs at full size on the emulated device, tests/targets/test_aarch64.py;
+the other heads differ from these by their last linear, checked at small size in
 tests/test_heads.py)."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ SEQ = 128
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "head", soak(list(HEADS), ["base", "masked-lm", "multiple-choice", "question-answering"])
+    "head", soak(list(HEADS), ["masked-lm", "multiple-choice"])
 )
 def test_full_size_head_matches_eager_at_seq_128(head):
     config = named_config("mobilebert-uncased")
