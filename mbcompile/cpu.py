@@ -45,6 +45,9 @@ class CPUInfo:
     # the same through int16 pairs), "sdot" (AArch64 dot product, signed × signed), "smull"
     # (NEON without it: byte products widened and summed pairwise), or "".
     int8_dot: str = ""
+    # What the matmuls can run on matrix tiles (Intel AMX, ``targets/schedules/dense_tiles.py``):
+    # "bf16" (AMX-BF16's ``tdpbf16ps``), "u8s8" (AMX-INT8's ``tdpbusd``). Empty elsewhere.
+    tile_kinds: tuple[str, ...] = ()
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of ``dtype`` in one vector register (at least 1)."""
@@ -84,6 +87,13 @@ def _has(feature: str, target: tvm.target.Target) -> bool:
         return False
 
 
+def _tile_kinds(target: tvm.target.Target) -> tuple[str, ...]:
+    if not _has("amx-tile", target):
+        return ()
+    return tuple(kind for kind, feature in (("bf16", "amx-bf16"), ("u8s8", "amx-int8"))
+                 if _has(feature, target))
+
+
 def cpu_info(target: TargetLike | None) -> CPUInfo:
     """The vector width, vector register count and core count of ``target``.
 
@@ -101,6 +111,7 @@ def cpu_info(target: TargetLike | None) -> CPUInfo:
         dots = {
             "bf16_dot": "vdpbf16ps" if _has("avx512bf16", target) and _has("avx512vl", target) else "",
             "int8_dot": "vpdpbusd" if vnni else "vpmaddubsw" if _has("avx512bw", target) else "",
+            "tile_kinds": _tile_kinds(target),
         }
         if splits_512_bit_vectors(target):
             # Zen 4: AVX2's tiles (16 registers' worth) measured at least as fast as 32-register

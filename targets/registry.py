@@ -70,12 +70,14 @@ _AARCH64 = {"mtriple": "aarch64-linux-gnu"}
 _ANDROID = {"mtriple": "aarch64-linux-android"}
 _AVX2 = ("avx2", "fma")
 _AVX512 = (*_AVX2, "avx512f", "avx512bw", "avx512dq", "avx512vl")
+_AMX = ("amx_tile", "amx_bf16", "amx_int8")
 
 # CPU flags a target may require, as /proc/cpuinfo spells them ("flags" on x86, "Features" on
 # aarch64: asimd = NEON, asimddp = the ARMv8.2 dot-product instructions SDOT/UDOT, i8mm and
 # bf16 = Armv8.6's int8 matrix multiply and BF16 instructions).
 FEATURES = {
-    "x86_64": ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+    "x86_64": ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16",
+               "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"),
     "aarch64": ("asimd", "asimddp", "i8mm", "bf16"),
 }
 # How each export links, and for which architecture and LLVM triple (OS) it can.
@@ -117,6 +119,15 @@ TARGETS: dict[str, Target] = {
             arch="x86_64",
             llvm={**_X86, "mcpu": "znver4"},
             features=_AVX512,
+        ),
+        # Intel Xeon 4th generation and later: bf16 and int8 matmuls on AMX tiles
+        # (targets/schedules/dense_tiles.py). Linux 5.16 or later grants the tile state.
+        Target(
+            name="x86-64-sapphirerapids",
+            description="Intel Xeon Sapphire Rapids and later: AVX-512, AVX512_BF16, AMX tiles",
+            arch="x86_64",
+            llvm={**_X86, "mcpu": "sapphirerapids"},
+            features=(*_AVX512, "avx512_bf16", "avx512_vnni", *_AMX),
         ),
         Target(
             name="aarch64",
@@ -235,7 +246,9 @@ def host_target() -> Target:
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     triple = "x86_64-linux-gnu" if arch == "x86_64" else "aarch64-linux-gnu"
     flags = host_features()
-    wanted = ("avx2", "fma", "avx512f") if arch == "x86_64" else ("asimd", "asimddp")
+    if not amx_permitted():
+        flags -= set(_AMX)
+    wanted = ("avx2", "fma", "avx512f", *_AMX) if arch == "x86_64" else ("asimd", "asimddp")
     llvm = {"mtriple": triple, "mcpu": cpu}
     extra = _missing_llvm_features(llvm, flags)
     if extra:
@@ -252,7 +265,8 @@ def host_target() -> Target:
 # /proc/cpuinfo flag → LLVM feature, for the features a build can use that LLVM's name for a CPU
 # may not imply: under a hypervisor LLVM can name an older model than the CPU (an AVX512_BF16
 # Xeon reported as "rocketlake", which has no BF16).
-_LLVM_FEATURES = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni"}
+_LLVM_FEATURES = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni",
+                  "amx_tile": "amx-tile", "amx_bf16": "amx-bf16", "amx_int8": "amx-int8"}
 
 
 def _missing_llvm_features(llvm: dict, flags: set[str]) -> list[str]:
@@ -265,6 +279,27 @@ def _missing_llvm_features(llvm: dict, flags: set[str]) -> list[str]:
         if flag in flags and not bool(tvm.target.codegen.target_has_features(feature, target)):
             missing.append(feature)
     return missing
+
+
+def amx_permitted() -> bool:
+    """Whether this process may use AMX tiles: the CPU has them and Linux grants the state
+    (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, Linux 5.16 and later). The
+    kernels ask again themselves (``tile_intrinsics``); this is the answer before compiling."""
+    if host_arch() != "x86_64" or "amx_tile" not in host_features() or platform.system() != "Linux":
+        return False
+    import ctypes
+
+    from mbcompile.targets.schedules.tile_intrinsics import (
+        ARCH_REQ_XCOMP_PERM,
+        SYS_ARCH_PRCTL,
+        XFEATURE_XTILEDATA,
+    )
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def known_targets() -> list[str]:
@@ -295,7 +330,10 @@ def can_run_here(target: Target) -> str | None:
             f"machine is {arch}; run it on a {target.arch} device, e.g. over TVM RPC with "
             f"mbcompile.load(path, remote='HOST:PORT')"
         )
-    missing = [f for f in target.features if f not in host_features()]
+    have = host_features()
+    if any(f in _AMX for f in target.features) and not amx_permitted():
+        have -= set(_AMX)
+    missing = [f for f in target.features if f not in have]
     if missing:
         return (
             f"the artifact was compiled for target {target.name!r}, which needs CPU features "

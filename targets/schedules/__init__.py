@@ -13,6 +13,7 @@ from mbcompile.targets.schedules.apply import ScheduleKernels
 from mbcompile.targets.schedules.batch_matmul import BatchMatmul
 from mbcompile.targets.schedules.dense import DensePacked
 from mbcompile.targets.schedules.dense_dot import DenseDot
+from mbcompile.targets.schedules.dense_tiles import DenseTiles
 from mbcompile.targets.schedules.elementwise import Elementwise
 from mbcompile.targets.schedules.pack_weights import PackDenseWeights
 from mbcompile.targets.schedules.prefetch import PrefetchWeightPanels
@@ -21,12 +22,13 @@ from mbcompile.targets.schedules.reduction import RowReduction
 
 def default_rules(target: tvm.target.Target) -> list[ScheduleRule]:
     """The rules in the order they are tried: most specific first."""
-    return [DenseDot(), DensePacked(), BatchMatmul(), RowReduction(), Elementwise()]
+    return [DenseTiles(), DenseDot(), DensePacked(), BatchMatmul(), RowReduction(), Elementwise()]
 
 
 __all__ = [
     "BatchMatmul",
     "DenseDot",
+    "DenseTiles",
     "DensePacked",
     "Elementwise",
     "PackDenseWeights",

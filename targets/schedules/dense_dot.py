@@ -100,7 +100,7 @@ def _is_packed(indices, j, k, nb: int, d: int) -> bool:
     )
 
 
-def _match(sch: s_tir.Schedule):
+def match_dot(sch: s_tir.Schedule):
     """(block, producers, consumers, nb, kind, activation buffer) of a reduced-precision dense
     PrimFunc, or None."""
     split = split_at_reduction(sch)
@@ -150,7 +150,7 @@ class DenseDot(ScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
-        found = _match(sch)
+        found = match_dot(sch)
         if found is None:
             return None
         block, producers, consumers, nb, kind, activations = found

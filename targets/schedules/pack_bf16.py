@@ -7,7 +7,8 @@ activation rounded at run time, fp32 accumulation.
 bf16 is stored as the upper 16 bits of the fp32 value (``uint16``), rounded to nearest even.
 ``Wb[jo, k2, ji, p] = bf16(W[2·k2 + p, jo·nb + ji])``: a ``K × nb`` panel as in the fp32 layout
 (``pack_weights.py``), with each pair of k values side by side, the operand order of
-``vdpbf16ps`` and ``bfdot`` (``dot_intrinsics.py``). K is padded to even with zeros.
+``vdpbf16ps`` and ``bfdot`` (``dot_intrinsics.py``) and of AMX's B tiles (``tile_intrinsics.py``).
+K is padded with zeros to even, or to 32 on a target with matrix tiles.
 
 ``to_bf16`` is opaque to FuseOps on purpose: fused into the kernel that produces ``x``, it
 would give that kernel a second output (``x`` itself is usually read again by a residual add),
@@ -34,10 +35,11 @@ def bf16_values(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def pack_weight_bf16(weight: np.ndarray, block: int) -> np.ndarray:
-    """``[K, N]`` fp32 → ``[⌈N/block⌉, ⌈K/2⌉, block, 2]`` bf16 bits, zero-padded."""
+def pack_weight_bf16(weight: np.ndarray, block: int, k_multiple: int = 2) -> np.ndarray:
+    """``[K, N]`` fp32 → ``[⌈N/block⌉, K'/2, block, 2]`` bf16 bits, zero-padded to K' (K rounded
+    up to ``k_multiple``, even: 32 for matrix tiles)."""
     k, n = weight.shape
-    k2, n_outer = -(-k // 2), -(-n // block)
+    k2, n_outer = -(-k // k_multiple) * k_multiple // 2, -(-n // block)
     padded = np.zeros((2 * k2, n_outer * block), dtype=np.uint16)
     padded[:k, :n] = bf16_bits(weight)
     return np.ascontiguousarray(padded.reshape(k2, 2, n_outer, block).transpose(2, 0, 3, 1))
@@ -60,10 +62,10 @@ def round_bf16(value):
     return rounded.astype("uint16")
 
 
-def to_bf16(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
-    """``x[..., k_offset : k_offset + k_extent]`` rounded to bf16 bits, padded with zeros to an
-    even width."""
-    width = k_extent + k_extent % 2
+def to_bf16(x: te.Tensor, k_extent: int, k_offset: int = 0, k_multiple: int = 2) -> te.Tensor:
+    """``x[..., k_offset : k_offset + k_extent]`` rounded to bf16 bits, padded with zeros to a
+    multiple of ``k_multiple`` (even: 2, or 32 for matrix tiles)."""
+    width = -(-k_extent // k_multiple) * k_multiple
 
     def element(*idx):
         k = idx[-1]

@@ -16,7 +16,7 @@ activations per row at run time, int32 sums, dequantized in the matmul's epilogu
   ([-63, 63], ``weight_qmax``), so that 2·255·63 fits.
 - ``Σ_k (q + z)·Wq = Σ_k q·Wq + z·cw[n]`` with ``cw[n] = Σ_k Wq[k, n]`` (a constant), so
   ``y[m, n] = sx[m] · sw[n] · (acc[m, n] − z·cw[n])``: exact integer sums, one rounding per
-  operand. K is padded to a multiple of 4 with zeros (a zero weight cancels the padded ``z``).
+  operand. K is padded to a multiple of 4 (64 on matrix tiles) with zeros (a zero weight cancels the padded ``z``).
 
 ``quantize_rows`` and ``row_scales`` are opaque to FuseOps for the reason
 ``pack_bf16.to_bf16`` is.
@@ -39,10 +39,11 @@ def quantize_weight(weight: np.ndarray, qmax: int = QMAX) -> tuple[np.ndarray, n
     return q, scale.astype(np.float32)
 
 
-def pack_weight_int8(q: np.ndarray, block: int) -> np.ndarray:
-    """``[K, N]`` int8 → ``[⌈N/block⌉, ⌈K/4⌉, block, 4]``, zero-padded."""
+def pack_weight_int8(q: np.ndarray, block: int, k_multiple: int = 4) -> np.ndarray:
+    """``[K, N]`` int8 → ``[⌈N/block⌉, K'/4, block, 4]``, zero-padded to K' (K rounded up to
+    ``k_multiple``, a multiple of 4: 64 for matrix tiles)."""
     k, n = q.shape
-    k4, n_outer = -(-k // 4), -(-n // block)
+    k4, n_outer = -(-k // k_multiple) * k_multiple // 4, -(-n // block)
     padded = np.zeros((4 * k4, n_outer * block), dtype=np.int8)
     padded[:k, :n] = q
     return np.ascontiguousarray(padded.reshape(k4, 4, n_outer, block).transpose(2, 0, 3, 1))
@@ -78,12 +79,13 @@ def row_scales(x: te.Tensor, k_extent: int, k_offset: int = 0) -> te.Tensor:
     return te.compute(amax.shape, _scale(amax), name="row_scale")
 
 
-def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0, zero: int = 128) -> te.Tensor:
+def quantize_rows(x: te.Tensor, k_extent: int, k_offset: int = 0, zero: int = 128,
+                  k_multiple: int = 4) -> te.Tensor:
     """``xq``: the rows of ``x[..., k_offset : k_offset + k_extent]`` quantized as the module doc
-    says (uint8 with ``zero`` 128, int8 with 0), padded with ``zero`` to a multiple of 4
-    columns. (The scales are a kernel of their own, ``row_scales``: a kernel's second output
-    cannot be computed per row.)"""
-    width = -(-k_extent // 4) * 4
+    says (uint8 with ``zero`` 128, int8 with 0), padded with ``zero`` to a multiple of
+    ``k_multiple`` columns (4, or 64 for matrix tiles). (The scales are a kernel of their own,
+    ``row_scales``: a kernel's second output cannot be computed per row.)"""
+    width = -(-k_extent // k_multiple) * k_multiple
     dtype = "uint8" if zero else "int8"
     amax = _row_absmax(x, k_extent, k_offset)
     scale = _scale(amax)

@@ -31,6 +31,7 @@ from tvm import relax, te
 
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.graph import column_slice
+from mbcompile.targets.schedules import tile_intrinsics
 from mbcompile.targets.schedules.pack_bf16 import (
     OP_PATTERN_OPAQUE,
     dense_bf16,
@@ -197,13 +198,21 @@ class _Packer(relax.PyExprMutator):
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
         )
 
+    def _k_multiple(self, kind: str, default: int) -> int:
+        """K's padding: a tile row's worth where the matmul runs on matrix tiles."""
+        if kind in cpu_info(self.target).tile_kinds:
+            return tile_intrinsics.k_multiple(kind)
+        return default
+
     def _bf16(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
+        k_multiple = self._k_multiple("bf16", 2)
         xb = self.builder_.emit(
             self.builder_.call_te(
                 to_bf16,
                 x,
                 k_extent=w.shape[0],
                 k_offset=k_offset,
+                k_multiple=k_multiple,
                 primfunc_name_hint="to_bf16",
                 primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE},
             )
@@ -211,7 +220,7 @@ class _Packer(relax.PyExprMutator):
         return self.builder_.call_te(
             dense_bf16,
             xb,
-            relax.const(pack_weight_bf16(w, block)),
+            relax.const(pack_weight_bf16(w, block, k_multiple)),
             n=w.shape[1],
             primfunc_name_hint="dense_bf16",
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
@@ -220,10 +229,12 @@ class _Packer(relax.PyExprMutator):
     def _int8(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
         instruction = cpu_info(self.target).int8_dot
         zero = zero_point(instruction)
+        k_multiple = self._k_multiple("u8s8" if zero else "s8s8", 4)
         emit, call_te = self.builder_.emit, self.builder_.call_te
         opaque = {"op_pattern": OP_PATTERN_OPAQUE}
         k = {"k_extent": w.shape[0], "k_offset": k_offset}
-        xq = emit(call_te(quantize_rows, x, zero=zero, **k, primfunc_name_hint="quantize_rows",
+        xq = emit(call_te(quantize_rows, x, zero=zero, k_multiple=k_multiple, **k,
+                          primfunc_name_hint="quantize_rows",
                           primfunc_attrs=opaque))
         sx = emit(call_te(row_scales, x, **k, primfunc_name_hint="row_scales",
                           primfunc_attrs=opaque))
@@ -233,7 +244,7 @@ class _Packer(relax.PyExprMutator):
             dense_int8,
             xq,
             sx,
-            relax.const(pack_weight_int8(q, block)),
+            relax.const(pack_weight_int8(q, block, k_multiple)),
             relax.const(scales),
             n=w.shape[1],
             cw=column_sums,
