@@ -40,7 +40,7 @@ from tvm.script import tirx as T
 TILE_BYTES = 64  # a tile row: 16 fp32/int32 accumulators, 32 bf16 or 64 int8 values of K
 TILE_ROWS = 16
 BLOCK_ROWS = 2 * TILE_ROWS  # rows of one block: two row tiles
-MOST_ROWS = 4 * BLOCK_ROWS  # rows of one step: blocks of 32 one after the other
+MOST_ROWS = 2 * BLOCK_ROWS  # rows of one step: blocks of 32 one after the other
 
 # kind → (instruction, k values per group d, activation dtype, weight dtype, accumulator dtype)
 _KINDS = {
