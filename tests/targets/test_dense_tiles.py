@@ -59,12 +59,13 @@ def _kernel(kind: str, m: int, k: int, n: int, target=SAPPHIRE, seed: int = 0, r
 
 
 def test_rows_per_step_are_blocks_of_32_or_a_divisor():
-    assert [block_rows(m) for m in (8, 13, 32, 64, 96, 128, 256, 384, 512)] == [
-        8, 13, 32, 64, 96, 128, 128, 128, 128]
+    assert [block_rows(m) for m in (8, 13, 32, 64, 96, 128, 384, 512)] == [
+        8, 13, 32, 64, 32, 64, 64, 64]
     assert block_rows(100) == 25 and block_rows(112) == 28  # no block of 32 divides them
     assert block_rows(3) is None  # fewer than 8 rows: DenseDot's
     assert block_rows(37) is None  # a prime over 32: no block fits
-    assert fits("bf16", 24, 32, 64) and fits("u8s8", 128, 16, 128)
+    assert fits("bf16", 24, 32, 64) and fits("u8s8", 64, 16, 128)
+    assert not fits("bf16", 96, 32, 64)  # over MOST_ROWS
     assert not fits("bf16", 24, 32, 48)  # K not a tile row of bf16 (32)
     assert not fits("u8s8", 24, 32, 32)  # nor of int8 (64)
     assert not fits("bf16", 48, 32, 64)  # over 32 rows: whole blocks of 32 only
