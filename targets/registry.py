@@ -281,6 +281,10 @@ def _missing_llvm_features(llvm: dict, flags: set[str]) -> list[str]:
     return missing
 
 
+# Linux x86-64's arch_prctl request for AMX tile state (asm/prctl.h), also made by the kernels
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
+
+
 def amx_permitted() -> bool:
     """Whether this process may use AMX tiles: the CPU has them and Linux grants the state
     (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, Linux 5.16 and later). The
@@ -288,12 +292,6 @@ def amx_permitted() -> bool:
     if host_arch() != "x86_64" or "amx_tile" not in host_features() or platform.system() != "Linux":
         return False
     import ctypes
-
-    from mbcompile.targets.schedules.tile_intrinsics import (
-        ARCH_REQ_XCOMP_PERM,
-        SYS_ARCH_PRCTL,
-        XFEATURE_XTILEDATA,
-    )
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)

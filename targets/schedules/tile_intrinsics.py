@@ -43,6 +43,8 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from mbcompile.targets.registry import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
+
 CACHE_LINE = 64
 TILE_BYTES = 64  # a tile row: 16 fp32/int32 accumulators, 32 bf16 or 64 int8 values of K
 TILE_ROWS = 16
@@ -55,7 +57,6 @@ _KINDS = {
     "u8s8": ("tdpbusd", 4, "uint8", "int8", "int32"),
 }
 
-ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
 
 
 def kinds() -> tuple[str, ...]:

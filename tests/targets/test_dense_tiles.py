@@ -18,7 +18,12 @@ from mbcompile.cpu import cpu_info
 from mbcompile.targets.registry import host_target, resolve_target
 from mbcompile.targets.schedules import DenseDot, DenseTiles, default_rules
 from mbcompile.targets.schedules.dense_tiles import block_rows
-from mbcompile.targets.schedules.pack_bf16 import bf16_bits, bf16_values, dense_bf16, pack_weight_bf16
+from mbcompile.targets.schedules.pack_bf16 import (
+    bf16_bits,
+    bf16_values,
+    dense_bf16,
+    pack_weight_bf16,
+)
 from mbcompile.targets.schedules.pack_int8 import dense_int8, pack_weight_int8, quantize_weight
 from mbcompile.targets.schedules.tile_intrinsics import fits, k_multiple
 
