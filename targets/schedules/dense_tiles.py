@@ -65,14 +65,15 @@ class DenseTiles(ScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
-        if not cpu_info(target).tile_kinds:
+        info = cpu_info(target)
+        if not info.tile_kinds:
             return None
         sch = s_tir.Schedule(func)
         found = match_dot(sch)
         if found is None:
             return None
         block, producers, consumers, nb, kind, _ = found
-        if kind not in cpu_info(target).tile_kinds:
+        if kind not in info.tile_kinds:
             return None
         *_, i, _, k = sch.get_loops(block)
         m, k_extent = const_int(sch.get(i).extent), const_int(sch.get(k).extent)
@@ -81,7 +82,7 @@ class DenseTiles(ScheduleRule):
             return None
         try:
             epilogue = inline_around(sch, producers, consumers)
-            _schedule(sch, block, epilogue, kind, rows, nb, k_extent, cpu_info(target).lanes("float32"))
+            _schedule(sch, block, epilogue, kind, rows, nb, k_extent, info.lanes("float32"))
         except s_tir.ScheduleError as err:
             logger.warning("DenseTiles: matched but could not schedule: %s", err)
             return None

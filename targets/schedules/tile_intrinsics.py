@@ -61,10 +61,6 @@ _KINDS = {
 
 
 
-def kinds() -> tuple[str, ...]:
-    return tuple(_KINDS)
-
-
 def k_multiple(kind: str) -> int:
     """K values per tile row: the packing pads K to a multiple of this on AMX targets."""
     _, depth, a_dtype, _, _ = _KINDS[kind]
