@@ -23,6 +23,8 @@ kernel). The block's scores (rows × keys) are larger and take that call, once p
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 import tvm
@@ -33,6 +35,9 @@ from mbcompile.cpu import DEFAULT_CPU
 # Marks the PrimFunc for the report (a fused attention counts as one matmul).
 KIND_ATTR = "mbcompile.kind"
 KIND = "attention"
+# The kernel's arguments (JSON: ``attention_kernel``'s shape arguments), for a target stage that
+# swaps in a kernel of its own with the same signature (``targets/schedules/tile_attention.py``).
+SHAPE_ATTR = "mbcompile.attention_shape"
 
 @dataclass(frozen=True)
 class Tiles:
@@ -106,6 +111,16 @@ def attention_kernel(
     token with head ``h`` at columns ``offset + h · dim`` (see RowsLayout). The kernel reads and
     writes them through strided views, so no transpose kernel runs before or after it.
     """
+    shape = json.dumps({
+        "bh": bh, "seq_q": seq_q, "seq_k": seq_k, "dim": dim, "dim_v": dim_v, "heads": heads,
+        "bias_shape": list(bias_shape),
+        "rows_layout": None if rows_layout is None else dataclasses.asdict(rows_layout),
+    })  # fmt: skip
+    return _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout,
+                   fma_by_lane).with_attr(SHAPE_ATTR, shape)
+
+
+def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout, fma_by_lane):
     b0, h0, i0, j0 = bias_shape
     lanes = lanes or DEFAULT_CPU.lanes("float32")
     tiles = BY_LANE_TILES if fma_by_lane else BROADCAST_TILES

@@ -22,6 +22,7 @@ from mbcompile.targets.schedules import (
     PackDenseWeights,
     PrefetchWeightPanels,
     ScheduleKernels,
+    TileAttention,
     default_rules,
 )
 
@@ -30,6 +31,8 @@ def layout_passes(target: tvm.target.Target, precision: str = "fp32") -> list[tv
     return [
         # matmul by a constant → packed-weight call_tir (bf16: and a rounding of its input)
         PackDenseWeights(target, precision),
+        # bf16 / int8 on AMX: the fused attention's products on bf16 tiles too
+        TileAttention(target, precision),
         # softmax / exp / erf / tanh → polynomial forms that vectorise (libm's are scalar calls)
         relax.transform.FastMathTransform(),
     ]

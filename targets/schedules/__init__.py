@@ -1,6 +1,7 @@
 """CPU schedules applied without tuning: weight pre-packing (Relax) and per-PrimFunc rules.
 
-``layout_passes`` of ``targets/pipeline.py`` runs :class:`PackDenseWeights`;
+``layout_passes`` of ``targets/pipeline.py`` runs :class:`PackDenseWeights` and
+:class:`TileAttention`;
 ``schedule_passes`` runs :class:`ScheduleKernels` with :func:`default_rules`.
 """
 
@@ -18,6 +19,7 @@ from mbcompile.targets.schedules.elementwise import Elementwise
 from mbcompile.targets.schedules.pack_weights import PackDenseWeights
 from mbcompile.targets.schedules.prefetch import PrefetchWeightPanels
 from mbcompile.targets.schedules.reduction import RowReduction
+from mbcompile.targets.schedules.tile_attention import TileAttention
 
 
 def default_rules(target: tvm.target.Target) -> list[ScheduleRule]:
@@ -35,5 +37,6 @@ __all__ = [
     "PrefetchWeightPanels",
     "RowReduction",
     "ScheduleKernels",
+    "TileAttention",
     "default_rules",
 ]

@@ -72,10 +72,13 @@ def _function_name(kind: str, m_tiles: int, n_tiles: int) -> str:
 
 
 def _llvm_ir(kind: str, m_tiles: int, n_tiles: int) -> str:
-    """``@mbc_amx_<instruction>_<m>x<n>(c, ldc, a, lda, b, ldb, steps, rows0, rows1, blocks)``:
-    the step of the module doc over ``m`` row tiles and ``n`` column tiles, for ``blocks``
-    blocks of rows one after the other (the tiles are configured once). Strides in bytes;
-    ``steps`` tile rows of K; ``rows0``/``rows1`` the rows of each row tile."""
+    """``@mbc_amx_<instruction>_<m>x<n>(c, ldc, a, lda, b, ldb, steps, rows0, rows1, blocks,
+    next, prefetch, astep, bstep, cstep)``: the step of the module doc over ``m`` row tiles and
+    ``n`` column tiles, for ``blocks`` blocks one after the other (the tiles are configured
+    once), block ``i`` at ``a + i·astep``, ``b + i·bstep``, ``c + i·cstep``: the next rows of a
+    matmul (``astep``, ``cstep`` 32 rows), or its next columns (``bstep`` a panel, ``cstep``
+    ``nb`` columns). Strides in bytes; ``steps`` tile rows of K; ``rows0``/``rows1`` the rows of
+    each row tile; ``prefetch`` non-zero: each step prefetches ``next``'s slice of K."""
     instruction = _KINDS[kind][0]
     name = _function_name(kind, m_tiles, n_tiles)
     c_tile = {(m, n): m * n_tiles + n for m in range(m_tiles) for n in range(n_tiles)}
@@ -96,7 +99,7 @@ def _llvm_ir(kind: str, m_tiles: int, n_tiles: int) -> str:
         f"  call void @llvm.x86.tileloadd64(i8 {a_tile[m]}, ptr %pa{m}, i64 %lda)"
         for m in a_tile
     ] + [
-        f"  %pb{n} = getelementptr i8, ptr %b, i64 %bo{n}\n"
+        f"  %pb{n} = getelementptr i8, ptr %bblock, i64 %bo{n}\n"
         f"  call void @llvm.x86.tileloadd64(i8 {b_tile[n]}, ptr %pb{n}, i64 %ldb)"
         for n in b_tile
     ]
@@ -132,7 +135,8 @@ declare void @llvm.prefetch.p0(ptr, i32 immarg, i32 immarg, i32 immarg)
 
 define internal i32 @{name}(ptr %c, i64 %ldc, ptr %a, i64 %lda, ptr %b, i64 %ldb, i64 %steps,
                              i32 %rows0, i32 %rows1, i64 %blocks, ptr %next,
-                             i32 %prefetch) alwaysinline {{
+                             i32 %prefetch, i64 %astep, i64 %bstep,
+                             i64 %cstep) alwaysinline {{
 entry:
   %cfg = alloca [64 x i8], align 64
   %permitted = load atomic i32, ptr @{name}_permitted monotonic, align 4
@@ -152,16 +156,16 @@ configure:
 {nl.join(config)}
   call void @llvm.x86.ldtilecfg(ptr %cfg)
   %lda16 = mul i64 %lda, {TILE_ROWS}
-  %lda32 = mul i64 %lda, {2 * TILE_ROWS}
-  %ldc32 = mul i64 %ldc, {2 * TILE_ROWS}
   %ldb16 = mul i64 %ldb, {TILE_ROWS}
   br label %block
 block:
   %blk = phi i64 [0, %configure], [%nextblk, %done]
-  %ablock = mul i64 %blk, %lda32
+  %ablock = mul i64 %blk, %astep
   %a0 = getelementptr i8, ptr %a, i64 %ablock
   %a1 = getelementptr i8, ptr %a0, i64 %lda16
-  %cblockoff = mul i64 %blk, %ldc32
+  %bblockoff = mul i64 %blk, %bstep
+  %bblock = getelementptr i8, ptr %b, i64 %bblockoff
+  %cblockoff = mul i64 %blk, %cstep
   %cblock = getelementptr i8, ptr %c, i64 %cblockoff
 {nl.join(zero)}
   br label %loop
@@ -249,6 +253,8 @@ def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int):
                 rows0, rows1, T.int64(blocks),
                 B.access_ptr("r", offset=panel),
                 T.Cast("int32", B.elem_offset // panel + 1 < panels),
+                T.Cast("int64", sa) * (a_bytes * BLOCK_ROWS), T.int64(0),
+                T.Cast("int64", sc) * (acc_bytes * BLOCK_ROWS),
             ))
 
     return desc, impl
@@ -315,6 +321,12 @@ def zeroing(kind: str, rows: int, nb: int) -> str:
     if TensorIntrin.get(name, allow_missing=True) is None:
         TensorIntrin.register(name, *_make_zero(acc, rows, nb))
     return name
+
+
+def function_name(kind: str, rows: int, nb: int) -> str:
+    """The LLVM function of ``rows × nb`` steps (``llvm_ir``), for a kernel that calls it
+    directly (``T.call_extern``; the arguments are ``_llvm_ir``'s)."""
+    return _function_name(kind, _m_tiles(rows), nb // TILE_ROWS)
 
 
 def llvm_ir(kind: str, rows: int, nb: int) -> str:

@@ -1,0 +1,294 @@
+"""The fused attention's two products on matrix tiles (Intel AMX, bf16), for reduced precision.
+
+``FuseAttention``'s kernel (``passes/attention_kernel.py``) computes both products in fp32
+FMAs, about 100 GFLOP/s on one core: at 384 tokens a quarter of a bf16 forward on an AMX CPU.
+On a target with bf16 tiles, a bf16 or int8 build swaps it for this kernel, with the same
+signature, arguments and guarded softmax::
+
+    for b in parallel(heads):                    # once per head: K and V in AMX's B layout
+        kb[b, key // 32, d // 2, key % 32, d % 2] = bf16(kt[b, d, key])
+        vb[b, key // 2, d, key % 2]               = bf16(v[b, key, d])
+    for b, block of 32 query rows in parallel:
+        qb = bf16(q[b, rows])                               # 32 × dim
+        s  = tiles(qb · kb[b])                              # tdpbf16ps, fp32 sums
+        e  = exp(s + bias - max);  pb = bf16(e);  sum = Σ widen(pb)     # fp32, in vectors
+        out[b, rows] = tiles(pb · vb[b]) / sum              # tdpbf16ps, fp32 sums
+
+K, head dims and keys are padded with zeros to a tile row (32 bf16), the padded keys' scores
+with -inf. Rows whose keys are all masked give zeros, as ``FuseAttention``'s kernel does. The
+sum is of the rounded probabilities the product uses, so the weights of every row add up to 1.
+Each pair of bf16 values is built in one uint32 lane (``_pair``): no interleaving shuffle.
+
+The products are ``tile_intrinsics``' step, called directly with a block stride: the scores
+step walks the key panels (``bstep`` a panel of ``kb``, ``cstep`` 32 score columns), the
+context step the head-dim panels of ``vb``.
+
+Accuracy: bf16 operands (8 bits of mantissa) with fp32 sums, as OpenVINO's bf16 runs its
+attention on this CPU. ``tests/test_precision.py`` holds the encoder's error to OpenVINO's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import tvm
+from tvm import relax
+from tvm.script import tirx as T
+
+from mbcompile.cpu import cpu_info
+from mbcompile.passes.attention_kernel import (
+    KIND,
+    KIND_ATTR,
+    LOG2E,
+    SHAPE_ATTR,
+    RowsLayout,
+)
+from mbcompile.targets.schedules import tile_intrinsics
+from mbcompile.targets.schedules.pack_bf16 import round_bf16
+
+logger = logging.getLogger(__name__)
+
+TILE_K = 32  # bf16 values per tile row: keys and head dims are padded to this
+LANES = 16  # fp32 lanes of AVX-512, which every CPU with AMX has
+# 2^f ≈ 1 + f·(c1 + f·(c2 + f·c3)) on |f| <= 1/2: relative error 1.0e-4, well under the 2^-9
+# of the bf16 rounding that follows (attention_kernel's degree-5 polynomial is for fp32).
+EXP2_POLY3 = (0.69328293, 0.24221097, 0.05500893)
+MAGIC = 1.5 * 2**23 + 127  # t + MAGIC rounds t to an integer n and holds n + 127 in its low bits
+# fp32 → bf16, nearest even, 16 lanes (AVX512_BF16: every CPU with AMX-BF16 has it)
+TO_BF16 = "llvm.x86.avx512bf16.cvtneps2bf16.512"
+ROWS = tile_intrinsics.BLOCK_ROWS  # query rows per block: 2 row tiles
+
+
+def _ceil(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _bits(value):
+    """fp32 → bf16 bits (nearest even) in the low half of a uint32."""
+    return T.Cast("uint32", round_bf16(value))
+
+
+def _pair(low, high):
+    """Two fp32 values as one uint32 of two bf16: the k pair of AMX's B layout."""
+    return T.bitwise_or(_bits(low), T.shift_left(_bits(high), T.uint32(16)))
+
+
+def _widen(bits):
+    return T.reinterpret("float32", T.shift_left(T.Cast("uint32", bits), T.uint32(16)))
+
+
+def tile_attention_kernel(
+    bh: int,
+    seq_q: int,
+    seq_k: int,
+    dim: int,
+    dim_v: int,
+    heads: int,
+    bias_shape: tuple[int, ...],
+    rows_layout: RowsLayout | None = None,
+) -> tvm.tirx.PrimFunc:
+    """The module doc's kernel, with ``attention_kernel``'s signature for the same arguments."""
+    b0, h0, i0, j0 = bias_shape
+    lanes = LANES
+    rows = min(ROWS, seq_q)
+    blocks = -(-seq_q // rows)
+    keys = _ceil(seq_k, TILE_K)
+    dim_p = _ceil(dim, TILE_K)
+    dim_vp = _ceil(dim_v, TILE_K)
+    panels_k, panels_v = keys // TILE_K, dim_vp // TILE_K
+    rows0, rows1 = min(rows, tile_intrinsics.TILE_ROWS), max(rows - tile_intrinsics.TILE_ROWS, 0)
+    step = tile_intrinsics.function_name("bf16", rows, TILE_K)
+    ir = tile_intrinsics.llvm_ir("bf16", rows, TILE_K)
+    neg_inf = T.float32("-inf")
+    c1, c2, c3 = (T.float32(c) for c in EXP2_POLY3)
+    kb_head = keys * dim_p // 2  # uint32 pairs of one head's K
+    vb_head = keys * dim_vp // 2
+    panel_bytes = TILE_K * 4  # one row of a B panel: 32 columns of uint32 pairs
+
+    @T.macro
+    def attend(q, kt, v, bias, out):
+        kb = T.alloc_buffer((bh, panels_k, dim_p // 2, TILE_K), "uint32")
+        vb = T.alloc_buffer((bh, keys // 2, dim_vp), "uint32")
+        for b in T.parallel(bh):
+            for p, d2 in T.grid(panels_k, dim_p // 2):
+                for j in T.vectorized(TILE_K):
+                    kb[b, p, d2, j] = T.if_then_else(
+                        p * TILE_K + j < seq_k and 2 * d2 < dim,
+                        _pair(kt[b, T.min(2 * d2, dim - 1), T.min(p * TILE_K + j, seq_k - 1)],
+                              T.if_then_else(2 * d2 + 1 < dim,
+                                             kt[b, T.min(2 * d2 + 1, dim - 1),
+                                                T.min(p * TILE_K + j, seq_k - 1)],
+                                             T.float32(0))),
+                        T.uint32(0),
+                    )  # fmt: skip
+            for k2 in range(keys // 2):
+                for d in T.vectorized(dim_vp):
+                    vb[b, k2, d] = T.if_then_else(
+                        2 * k2 < seq_k and d < dim_v,
+                        _pair(v[b, T.min(2 * k2, seq_k - 1), T.min(d, dim_v - 1)],
+                              T.if_then_else(2 * k2 + 1 < seq_k,
+                                             v[b, T.min(2 * k2 + 1, seq_k - 1), T.min(d, dim_v - 1)],
+                                             T.float32(0))),
+                        T.uint32(0),
+                    )  # fmt: skip
+        for blk in T.parallel(bh * blocks, annotations={"pragma_import_llvm": ir}):
+            qb = T.alloc_buffer((rows, dim_p), "uint16")
+            s = T.alloc_buffer((rows, keys), "float32")
+            pb = T.alloc_buffer((rows, keys), "uint16")
+            ctx = T.alloc_buffer((rows, dim_vp), "float32")
+            inv = T.alloc_buffer((rows,), "float32")
+            shift = T.alloc_buffer((rows,), "float32")
+            part = T.alloc_buffer((lanes,), "float32")
+            t = T.alloc_buffer((lanes,), "float32")
+            y = T.alloc_buffer((lanes,), "float32")
+            b = blk // blocks
+            row0 = T.min(blk % blocks * rows, seq_q - rows)
+            for r in range(rows):
+                for d in T.vectorized(dim_p):
+                    qb[r, d] = T.if_then_else(
+                        d < dim, round_bf16(q[b, row0 + r, T.min(d, dim - 1)]), T.uint16(0)
+                    )
+            # scores: one step per 32 keys, the query tiles loaded once per step
+            T.evaluate(T.call_extern(
+                "int32", step,
+                s.access_ptr("w"), T.int64(keys * 4), qb.access_ptr("r"), T.int64(dim_p * 2),
+                kb.access_ptr("r", offset=b * kb_head), T.int64(panel_bytes),
+                T.int64(dim_p // TILE_K), rows0, rows1, T.int64(panels_k),
+                kb.access_ptr("r", offset=b * kb_head), 0,
+                T.int64(0), T.int64(dim_p // 2 * panel_bytes), T.int64(TILE_K * 4),
+            ))  # fmt: skip
+            # guarded softmax, row by row: bias, max, exp in base 2 (attention_kernel's), sum
+            for r in range(rows):
+                for ln in T.vectorized(lanes):
+                    part[ln] = neg_inf
+                for c in range(keys // lanes):
+                    for ln in T.vectorized(lanes):
+                        s[r, c * lanes + ln] = T.if_then_else(
+                            c * lanes + ln < seq_k,
+                            s[r, c * lanes + ln] + bias[
+                                b // heads % b0, b % heads % h0, (row0 + r) % i0,
+                                T.min(c * lanes + ln, seq_k - 1) % j0,
+                            ],
+                            neg_inf,
+                        )  # fmt: skip
+                    for ln in T.vectorized(lanes):
+                        part[ln] = T.max(part[ln], s[r, c * lanes + ln])
+                for ln in range(1, lanes):
+                    part[0] = T.max(part[0], part[ln])
+                inv[r] = T.Select(part[0] == neg_inf, T.float32(0), T.float32(1))
+                shift[r] = T.Select(part[0] == neg_inf, T.float32(0), -part[0] * T.float32(LOG2E))
+                for ln in T.vectorized(lanes):
+                    part[ln] = T.float32(0)
+                for c in range(keys // lanes):
+                    # exp(s - max) = 2^t = 2^n · 2^f: n by the magic-number rounding, whose
+                    # bits also hold n + 127 for the scale; t >= -126 keeps 2^n normal
+                    for ln in T.vectorized(lanes):
+                        t[ln] = T.max(
+                            s[r, c * lanes + ln] * T.float32(LOG2E) + shift[r], T.float32(-126)
+                        )
+                    for ln in T.vectorized(lanes):
+                        y[ln] = t[ln] + T.float32(MAGIC)
+                    for ln in T.vectorized(lanes):
+                        t[ln] = t[ln] - (y[ln] - T.float32(MAGIC))
+                    for ln in T.vectorized(lanes):
+                        pb[r, c * lanes + ln] = T.call_llvm_pure_intrin(
+                            "uint16", TO_BF16,
+                            (((c3 * t[ln] + c2) * t[ln] + c1) * t[ln] + T.float32(1))
+                            * T.reinterpret("float32", T.shift_left(
+                                T.reinterpret("uint32", y[ln]), T.uint32(23))),
+                        )  # fmt: skip
+                    for ln in T.vectorized(lanes):
+                        part[ln] = part[ln] + _widen(pb[r, c * lanes + ln])
+                for ln in range(1, lanes):
+                    part[0] = part[0] + part[ln]
+                inv[r] = inv[r] / part[0]
+            # context: one step per 32 head dims, over all keys
+            T.evaluate(T.call_extern(
+                "int32", step,
+                ctx.access_ptr("w"), T.int64(dim_vp * 4), pb.access_ptr("r"), T.int64(keys * 2),
+                vb.access_ptr("r", offset=b * vb_head), T.int64(dim_vp * 4),
+                T.int64(keys // TILE_K), rows0, rows1, T.int64(panels_v),
+                vb.access_ptr("r", offset=b * vb_head), 0,
+                T.int64(0), T.int64(panel_bytes), T.int64(TILE_K * 4),
+            ))  # fmt: skip
+            for r in range(rows):
+                for d in T.vectorized(dim_v):
+                    out[b, row0 + r, d] = ctx[r, d] * inv[r]
+
+    @T.prim_func(private=True)
+    def tiled_attention(
+        q: T.Buffer((bh, seq_q, dim), "float32"),
+        kt: T.Buffer((bh, dim, seq_k), "float32"),
+        v: T.Buffer((bh, seq_k, dim_v), "float32"),
+        bias: T.Buffer(bias_shape, "float32"),
+        out: T.Buffer((bh, seq_q, dim_v), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KIND_ATTR: KIND})
+        attend(q, kt, v, bias, out)
+
+    if rows_layout is None:
+        return tiled_attention
+    r = rows_layout
+
+    @T.prim_func(private=True)
+    def tiled_attention_rows(
+        q_rows: T.Buffer((seq_q, r.q_width), "float32"),
+        kt: T.Buffer((bh, dim, seq_k), "float32"),
+        v_rows: T.Buffer((seq_k, r.v_width), "float32"),
+        bias: T.Buffer(bias_shape, "float32"),
+        out_rows: T.Buffer((1, seq_q, heads * dim_v), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KIND_ATTR: KIND})
+        q = T.decl_buffer(
+            (bh, seq_q, dim), "float32", data=q_rows.data, strides=[dim, r.q_width, 1],
+            elem_offset=r.q_offset,
+        )  # fmt: skip
+        v = T.decl_buffer(
+            (bh, seq_k, dim_v), "float32", data=v_rows.data, strides=[dim_v, r.v_width, 1],
+            elem_offset=r.v_offset,
+        )  # fmt: skip
+        out = T.decl_buffer(
+            (bh, seq_q, dim_v), "float32", data=out_rows.data, strides=[dim_v, heads * dim_v, 1]
+        )
+        attend(q, kt, v, bias, out)
+
+    return tiled_attention_rows
+
+
+def tile_attention_applies(target: tvm.target.Target, precision: str) -> bool:
+    """Whether a ``precision`` build for ``target`` takes this kernel: bf16 tiles, and matmuls
+    in reduced precision (an fp32 build keeps fp32 attention)."""
+    return precision in ("bf16", "int8") and "bf16" in cpu_info(target).tile_kinds
+
+
+@tvm.transform.module_pass(opt_level=0, name="TileAttention")
+class TileAttention:
+    """Swap every fused attention kernel (``FuseAttention``) for this module's, where
+    ``tile_attention_applies``. ``last_count`` holds how many kernels the last run swapped."""
+
+    def __init__(self, target: tvm.target.Target, precision: str = "fp32"):
+        self.target = target
+        self.precision = precision
+        self.last_count = 0
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        self.last_count = 0
+        if not tile_attention_applies(self.target, self.precision):
+            return mod
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
+                continue
+            shape = func.attrs.get(SHAPE_ATTR)
+            if shape is None:
+                continue
+            args = json.loads(str(shape))
+            layout = args.pop("rows_layout")
+            args["bias_shape"] = tuple(args["bias_shape"])
+            kernel = tile_attention_kernel(
+                **args, rows_layout=None if layout is None else RowsLayout(**layout)
+            )
+            mod[gvar] = kernel
+            self.last_count += 1
+        logger.info("TileAttention: %d attention kernels on tiles", self.last_count)
+        return mod
