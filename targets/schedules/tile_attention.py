@@ -33,7 +33,6 @@ import json
 import logging
 
 import tvm
-from tvm import relax
 from tvm.script import tirx as T
 
 from mbcompile.cpu import cpu_info
