@@ -106,6 +106,15 @@ def tile_attention_kernel(
     panel_bytes = TILE_K * 4  # one row of a B panel: 32 columns of uint32 pairs
 
     @T.macro
+    def fold(part, width, maximum):
+        """part[:width] = max (or sum) of part[:width] and part[width : 2·width]."""
+        for ln in T.vectorized(width):
+            if maximum:
+                part[ln] = T.max(part[ln], part[ln + width])
+            else:
+                part[ln] = part[ln] + part[ln + width]
+
+    @T.macro
     def attend(q, kt, v, bias, out):
         kb = T.alloc_buffer((bh, panels_k, dim_p // 2, TILE_K), "uint32")
         vb = T.alloc_buffer((bh, keys // 2, dim_vp), "uint32")
@@ -156,6 +165,7 @@ def tile_attention_kernel(
                 T.int64(dim_p // TILE_K), rows0, rows1, T.int64(panels_k),
                 kb.access_ptr("r", offset=b * kb_head), 0,
                 T.int64(0), T.int64(dim_p // 2 * panel_bytes), T.int64(TILE_K * 4),
+                T.int32(0), T.int32(1),
             ))  # fmt: skip
             # guarded softmax, row by row: bias, max, exp in base 2 (attention_kernel's), sum
             for r in range(rows):
@@ -173,8 +183,11 @@ def tile_attention_kernel(
                         )  # fmt: skip
                     for ln in T.vectorized(lanes):
                         part[ln] = T.max(part[ln], s[r, c * lanes + ln])
-                for ln in range(1, lanes):
-                    part[0] = T.max(part[0], part[ln])
+                # a tree: a chain of 15 scalar maxima (or sums) is slower than the exps
+                fold(part, 8, True)
+                fold(part, 4, True)
+                fold(part, 2, True)
+                fold(part, 1, True)
                 inv[r] = T.Select(part[0] == neg_inf, T.float32(0), T.float32(1))
                 shift[r] = T.Select(part[0] == neg_inf, T.float32(0), -part[0] * T.float32(LOG2E))
                 for ln in T.vectorized(lanes):
@@ -199,8 +212,10 @@ def tile_attention_kernel(
                         )  # fmt: skip
                     for ln in T.vectorized(lanes):
                         part[ln] = part[ln] + _widen(pb[r, c * lanes + ln])
-                for ln in range(1, lanes):
-                    part[0] = part[0] + part[ln]
+                fold(part, 8, False)
+                fold(part, 4, False)
+                fold(part, 2, False)
+                fold(part, 1, False)
                 inv[r] = inv[r] / part[0]
             # context: one step per 32 head dims, over all keys
             T.evaluate(T.call_extern(
@@ -210,6 +225,7 @@ def tile_attention_kernel(
                 T.int64(keys // TILE_K), rows0, rows1, T.int64(panels_v),
                 vb.access_ptr("r", offset=b * vb_head), 0,
                 T.int64(0), T.int64(panel_bytes), T.int64(TILE_K * 4),
+                T.int32(0), T.int32(1),
             ))  # fmt: skip
             for r in range(rows):
                 for d in T.vectorized(dim_v):
@@ -256,9 +272,12 @@ def tile_attention_kernel(
 
 
 def tile_attention_applies(target: tvm.target.Target, precision: str) -> bool:
-    """Whether a ``precision`` build for ``target`` takes this kernel: bf16 tiles, and matmuls
-    in reduced precision (an fp32 build keeps fp32 attention)."""
-    return precision in ("bf16", "int8") and "bf16" in cpu_info(target).tile_kinds
+    """Whether a ``precision`` build for ``target`` takes this kernel: bf16 tiles and
+    AVX512_BF16 (``vdpbf16ps``'s, for the probabilities' rounding), and matmuls in reduced
+    precision (an fp32 build keeps fp32 attention)."""
+    info = cpu_info(target)
+    return (precision in ("bf16", "int8") and "bf16" in info.tile_kinds
+            and info.bf16_dot == "vdpbf16ps" and info.lanes("float32") == LANES)
 
 
 @tvm.transform.module_pass(opt_level=0, name="TileAttention")

@@ -73,12 +73,15 @@ def _function_name(kind: str, m_tiles: int, n_tiles: int) -> str:
 
 def _llvm_ir(kind: str, m_tiles: int, n_tiles: int) -> str:
     """``@mbc_amx_<instruction>_<m>x<n>(c, ldc, a, lda, b, ldb, steps, rows0, rows1, blocks,
-    next, prefetch, astep, bstep, cstep)``: the step of the module doc over ``m`` row tiles and
+    next, prefetch, astep, bstep, cstep, share, shares)``: the step of the module doc over ``m``
+    row tiles and
     ``n`` column tiles, for ``blocks`` blocks one after the other (the tiles are configured
     once), block ``i`` at ``a + i·astep``, ``b + i·bstep``, ``c + i·cstep``: the next rows of a
     matmul (``astep``, ``cstep`` 32 rows), or its next columns (``bstep`` a panel, ``cstep``
     ``nb`` columns). Strides in bytes; ``steps`` tile rows of K; ``rows0``/``rows1`` the rows of
-    each row tile; ``prefetch`` non-zero: each step prefetches ``next``'s slice of K."""
+    each row tile. ``prefetch`` non-zero: block ``i`` prefetches ``next``'s slice of K at the
+    steps ``k`` with ``k % shares == share + i``: the row blocks of a panel, numbered ``0`` to
+    ``shares - 1``, each prefetch their share of the next panel."""
     instruction = _KINDS[kind][0]
     name = _function_name(kind, m_tiles, n_tiles)
     c_tile = {(m, n): m * n_tiles + n for m in range(m_tiles) for n in range(n_tiles)}
@@ -136,7 +139,7 @@ declare void @llvm.prefetch.p0(ptr, i32 immarg, i32 immarg, i32 immarg)
 define internal i32 @{name}(ptr %c, i64 %ldc, ptr %a, i64 %lda, ptr %b, i64 %ldb, i64 %steps,
                              i32 %rows0, i32 %rows1, i64 %blocks, ptr %next,
                              i32 %prefetch, i64 %astep, i64 %bstep,
-                             i64 %cstep) alwaysinline {{
+                             i64 %cstep, i32 %share32, i32 %shares32) alwaysinline {{
 entry:
   %cfg = alloca [64 x i8], align 64
   %permitted = load atomic i32, ptr @{name}_permitted monotonic, align 4
@@ -157,6 +160,9 @@ configure:
   call void @llvm.x86.ldtilecfg(ptr %cfg)
   %lda16 = mul i64 %lda, {TILE_ROWS}
   %ldb16 = mul i64 %ldb, {TILE_ROWS}
+  %prefetching = icmp ne i32 %prefetch, 0
+  %share = zext i32 %share32 to i64
+  %shares = zext i32 %shares32 to i64
   br label %block
 block:
   %blk = phi i64 [0, %configure], [%nextblk, %done]
@@ -168,21 +174,29 @@ block:
   %cblockoff = mul i64 %blk, %cstep
   %cblock = getelementptr i8, ptr %c, i64 %cblockoff
 {nl.join(zero)}
+  %myshare = add i64 %share, %blk
+  %toshare = sub i64 %shares, %myshare
+  %turn0 = urem i64 %toshare, %shares
   br label %loop
 loop:
   %k = phi i64 [0, %block], [%nextstep, %stepped]
+  %turn = phi i64 [%turn0, %block], [%nextturn, %stepped]
   %ao = mul i64 %k, {TILE_BYTES}
   %bk = mul i64 %k, %ldb16
 {nl.join(b_offsets)}
 {nl.join(loads)}
 {nl.join(products)}
-  %wanted = icmp ne i32 %prefetch, 0
+  %due = icmp eq i64 %turn, 0
+  %wanted = and i1 %due, %prefetching
   br i1 %wanted, label %ahead, label %stepped
 ahead:
   %nextk = getelementptr i8, ptr %next, i64 %bk
 {nl.join(prefetches)}
   br label %stepped
 stepped:
+  %turnup = add i64 %turn, 1
+  %wrap = icmp eq i64 %turnup, %shares
+  %nextturn = select i1 %wrap, i64 0, i64 %turnup
   %nextstep = add i64 %k, 1
   %more = icmp ult i64 %nextstep, %steps
   br i1 %more, label %loop, label %done
@@ -204,9 +218,10 @@ def _widen(kind: str):
     return lambda v: T.Cast("int32", v)
 
 
-def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int):
+def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int, m: int):
     """(desc, impl) of the step; ``panels``: the weight's panels, the last of which has no next
-    panel to prefetch."""
+    panel to prefetch; ``m`` the matmul's rows, whose blocks of ``unit`` rows share the
+    prefetch of the next panel."""
     _, depth, a_dtype, b_dtype, acc = _KINDS[kind]
     k = k_groups * depth
     a_bytes, acc_bytes = {"uint16": 2, "uint8": 1}[a_dtype], 4
@@ -217,6 +232,8 @@ def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int):
     blocks = max(rows // BLOCK_ROWS, 1)
     rows0, rows1 = min(rows, TILE_ROWS), min(max(rows - TILE_ROWS, 0), TILE_ROWS)
     steps = k * a_bytes // TILE_BYTES
+    unit = min(rows, BLOCK_ROWS)
+    shares = max(m // unit, 1)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -255,6 +272,7 @@ def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int):
                 T.Cast("int32", B.elem_offset // panel + 1 < panels),
                 T.Cast("int64", sa) * (a_bytes * BLOCK_ROWS), T.int64(0),
                 T.Cast("int64", sc) * (acc_bytes * BLOCK_ROWS),
+                T.Cast("int32", A.elem_offset // sa // unit % shares), T.int32(shares),
             ))
 
     return desc, impl
@@ -304,13 +322,13 @@ def fits(kind: str, rows: int, nb: int, k: int) -> bool:
             and k > 0 and k % k_multiple(kind) == 0)
 
 
-def intrinsic(kind: str, rows: int, nb: int, k: int, panels: int) -> str:
+def intrinsic(kind: str, rows: int, nb: int, k: int, panels: int, m: int) -> str:
     """The name of the step for a ``rows × nb`` block over ``k`` values of a weight of
     ``panels`` panels, registered on first use (shapes vary with the model: they cannot all be
     registered up front)."""
-    name = f"mbcompile_amx_{kind}_{rows}x{nb}x{k}_of_{panels}"
+    name = f"mbcompile_amx_{kind}_{rows}x{nb}x{k}_of_{panels}_m{m}"
     if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_make(kind, rows, nb, k // _KINDS[kind][1], panels))
+        TensorIntrin.register(name, *_make(kind, rows, nb, k // _KINDS[kind][1], panels, m))
     return name
 
 
