@@ -24,6 +24,7 @@ kernel). The block's scores (rows × keys) are larger and take that call, once p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 
@@ -79,6 +80,9 @@ class RowsLayout:
     v_offset: int
 
 
+# TVMScript parses a kernel in about half a second; a process that compiles the same shapes
+# again (a test suite, a notebook) gets the same, immutable, PrimFunc.
+@functools.lru_cache(maxsize=256)
 def attention_kernel(
     bh: int,
     seq_q: int,

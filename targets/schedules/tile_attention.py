@@ -29,6 +29,7 @@ attention on this CPU. ``tests/test_precision.py`` holds the encoder's error to 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -77,6 +78,7 @@ def _widen(bits):
     return T.reinterpret("float32", T.shift_left(T.Cast("uint32", bits), T.uint32(16)))
 
 
+@functools.lru_cache(maxsize=256)  # as attention_kernel: the same shapes, the same PrimFunc
 def tile_attention_kernel(
     bh: int,
     seq_q: int,

@@ -146,27 +146,40 @@ def test_a_kernel_asks_linux_for_the_tiles_itself(tmp_path):
     assert float(run.stdout.strip().splitlines()[-1]) <= 1e-5 * np.abs(expected).max()
 
 
-@pytest.mark.skipif(not HOST_TILES, reason=NO_AMX)
+@pytest.mark.skipif("bf16" not in HOST_TILES or "u8s8" not in HOST_TILES, reason=NO_AMX)
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_a_model_on_tiles_matches_pytorch(precision, monkeypatch):
+    """Its matmuls on tiles and its attention too (``tile_attention.py``), up to 128 tokens:
+    matmuls of several row blocks, which share the prefetch of the weights."""
     import mbcompile
+    from mbcompile.targets.schedules import tile_attention
 
-    counts = []
-    original = DenseTiles.apply
+    counts, attention = [], []
+    original, original_attention = DenseTiles.apply, tile_attention.tile_attention_kernel
 
     def counting(self, func, target, tunable):
         sch = original(self, func, target, tunable)
         counts.append(sch is not None)
         return sch
 
+    def counting_attention(*args, **kwargs):
+        attention.append(args)
+        return original_attention(*args, **kwargs)
+
     monkeypatch.setattr(DenseTiles, "apply", counting)
-    config = tiny_config()
+    monkeypatch.setattr(tile_attention, "tile_attention_kernel", counting_attention)
+    config = tiny_config(max_position_embeddings=128)
     model = trained_pad_row(make_model("base", config))
-    compiled = mbcompile.compile(model, precision=precision, max_seq_len=64)
+    compiled = mbcompile.compile(model, precision=precision, max_seq_len=128)
     assert sum(counts) > 0
-    ids, mask, types = random_inputs(config, (3, 40), pad=5)
-    got = compiled(input_ids=ids.numpy(), attention_mask=mask.numpy(), token_type_ids=types.numpy())
-    want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state.detach()
-    real = mask.numpy().astype(bool)
-    error = np.abs(got["last_hidden_state"] - want.numpy())[real].max() / np.abs(want.numpy()).max()
-    assert error < {"bf16": 3e-3, "int8": 2e-2}[precision]
+    # one attention kernel per compiled length, which every layer calls
+    assert len(attention) == len(compiled.signature.lengths)
+    for shape in ((3, 40), (1, 128)):
+        ids, mask, types = random_inputs(config, shape, pad=5)
+        got = compiled(input_ids=ids.numpy(), attention_mask=mask.numpy(),
+                       token_type_ids=types.numpy())
+        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        want = want.detach().numpy()
+        real = mask.numpy().astype(bool)
+        error = np.abs(got["last_hidden_state"] - want)[real].max() / np.abs(want).max()
+        assert error < {"bf16": 3e-3, "int8": 2e-2}[precision], shape

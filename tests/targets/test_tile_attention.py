@@ -1,20 +1,17 @@
 """The fused attention on bf16 matrix tiles (``tile_attention.py``): which builds take it, the
 instructions it compiles to, its numbers against numpy on the same rounded operands (short,
 odd and padded shapes, masks, fully masked rows, batches, the linears' row layout; run where
-the host has AMX), and a whole model in bf16 and int8 with it."""
+the host has AMX). A whole model with it: ``test_dense_tiles.py``."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import tvm
-from helpers import make_model, random_inputs, tiny_config, trained_pad_row
 
-import mbcompile
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.attention_kernel import RowsLayout
 from mbcompile.targets.registry import host_target, resolve_target
-from mbcompile.targets.schedules import tile_attention
 from mbcompile.targets.schedules.pack_bf16 import bf16_bits, bf16_values
 from mbcompile.targets.schedules.tile_attention import (
     tile_attention_applies,
@@ -126,31 +123,3 @@ def test_the_kernel_reads_and_writes_the_linears_row_layout():
     got = _run(func, [q_rows, kt, v_rows, bias], (1, seq, heads * dim))
     want = _expected(q, kt, v, bias, heads).transpose(1, 0, 2).reshape(1, seq, -1)
     assert np.abs(got - want).max() <= 2e-3 * np.abs(v).max()
-
-
-@pytest.mark.skipif(not HOST_TILES, reason=NO_AMX)
-@pytest.mark.parametrize("precision", ["bf16", "int8", "fp32"])
-def test_a_model_takes_the_tile_attention_in_reduced_precision_only(precision, monkeypatch):
-    swapped = []
-    original = tile_attention.tile_attention_kernel
-
-    def counting(*args, **kwargs):
-        swapped.append(args)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tile_attention, "tile_attention_kernel", counting)
-    # up to 128 tokens: matmuls of several row blocks, which share the weights' prefetch
-    config = tiny_config(max_position_embeddings=128)
-    model = trained_pad_row(make_model("base", config))
-    compiled = mbcompile.compile(model, precision=precision, max_seq_len=128)
-    # one kernel per compiled length, which every layer calls
-    assert len(swapped) == (0 if precision == "fp32" else len(compiled.signature.lengths))
-    for shape in ((3, 40), (1, 128)):
-        ids, mask, types = random_inputs(config, shape, pad=5)
-        got = compiled(input_ids=ids.numpy(), attention_mask=mask.numpy(),
-                       token_type_ids=types.numpy())
-        want = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-        want = want.detach().numpy()
-        real = mask.numpy().astype(bool)
-        error = np.abs(got["last_hidden_state"] - want)[real].max() / np.abs(want).max()
-        assert error < {"bf16": 3e-3, "int8": 2e-2, "fp32": 1e-5}[precision], shape

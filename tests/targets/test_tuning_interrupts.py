@@ -152,9 +152,13 @@ def _assert_loads_cleanly(work_dir: Path) -> None:
         Database.open(work_dir).ms_database()
 
 
-# attempt 2 interrupts the whole process group, 1 and 3 the tuner alone (3: a repeat, soak only)
-@pytest.mark.parametrize("attempt", soak([1, 2, 3], [1, 2]))
-@pytest.mark.parametrize("moment", list(MOMENTS))
+# attempt 2 interrupts the whole process group, 1 and 3 the tuner alone (3: a repeat). Every
+# moment with every attempt under soak; without it, both attempts at the longest moment
+# (measuring) and one each at the others.
+@pytest.mark.parametrize("moment, attempt", soak(
+    [(moment, attempt) for moment in MOMENTS for attempt in (1, 2, 3)],
+    [("capture", 1), ("search start", 2), ("measuring", 1), ("measuring", 2)],
+))
 def test_ctrl_c_in_tune_exits_130_within_seconds_leaving_nothing_running(
     tmp_path, moment, attempt
 ):
