@@ -68,6 +68,31 @@ LOG2E = 1.4426950408889634
 EXP2_POLY = (6.931470037e-01, 2.402224243e-01, 5.550733581e-02, 9.671512991e-03, 1.326472382e-03)
 
 
+@T.macro
+def _fold(part, width, maximum):
+    """part[:width] = max (or sum) of part[:width] and part[width : 2·width]."""
+    for ln in T.vectorized(width):
+        if maximum:
+            part[ln] = T.max(part[ln], part[ln + width])
+        else:
+            part[ln] = part[ln] + part[ln + width]
+
+
+@T.macro
+def reduce_lanes(part, lanes, maximum):
+    """part[0] = the max (or sum) of part[:lanes], ``lanes`` a power of two up to 16, in a tree
+    of halves: a chain of ``lanes - 1`` scalar steps (what a loop over the lanes gives) is a
+    long dependency per row, next to the softmax's few vector steps per row."""
+    if lanes >= 2:
+        _fold(part, lanes // 2, maximum)
+    if lanes >= 4:
+        _fold(part, lanes // 4, maximum)
+    if lanes >= 8:
+        _fold(part, lanes // 8, maximum)
+    if lanes >= 16:
+        _fold(part, lanes // 16, maximum)
+
+
 @dataclass(frozen=True)
 class RowsLayout:
     """q as (seq_q, q_width) and v as (seq_k, v_width), one row per token, head ``h`` at columns
@@ -127,6 +152,8 @@ def attention_kernel(
 def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout, fma_by_lane):
     b0, h0, i0, j0 = bias_shape
     lanes = lanes or DEFAULT_CPU.lanes("float32")
+    if lanes not in (1, 2, 4, 8, 16):
+        raise ValueError(f"lanes must be a power of two up to 16, got {lanes}")
     tiles = BY_LANE_TILES if fma_by_lane else BROADCAST_TILES
     rows = min(tiles.rows, seq_q)
     blocks = (seq_q + rows - 1) // rows
@@ -252,8 +279,7 @@ def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout,
                 for c in range(1, padded // lanes):
                     for ln in T.vectorized(lanes):
                         part[ln] = T.max(part[ln], s[r, c * lanes + ln])
-                for ln in range(1, lanes):
-                    part[0] = T.max(part[0], part[ln])
+                reduce_lanes(part, lanes, True)
                 # Every key masked: 1/sum becomes 0, and the shift 0 keeps -inf - max from NaN.
                 inv[r] = T.Select(part[0] == neg_inf, T.float32(0), T.float32(1))
                 shift[r] = T.Select(part[0] == neg_inf, T.float32(0), -part[0] * T.float32(LOG2E))
@@ -279,8 +305,7 @@ def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout,
                         s[r, c * lanes + ln] = e[ln]
                     for ln in T.vectorized(lanes):
                         part[ln] = part[ln] + e[ln]
-                for ln in range(1, lanes):
-                    part[0] = part[0] + part[ln]
+                reduce_lanes(part, lanes, False)
                 inv[r] = inv[r] / part[0]
             # 3. context
             for c in range(dim_v // dim_tile):
@@ -293,6 +318,16 @@ def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout,
                     dim_v // dim_tile * dim_tile, dim_v % dim_tile,
                 )  # fmt: skip
 
+
+    return with_signature(attend, bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, rows_layout)
+
+
+def with_signature(attend, bh: int, seq_q: int, seq_k: int, dim: int, dim_v: int, heads: int,
+                   bias_shape: tuple[int, ...], rows_layout: RowsLayout | None
+                   ) -> tvm.tirx.PrimFunc:
+    """The PrimFunc of an attention kernel whose body is the macro ``attend(q, kt, v, bias,
+    out)``, with ``attention_kernel``'s signature: (q, kt, v, bias, out) in heads' layout, or
+    with ``rows_layout`` the linears' rows, seen by ``attend`` through strided views."""
 
     @T.prim_func(private=True)
     def fused_attention(

@@ -38,11 +38,11 @@ from tvm.script import tirx as T
 
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.attention_kernel import (
-    KIND,
-    KIND_ATTR,
     LOG2E,
     SHAPE_ATTR,
     RowsLayout,
+    reduce_lanes,
+    with_signature,
 )
 from mbcompile.targets.schedules import tile_intrinsics
 from mbcompile.targets.schedules.pack_bf16 import round_bf16
@@ -106,15 +106,6 @@ def tile_attention_kernel(
     kb_head = keys * dim_p // 2  # uint32 pairs of one head's K
     vb_head = keys * dim_vp // 2
     panel_bytes = TILE_K * 4  # one row of a B panel: 32 columns of uint32 pairs
-
-    @T.macro
-    def fold(part, width, maximum):
-        """part[:width] = max (or sum) of part[:width] and part[width : 2·width]."""
-        for ln in T.vectorized(width):
-            if maximum:
-                part[ln] = T.max(part[ln], part[ln + width])
-            else:
-                part[ln] = part[ln] + part[ln + width]
 
     @T.macro
     def attend(q, kt, v, bias, out):
@@ -185,11 +176,7 @@ def tile_attention_kernel(
                         )  # fmt: skip
                     for ln in T.vectorized(lanes):
                         part[ln] = T.max(part[ln], s[r, c * lanes + ln])
-                # a tree: a chain of 15 scalar maxima (or sums) is slower than the exps
-                fold(part, 8, True)
-                fold(part, 4, True)
-                fold(part, 2, True)
-                fold(part, 1, True)
+                reduce_lanes(part, lanes, True)
                 inv[r] = T.Select(part[0] == neg_inf, T.float32(0), T.float32(1))
                 shift[r] = T.Select(part[0] == neg_inf, T.float32(0), -part[0] * T.float32(LOG2E))
                 for ln in T.vectorized(lanes):
@@ -214,10 +201,7 @@ def tile_attention_kernel(
                         )  # fmt: skip
                     for ln in T.vectorized(lanes):
                         part[ln] = part[ln] + _widen(pb[r, c * lanes + ln])
-                fold(part, 8, False)
-                fold(part, 4, False)
-                fold(part, 2, False)
-                fold(part, 1, False)
+                reduce_lanes(part, lanes, False)
                 inv[r] = inv[r] / part[0]
             # context: one step per 32 head dims, over all keys
             T.evaluate(T.call_extern(
@@ -233,44 +217,7 @@ def tile_attention_kernel(
                 for d in T.vectorized(dim_v):
                     out[b, row0 + r, d] = ctx[r, d] * inv[r]
 
-    @T.prim_func(private=True)
-    def tiled_attention(
-        q: T.Buffer((bh, seq_q, dim), "float32"),
-        kt: T.Buffer((bh, dim, seq_k), "float32"),
-        v: T.Buffer((bh, seq_k, dim_v), "float32"),
-        bias: T.Buffer(bias_shape, "float32"),
-        out: T.Buffer((bh, seq_q, dim_v), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KIND_ATTR: KIND})
-        attend(q, kt, v, bias, out)
-
-    if rows_layout is None:
-        return tiled_attention
-    r = rows_layout
-
-    @T.prim_func(private=True)
-    def tiled_attention_rows(
-        q_rows: T.Buffer((seq_q, r.q_width), "float32"),
-        kt: T.Buffer((bh, dim, seq_k), "float32"),
-        v_rows: T.Buffer((seq_k, r.v_width), "float32"),
-        bias: T.Buffer(bias_shape, "float32"),
-        out_rows: T.Buffer((1, seq_q, heads * dim_v), "float32"),
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, KIND_ATTR: KIND})
-        q = T.decl_buffer(
-            (bh, seq_q, dim), "float32", data=q_rows.data, strides=[dim, r.q_width, 1],
-            elem_offset=r.q_offset,
-        )  # fmt: skip
-        v = T.decl_buffer(
-            (bh, seq_k, dim_v), "float32", data=v_rows.data, strides=[dim_v, r.v_width, 1],
-            elem_offset=r.v_offset,
-        )  # fmt: skip
-        out = T.decl_buffer(
-            (bh, seq_q, dim_v), "float32", data=out_rows.data, strides=[dim_v, heads * dim_v, 1]
-        )
-        attend(q, kt, v, bias, out)
-
-    return tiled_attention_rows
+    return with_signature(attend, bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, rows_layout)
 
 
 def tile_attention_applies(target: tvm.target.Target, precision: str) -> bool:

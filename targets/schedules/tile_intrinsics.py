@@ -26,9 +26,14 @@ Inside the model the weights come cold from memory (50 MB of bf16 weights per fo
 stream at about 12 GB/s on one core here), so each step also prefetches, at each of its steps,
 the same slice of the next panel of the weight into L2 (``prefetcht1``), as the fp32 kernels do
 (``prefetch.py``): the default encoder at 128 tokens in bf16, 1 thread, went from 14.1 to
-12.5 ms. Every row block of a panel prefetches all of the next one, which costs a kernel timed
-warm and alone (128×512·512×384: 1.05 → 0.89 TFLOP/s); a share per row block, as ``prefetch.py``
-gives, would not.
+12.5 ms. The row blocks of a panel share that work, as in ``prefetch.py``: block ``i`` of ``n``
+prefetches at the steps ``k ≡ i (mod n)``, so each slice of the next panel is fetched once.
+When every block fetched all of it, a kernel timed warm and alone lost to it (128×512·512×384:
+1.05 → 0.89 TFLOP/s); PREFETCH_SHARE_NUMBERS.
+
+Scalars computed at run time go to the step as ``i32``: TVM narrows an ``int64`` cast of a
+small value back to ``int32``, and a call whose types differ from the function's is not
+inlined (the library then fails to load with an undefined ``mbc_amx_*`` symbol).
 
 K must be a multiple of 64 bytes (32 bf16, 64 int8): the packing pads it with zeros on targets
 with AMX (``k_multiple``). Rows come in two tiles of up to 16: a block of 24 rows is a 16-row
