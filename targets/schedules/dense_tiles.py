@@ -92,7 +92,7 @@ class DenseTiles(ScheduleRule):
 def _schedule(sch: s_tir.Schedule, block, consumers: list, kind: str, rows: int, nb: int,
               k_extent: int, lanes: int) -> None:
     *batch, i, j, k = sch.get_loops(block)
-    panels, m = const_int(sch.get(j).extent) // nb, const_int(sch.get(i).extent)
+    panels = const_int(sch.get(j).extent) // nb
     io, ii = sch.split(i, [None, rows])
     jo, ji = sch.split(j, [None, nb])
     sch.reorder(*batch, jo, io, ii, ji, k)
@@ -109,5 +109,5 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, kind: str, rows: int,
     vectorize_tile(sch, writer, lanes)
     zeroing = sch.decompose_reduction(block, ii)
     sch.tensorize(sch.get_loops(zeroing)[-2], tile_intrinsics.zeroing(kind, rows, nb))
-    sch.tensorize(ii, tile_intrinsics.intrinsic(kind, rows, nb, k_extent, panels, m))
+    sch.tensorize(ii, tile_intrinsics.intrinsic(kind, rows, nb, k_extent, panels))
     sch.annotate(outer, "pragma_import_llvm", tile_intrinsics.llvm_ir(kind, rows, nb))

@@ -158,7 +158,6 @@ def tile_attention_kernel(
                 T.int64(dim_p // TILE_K), rows0, rows1, T.int64(panels_k),
                 kb.access_ptr("r", offset=b * kb_head), 0,
                 T.int64(0), T.int64(dim_p // 2 * panel_bytes), T.int64(TILE_K * 4),
-                T.int32(0), T.int32(1),
             ))  # fmt: skip
             # guarded softmax, row by row: bias, max, exp in base 2 (attention_kernel's), sum
             for r in range(rows):
@@ -211,7 +210,6 @@ def tile_attention_kernel(
                 T.int64(keys // TILE_K), rows0, rows1, T.int64(panels_v),
                 vb.access_ptr("r", offset=b * vb_head), 0,
                 T.int64(0), T.int64(panel_bytes), T.int64(TILE_K * 4),
-                T.int32(0), T.int32(1),
             ))  # fmt: skip
             for r in range(rows):
                 for d in T.vectorized(dim_v):

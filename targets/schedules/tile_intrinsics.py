@@ -26,14 +26,16 @@ Inside the model the weights come cold from memory (50 MB of bf16 weights per fo
 stream at about 12 GB/s on one core here), so each step also prefetches, at each of its steps,
 the same slice of the next panel of the weight into L2 (``prefetcht1``), as the fp32 kernels do
 (``prefetch.py``): the default encoder at 128 tokens in bf16, 1 thread, went from 14.1 to
-12.5 ms. The row blocks of a panel share that work, as in ``prefetch.py``: block ``i`` of ``n``
-prefetches at the steps ``k ≡ i (mod n)``, so each slice of the next panel is fetched once.
-When every block fetched all of it, a kernel timed warm and alone lost to it (128×512·512×384:
-1.05 → 0.89 TFLOP/s); PREFETCH_SHARE_NUMBERS.
+12.5 ms. Every row block of a panel prefetches all of the next one. That costs a kernel timed
+warm and alone (128×512·512×384: 1.05 → 0.89 TFLOP/s), but it is what the model wants: giving
+each row block a share instead (block ``i`` of ``n`` at the steps ``k ≡ i mod n``, as
+``prefetch.py`` does) brought the warm kernel back to 0.98–1.07 TFLOP/s and made the encoder
+slower (128 tokens, bf16, 1 thread: 17.3 ms against 14.3, medians of 3 × 20 calls on a
+noisy afternoon): the later row blocks' shares start too late for the next panel.
 
 Scalars computed at run time go to the step as ``i32``: TVM narrows an ``int64`` cast of a
-small value back to ``int32``, and a call whose types differ from the function's is not
-inlined (the library then fails to load with an undefined ``mbc_amx_*`` symbol).
+small value back to ``int32``, and a call whose types differ from the function's is not inlined
+(the library then fails to load with an undefined ``mbc_amx_*`` symbol).
 
 K must be a multiple of 64 bytes (32 bf16, 64 int8): the packing pads it with zeros on targets
 with AMX (``k_multiple``). Rows come in two tiles of up to 16: a block of 24 rows is a 16-row
@@ -78,15 +80,12 @@ def _function_name(kind: str, m_tiles: int, n_tiles: int) -> str:
 
 def _llvm_ir(kind: str, m_tiles: int, n_tiles: int) -> str:
     """``@mbc_amx_<instruction>_<m>x<n>(c, ldc, a, lda, b, ldb, steps, rows0, rows1, blocks,
-    next, prefetch, astep, bstep, cstep, share, shares)``: the step of the module doc over ``m``
-    row tiles and
+    next, prefetch, astep, bstep, cstep)``: the step of the module doc over ``m`` row tiles and
     ``n`` column tiles, for ``blocks`` blocks one after the other (the tiles are configured
     once), block ``i`` at ``a + i·astep``, ``b + i·bstep``, ``c + i·cstep``: the next rows of a
     matmul (``astep``, ``cstep`` 32 rows), or its next columns (``bstep`` a panel, ``cstep``
     ``nb`` columns). Strides in bytes; ``steps`` tile rows of K; ``rows0``/``rows1`` the rows of
-    each row tile. ``prefetch`` non-zero: block ``i`` prefetches ``next``'s slice of K at the
-    steps ``k`` with ``k % shares == share + i``: the row blocks of a panel, numbered ``0`` to
-    ``shares - 1``, each prefetch their share of the next panel."""
+    each row tile; ``prefetch`` non-zero: each step prefetches ``next``'s slice of K."""
     instruction = _KINDS[kind][0]
     name = _function_name(kind, m_tiles, n_tiles)
     c_tile = {(m, n): m * n_tiles + n for m in range(m_tiles) for n in range(n_tiles)}
@@ -144,7 +143,7 @@ declare void @llvm.prefetch.p0(ptr, i32 immarg, i32 immarg, i32 immarg)
 define internal i32 @{name}(ptr %c, i64 %ldc, ptr %a, i64 %lda, ptr %b, i64 %ldb, i64 %steps,
                              i32 %rows0, i32 %rows1, i64 %blocks, ptr %next,
                              i32 %prefetch, i64 %astep, i64 %bstep,
-                             i64 %cstep, i32 %share32, i32 %shares32) alwaysinline {{
+                             i64 %cstep) alwaysinline {{
 entry:
   %cfg = alloca [64 x i8], align 64
   %permitted = load atomic i32, ptr @{name}_permitted monotonic, align 4
@@ -165,9 +164,6 @@ configure:
   call void @llvm.x86.ldtilecfg(ptr %cfg)
   %lda16 = mul i64 %lda, {TILE_ROWS}
   %ldb16 = mul i64 %ldb, {TILE_ROWS}
-  %prefetching = icmp ne i32 %prefetch, 0
-  %share = zext i32 %share32 to i64
-  %shares = zext i32 %shares32 to i64
   br label %block
 block:
   %blk = phi i64 [0, %configure], [%nextblk, %done]
@@ -179,29 +175,21 @@ block:
   %cblockoff = mul i64 %blk, %cstep
   %cblock = getelementptr i8, ptr %c, i64 %cblockoff
 {nl.join(zero)}
-  %myshare = add i64 %share, %blk
-  %toshare = sub i64 %shares, %myshare
-  %turn0 = urem i64 %toshare, %shares
   br label %loop
 loop:
   %k = phi i64 [0, %block], [%nextstep, %stepped]
-  %turn = phi i64 [%turn0, %block], [%nextturn, %stepped]
   %ao = mul i64 %k, {TILE_BYTES}
   %bk = mul i64 %k, %ldb16
 {nl.join(b_offsets)}
 {nl.join(loads)}
 {nl.join(products)}
-  %due = icmp eq i64 %turn, 0
-  %wanted = and i1 %due, %prefetching
+  %wanted = icmp ne i32 %prefetch, 0
   br i1 %wanted, label %ahead, label %stepped
 ahead:
   %nextk = getelementptr i8, ptr %next, i64 %bk
 {nl.join(prefetches)}
   br label %stepped
 stepped:
-  %turnup = add i64 %turn, 1
-  %wrap = icmp eq i64 %turnup, %shares
-  %nextturn = select i1 %wrap, i64 0, i64 %turnup
   %nextstep = add i64 %k, 1
   %more = icmp ult i64 %nextstep, %steps
   br i1 %more, label %loop, label %done
@@ -223,10 +211,9 @@ def _widen(kind: str):
     return lambda v: T.Cast("int32", v)
 
 
-def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int, m: int):
+def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int):
     """(desc, impl) of the step; ``panels``: the weight's panels, the last of which has no next
-    panel to prefetch; ``m`` the matmul's rows, whose blocks of ``unit`` rows share the
-    prefetch of the next panel."""
+    panel to prefetch."""
     _, depth, a_dtype, b_dtype, acc = _KINDS[kind]
     k = k_groups * depth
     a_bytes, acc_bytes = {"uint16": 2, "uint8": 1}[a_dtype], 4
@@ -237,8 +224,6 @@ def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int, m: int):
     blocks = max(rows // BLOCK_ROWS, 1)
     rows0, rows1 = min(rows, TILE_ROWS), min(max(rows - TILE_ROWS, 0), TILE_ROWS)
     steps = k * a_bytes // TILE_BYTES
-    unit = min(rows, BLOCK_ROWS)
-    shares = max(m // unit, 1)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -277,7 +262,6 @@ def _make(kind: str, rows: int, nb: int, k_groups: int, panels: int, m: int):
                 T.Cast("int32", B.elem_offset // panel + 1 < panels),
                 T.Cast("int64", sa) * (a_bytes * BLOCK_ROWS), T.int64(0),
                 T.Cast("int64", sc) * (acc_bytes * BLOCK_ROWS),
-                T.Cast("int32", A.elem_offset // sa // unit % shares), T.int32(shares),
             ))
 
     return desc, impl
@@ -327,13 +311,13 @@ def fits(kind: str, rows: int, nb: int, k: int) -> bool:
             and k > 0 and k % k_multiple(kind) == 0)
 
 
-def intrinsic(kind: str, rows: int, nb: int, k: int, panels: int, m: int) -> str:
+def intrinsic(kind: str, rows: int, nb: int, k: int, panels: int) -> str:
     """The name of the step for a ``rows × nb`` block over ``k`` values of a weight of
     ``panels`` panels, registered on first use (shapes vary with the model: they cannot all be
     registered up front)."""
-    name = f"mbcompile_amx_{kind}_{rows}x{nb}x{k}_of_{panels}_m{m}"
+    name = f"mbcompile_amx_{kind}_{rows}x{nb}x{k}_of_{panels}"
     if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_make(kind, rows, nb, k // _KINDS[kind][1], panels, m))
+        TensorIntrin.register(name, *_make(kind, rows, nb, k // _KINDS[kind][1], panels))
     return name
 
 
