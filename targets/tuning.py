@@ -138,15 +138,16 @@ def task_hash(task_mod: tvm.IRModule) -> str:
 
 
 def _tasks(ms, mod: tvm.IRModule, target: tvm.target.Target, max_tasks: int | None) -> list:
-    """The kernels to tune: not those already scheduled, nor the matrix-tile matmuls
-    (``DenseTiles``: one fixed schedule, nothing to search)."""
-    from mbcompile.targets.schedules.dense_tiles import handles
+    """The kernels to tune: not those already scheduled, nor the matrix-tile and NEON-step
+    matmuls (``DenseTiles``, ``DenseNeon``: one fixed schedule, nothing to search)."""
+    from mbcompile.targets.schedules import dense_neon, dense_tiles
 
     extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
     extracted = [
         t for t in extracted
         if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)
-        and not handles(t.dispatched[0]["main"], target)
+        and not dense_tiles.handles(t.dispatched[0]["main"], target)
+        and not dense_neon.handles(t.dispatched[0]["main"], target)
     ]
     if max_tasks is not None:
         from tvm.s_tir.analysis import estimate_tir_flops

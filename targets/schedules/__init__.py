@@ -14,6 +14,7 @@ from mbcompile.targets.schedules.apply import ScheduleKernels
 from mbcompile.targets.schedules.batch_matmul import BatchMatmul
 from mbcompile.targets.schedules.dense import DensePacked
 from mbcompile.targets.schedules.dense_dot import DenseDot
+from mbcompile.targets.schedules.dense_neon import DenseNeon
 from mbcompile.targets.schedules.dense_tiles import DenseTiles
 from mbcompile.targets.schedules.elementwise import Elementwise
 from mbcompile.targets.schedules.pack_weights import PackDenseWeights
@@ -24,12 +25,13 @@ from mbcompile.targets.schedules.tile_attention import TileAttention
 
 def default_rules(target: tvm.target.Target) -> list[ScheduleRule]:
     """The rules in the order they are tried: most specific first."""
-    return [DenseTiles(), DenseDot(), DensePacked(), BatchMatmul(), RowReduction(), Elementwise()]
+    return [DenseTiles(), DenseDot(), DenseNeon(), DensePacked(), BatchMatmul(), RowReduction(), Elementwise()]
 
 
 __all__ = [
     "BatchMatmul",
     "DenseDot",
+    "DenseNeon",
     "DenseTiles",
     "DensePacked",
     "Elementwise",

@@ -16,7 +16,12 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from mbcompile.cpu import cpu_info
-from mbcompile.targets.schedules.gemm_tile import find_gemm, inline_around, schedule_gemm
+from mbcompile.targets.schedules.gemm_tile import (
+    find_gemm,
+    inline_around,
+    register_tile,
+    schedule_gemm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +39,10 @@ class DensePacked(ScheduleRule):
         gemm, producers, consumers = found
         try:
             epilogue = inline_around(sch, producers, consumers)
-            schedule_gemm(sch, gemm, epilogue, cpu_info(target), tile_n=gemm.packed_block, tunable=tunable)
+            info = cpu_info(target)
+            # a 16-column NEON panel (``dense_neon``) in tiles of the register tile's width
+            tile_n = min(gemm.packed_block, register_tile(info, gemm.dtype)[1])
+            schedule_gemm(sch, gemm, epilogue, info, tile_n=tile_n, tunable=tunable)
         except s_tir.ScheduleError as err:
             logger.warning("DensePacked: matched but could not schedule: %s", err)
             return None
