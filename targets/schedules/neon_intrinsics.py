@@ -47,8 +47,9 @@ def block_rows(m: int) -> int:
     return next(r for r in ROWS if m % r == 0)
 
 
-def _function_name(rows: int, k: int) -> str:
-    return f"mbc_neon_fmla_{rows}x{COLUMNS}_k{k}"
+def _function_name(rows: int, k: int, b_stride: int = COLUMNS * 4) -> str:
+    tail = "" if b_stride == COLUMNS * 4 else f"_ldb{b_stride}"
+    return f"mbc_neon_fmla_{rows}x{COLUMNS}_k{k}{tail}"
 
 
 class _Writer:
@@ -58,6 +59,7 @@ class _Writer:
         self.lines: list[str] = []
         self.n = 0
         self.b = "%b"  # the current k's weights
+        self.b_stride = COLUMNS * 4  # bytes from one k's weights to the next's
         self.a: list[str] = []  # each row's pointer at the next k
 
     def fresh(self, stem: str) -> str:
@@ -98,15 +100,25 @@ def _steps(w: _Writer, rows: int, k_values: list[int], acc: list[list[str | None
                     part = w.fresh("a")
                     w.emit(f"{part} = extractvalue {{ {v4}, {v4} }} {vec}, {half}")
                     a_vectors[group + half * LANES].append(part)
+        # The weights of k: 16 floats into v24-v27 or v28-v31 (alternating), one ld1 that
+        # steps the pointer. In inline asm: as the intrinsic, loop strength reduction turned the
+        # chain of 8 post-indexed loads into an induction variable and a second pointer (two more
+        # instructions an iteration), and ld1 has no immediate offset to fold them into.
         bptr = w.b
-        w.b = w.fresh("bp")  # the next k's weights: one pointer chain, a post-indexed ld1
-        w.emit(f"{w.b} = getelementptr i8, ptr {bptr}, i64 %bstride")
+        w.b = w.fresh("bp")
         b4 = w.fresh("b")
-        w.emit(f"{b4} = call {{ {v4}, {v4}, {v4}, {v4} }} @llvm.aarch64.neon.ld1x4.v4f32.p0(ptr {bptr})")
+        first = 24 + 4 * (k % 2)
+        outs = ",".join(f"={{v{first + v}}}" for v in range(4))
+        vt = f"{{ {v4}, {v4}, {v4}, {v4}, ptr }}"
+        step, constraint, operand = (
+            ("#64", "", "") if w.b_stride == COLUMNS * 4 else ("$5", ",r", f", i64 {w.b_stride}"))
+        w.emit(f'{b4} = call {vt} asm "ld1 {{v{first}.4s-v{first + 3}.4s}}, [$4], {step}", '
+               f'"{outs},=r,4{constraint},~{{memory}}"(ptr {bptr}{operand})')
+        w.emit(f"{w.b} = extractvalue {vt} {b4}, 4")
         bv = []
         for v in range(4):
             name = w.fresh("bv")
-            w.emit(f"{name} = extractvalue {{ {v4}, {v4}, {v4}, {v4} }} {b4}, {v}")
+            w.emit(f"{name} = extractvalue {vt} {b4}, {v}")
             bv.append(name)
         for r in range(rows):
             if whole:
@@ -134,11 +146,14 @@ def _steps(w: _Writer, rows: int, k_values: list[int], acc: list[list[str | None
     return acc
 
 
-def _llvm_ir(rows: int, k: int) -> str:
-    """``@mbc_neon_fmla_<rows>x16_k<K>(c, ldc, a, lda, b)``: the step of the module doc;
-    ``ldc``, ``lda`` in elements, ``b`` a contiguous ``K × 16`` panel."""
+def _llvm_ir(rows: int, k: int, b_stride: int = COLUMNS * 4) -> str:
+    """``@mbc_neon_fmla_<rows>x16_k<K>[_ldb<S>](c, ldc, a, lda, b)``: the step of the module
+    doc; ``ldc``, ``lda`` in elements, ``b`` K rows of 16 floats ``b_stride`` bytes apart (64:
+    a contiguous panel)."""
+    name = _function_name(rows, k, b_stride)
     v4 = "<4 x float>"
     w = _Writer()
+    w.b_stride = b_stride
     for r in range(rows):
         w.emit(f"%row{r} = mul i64 %lda64, {4 * r}")
         w.emit(f"%arow{r} = getelementptr i8, ptr %a, i64 %row{r}")
@@ -184,24 +199,22 @@ def _llvm_ir(rows: int, k: int) -> str:
             w.emit(f"store {v4} {acc[r][v]}, ptr {ptr}, align 4")
     tail = w.lines
     crows = [f"  %crow{r} = mul i64 %ldc64, {r}" for r in range(rows)]
-    # Strides loaded from memory, one per pointer chain: constants would let loop strength
-    # reduction fold the chains into one induction variable plus offsets, which ld1 cannot
-    # take (it has no immediate offset), each then costing an add.
-    strides = [f"  %astridep{r} = getelementptr i64, ptr @{_function_name(rows, k)}_strides, "
-               f"i64 {1 + r}\n  %astride{r} = load volatile i64, ptr %astridep{r}, align 8"
+    # Each row's stride loaded from memory, each from its own word: as constants, loop strength
+    # reduction folded the 4 rows' chains into one induction variable plus offsets, which ld1
+    # cannot take (it has no immediate offset), each then costing an add.
+    strides = [f"  %astridep{r} = getelementptr i64, ptr @{name}_strides, i64 {r}\n"
+               f"  %astride{r} = load volatile i64, ptr %astridep{r}, align 8"
                for r in range(rows)]
     nl = "\n"
     jump = "  br label %loop" if iterations else "  br label %tail"
     return f"""
-declare {{ {v4}, {v4}, {v4}, {v4} }} @llvm.aarch64.neon.ld1x4.v4f32.p0(ptr)
 declare {v4} @llvm.fma.v4f32({v4}, {v4}, {v4})
 declare {{ {v4}, {v4} }} @llvm.aarch64.neon.ld1x2.v4f32.p0(ptr)
-@{_function_name(rows, k)}_strides = internal global [{1 + rows} x i64] [i64 {COLUMNS * 4}{f", i64 {8 * LANES}" * rows}]
+@{name}_strides = internal global [{rows} x i64] [{", ".join([f"i64 {8 * LANES}"] * rows)}]
 
-define internal i32 @{_function_name(rows, k)}(ptr noalias %c, i32 %ldc, ptr noalias %a, i32 %lda,
-                                                ptr noalias %b) alwaysinline {{
+define internal i32 @{name}(ptr noalias %c, i32 %ldc, ptr noalias %a, i32 %lda,
+                            ptr noalias %b) alwaysinline {{
 entry:
-  %bstride = load volatile i64, ptr @{_function_name(rows, k)}_strides, align 8
 {nl.join(strides)}
   %lda64 = sext i32 %lda to i64
   %ldc64 = sext i32 %ldc to i64
@@ -367,6 +380,13 @@ def zeroing(rows: int) -> str:
     return name
 
 
-def llvm_ir(rows: int, k: int) -> str:
-    """The IR a kernel of ``rows × 16`` steps over ``k`` links (``pragma_import_llvm``)."""
-    return _llvm_ir(rows, k)
+def function_name(rows: int, k: int, b_stride: int = COLUMNS * 4) -> str:
+    """The LLVM function of the step (``llvm_ir``), for a kernel that calls it directly
+    (``T.call_extern``, arguments ``c, ldc, a, lda, b``: ``ldc``, ``lda`` int32 elements)."""
+    return _function_name(rows, k, b_stride)
+
+
+def llvm_ir(rows: int, k: int, b_stride: int = COLUMNS * 4) -> str:
+    """The IR a kernel of ``rows × 16`` steps over ``k`` links (``pragma_import_llvm``), the
+    ``k`` rows of 16 weights ``b_stride`` bytes apart."""
+    return _llvm_ir(rows, k, b_stride)
