@@ -66,6 +66,8 @@ BY_LANE_TILES = Tiles(rows=4, unroll_dim=4, unroll_keys=8, key_vectors=2, dim_ve
 LOG2E = 1.4426950408889634
 # 2^f ≈ 1 + f·(c1 + f·(c2 + f·(c3 + f·(c4 + f·c5)))) on |f| <= 1/2, fitted for relative error.
 EXP2_POLY = (6.931470037e-01, 2.402224243e-01, 5.550733581e-02, 9.671512991e-03, 1.326472382e-03)
+EXP2_C1, EXP2_C2, EXP2_C3, EXP2_C4, EXP2_C5 = (T.float32(c) for c in EXP2_POLY)
+NEG_INF = T.float32("-inf")
 
 
 @T.macro
@@ -91,6 +93,48 @@ def reduce_lanes(part, lanes, maximum):
         _fold(part, lanes // 8, maximum)
     if lanes >= 16:
         _fold(part, lanes // 16, maximum)
+
+
+@T.macro
+def guarded_softmax(s, inv, shift, part, t, n, e, rows, padded, lanes):
+    """Row by row, in place on ``s[:rows, :padded]``: ``exp(s - max)`` in base 2 (range reduction
+    and ``EXP2_POLY``), ``inv[r] = 1 / sum`` (0 for a row whose scores are all -inf: every key
+    masked, as HF's guarded softmax gives zeros). ``part``, ``t``, ``n``, ``e``: ``lanes``-wide
+    scratch vectors; ``shift``: a scratch row value."""
+    for r in range(rows):
+        for ln in T.vectorized(lanes):
+            part[ln] = s[r, ln]
+        for c in range(1, padded // lanes):
+            for ln in T.vectorized(lanes):
+                part[ln] = T.max(part[ln], s[r, c * lanes + ln])
+        reduce_lanes(part, lanes, True)
+        # Every key masked: 1/sum becomes 0, and the shift 0 keeps -inf - max from NaN.
+        inv[r] = T.Select(part[0] == NEG_INF, T.float32(0), T.float32(1))
+        shift[r] = T.Select(part[0] == NEG_INF, T.float32(0), -part[0] * T.float32(LOG2E))
+        for ln in T.vectorized(lanes):
+            part[ln] = T.float32(0)
+        for c in range(padded // lanes):
+            # exp(s - max) = 2^t, t = n + f, n integer, |f| <= 1/2; t >= -126 keeps
+            # 2^n normal (a masked key gives 1e-38, nothing next to the max's 1).
+            for ln in T.vectorized(lanes):
+                t[ln] = T.max(
+                    s[r, c * lanes + ln] * T.float32(LOG2E) + shift[r], T.float32(-126)
+                )
+            for ln in T.vectorized(lanes):
+                n[ln] = T.nearbyint(t[ln])
+            for ln in T.vectorized(lanes):
+                t[ln] = t[ln] - n[ln]
+            for ln in T.vectorized(lanes):
+                e[ln] = (
+                    ((((EXP2_C5 * t[ln] + EXP2_C4) * t[ln] + EXP2_C3) * t[ln] + EXP2_C2) * t[ln]
+                      + EXP2_C1) * t[ln] + T.float32(1)
+                ) * T.reinterpret("float32", T.shift_left(T.Cast("int32", n[ln]) + 127, 23))
+            for ln in T.vectorized(lanes):
+                s[r, c * lanes + ln] = e[ln]
+            for ln in T.vectorized(lanes):
+                part[ln] = part[ln] + e[ln]
+        reduce_lanes(part, lanes, False)
+        inv[r] = inv[r] / part[0]
 
 
 @dataclass(frozen=True)
@@ -162,8 +206,6 @@ def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout,
     padded = (seq_k + lanes - 1) // lanes * lanes  # score columns, padded with -inf
     unroll_dim = min(tiles.unroll_dim, dim)
     unroll_keys = min(tiles.unroll_keys, seq_k)
-    neg_inf = T.float32("-inf")
-    c1, c2, c3, c4, c5 = (T.float32(c) for c in EXP2_POLY)
 
     # Staged groups (fma_by_lane): whole groups of UNROLL values, one vector load per row.
     stage_dim = fma_by_lane and unroll_dim % 4 == 0 and dim >= unroll_dim
@@ -271,42 +313,9 @@ def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout,
             if padded > seq_k:
                 for r in range(rows):
                     for j in T.vectorized(padded - seq_k):
-                        s[r, seq_k + j] = neg_inf
+                        s[r, seq_k + j] = NEG_INF
             # 2. guarded softmax, row by row, in place
-            for r in range(rows):
-                for ln in T.vectorized(lanes):
-                    part[ln] = s[r, ln]
-                for c in range(1, padded // lanes):
-                    for ln in T.vectorized(lanes):
-                        part[ln] = T.max(part[ln], s[r, c * lanes + ln])
-                reduce_lanes(part, lanes, True)
-                # Every key masked: 1/sum becomes 0, and the shift 0 keeps -inf - max from NaN.
-                inv[r] = T.Select(part[0] == neg_inf, T.float32(0), T.float32(1))
-                shift[r] = T.Select(part[0] == neg_inf, T.float32(0), -part[0] * T.float32(LOG2E))
-                for ln in T.vectorized(lanes):
-                    part[ln] = T.float32(0)
-                for c in range(padded // lanes):
-                    # exp(s - max) = 2^t, t = n + f, n integer, |f| <= 1/2; t >= -126 keeps
-                    # 2^n normal (a masked key gives 1e-38, nothing next to the max's 1).
-                    for ln in T.vectorized(lanes):
-                        t[ln] = T.max(
-                            s[r, c * lanes + ln] * T.float32(LOG2E) + shift[r], T.float32(-126)
-                        )
-                    for ln in T.vectorized(lanes):
-                        n[ln] = T.nearbyint(t[ln])
-                    for ln in T.vectorized(lanes):
-                        t[ln] = t[ln] - n[ln]
-                    for ln in T.vectorized(lanes):
-                        e[ln] = (
-                            ((((c5 * t[ln] + c4) * t[ln] + c3) * t[ln] + c2) * t[ln] + c1) * t[ln]
-                            + T.float32(1)
-                        ) * T.reinterpret("float32", T.shift_left(T.Cast("int32", n[ln]) + 127, 23))
-                    for ln in T.vectorized(lanes):
-                        s[r, c * lanes + ln] = e[ln]
-                    for ln in T.vectorized(lanes):
-                        part[ln] = part[ln] + e[ln]
-                reduce_lanes(part, lanes, False)
-                inv[r] = inv[r] / part[0]
+            guarded_softmax(s, inv, shift, part, t, n, e, rows, padded, lanes)
             # 3. context
             for c in range(dim_v // dim_tile):
                 context_tile(

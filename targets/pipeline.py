@@ -19,6 +19,7 @@ from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 from mbcompile.targets.schedules import (
+    NeonAttention,
     PackDenseWeights,
     PrefetchWeightPanels,
     ScheduleKernels,
@@ -33,6 +34,8 @@ def layout_passes(target: tvm.target.Target, precision: str = "fp32") -> list[tv
         PackDenseWeights(target, precision),
         # bf16 / int8 on AMX: the fused attention's products on bf16 tiles too
         TileAttention(target, precision),
+        # AArch64: the fused attention's products as NEON steps
+        NeonAttention(target),
         # softmax / exp / erf / tanh → polynomial forms that vectorise (libm's are scalar calls)
         relax.transform.FastMathTransform(),
     ]

@@ -113,6 +113,19 @@ def assert_matches_eager(compiled, model, ids, mask=None, types=None, tol: float
     return out
 
 
+def attention_reference(q, kt, v, bias, heads) -> np.ndarray:
+    """Guarded softmax attention in float64 (``FuseAttention``'s kernels): rows with every key
+    at -inf give zeros."""
+    bh, seq_q, seq_k = q.shape[0], q.shape[1], kt.shape[2]
+    full = np.broadcast_to(bias, (bh // heads, heads, seq_q, seq_k)).reshape(bh, seq_q, seq_k)
+    scores = q.astype(np.float64) @ kt + full
+    top = scores.max(-1, keepdims=True)
+    masked = np.isneginf(top)
+    probs = np.exp(scores - np.where(masked, 0, top))
+    probs = np.where(masked, 0, probs / np.where(masked, 1, probs.sum(-1, keepdims=True)))
+    return probs @ v
+
+
 def default_sigint() -> None:
     """``preexec_fn`` for a child that a test stops with Ctrl-C: SIGINT as an interactive shell
     gives it (default disposition, not blocked). A command started in the background by a shell

@@ -1,7 +1,7 @@
 """CPU schedules applied without tuning: weight pre-packing (Relax) and per-PrimFunc rules.
 
-``layout_passes`` of ``targets/pipeline.py`` runs :class:`PackDenseWeights` and
-:class:`TileAttention`;
+``layout_passes`` of ``targets/pipeline.py`` runs :class:`PackDenseWeights`,
+:class:`TileAttention` and :class:`NeonAttention`;
 ``schedule_passes`` runs :class:`ScheduleKernels` with :func:`default_rules`.
 """
 
@@ -17,6 +17,7 @@ from mbcompile.targets.schedules.dense_dot import DenseDot
 from mbcompile.targets.schedules.dense_neon import DenseNeon
 from mbcompile.targets.schedules.dense_tiles import DenseTiles
 from mbcompile.targets.schedules.elementwise import Elementwise
+from mbcompile.targets.schedules.neon_attention import NeonAttention
 from mbcompile.targets.schedules.pack_weights import PackDenseWeights
 from mbcompile.targets.schedules.prefetch import PrefetchWeightPanels
 from mbcompile.targets.schedules.reduction import RowReduction
@@ -35,6 +36,7 @@ __all__ = [
     "DenseTiles",
     "DensePacked",
     "Elementwise",
+    "NeonAttention",
     "PackDenseWeights",
     "PrefetchWeightPanels",
     "RowReduction",

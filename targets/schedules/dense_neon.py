@@ -88,4 +88,4 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, rows: int, k_extent: 
     depth = 2 if rows > 1 else 1
     sch.tensorize(sch.get_loops(zeroing)[-depth], neon_intrinsics.zeroing(rows))
     sch.tensorize(ii if rows > 1 else ji, neon_intrinsics.intrinsic(rows, k_extent))
-    sch.annotate(outer, "pragma_import_llvm", neon_intrinsics.llvm_ir(rows, k_extent))
+    sch.annotate(outer, "pragma_import_llvm", neon_intrinsics.llvm_ir(neon_intrinsics.Step(rows, k_extent)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
+from helpers import attention_reference
 
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.attention_kernel import (
@@ -26,18 +27,6 @@ def _run(kernel: tvm.tirx.PrimFunc, *args: np.ndarray, out_shape) -> np.ndarray:
     return out.numpy()
 
 
-def _reference(q, kt, v, bias, heads) -> np.ndarray:
-    """Guarded softmax attention in float64: rows with every key at -inf give zeros."""
-    bh, seq_q, seq_k = q.shape[0], q.shape[1], kt.shape[2]
-    full = np.broadcast_to(bias, (bh // heads, heads, seq_q, seq_k)).reshape(bh, seq_q, seq_k)
-    scores = q.astype(np.float64) @ kt + full
-    top = scores.max(-1, keepdims=True)
-    masked = np.isneginf(top)
-    probs = np.exp(scores - np.where(masked, 0, top))
-    probs = np.where(masked, 0, probs / np.where(masked, 1, probs.sum(-1, keepdims=True)))
-    return probs @ v
-
-
 def _check(
     bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, *, lanes=None, mask=None, scale=2.0,
     fma_by_lane=False,
@@ -55,7 +44,7 @@ def _check(
         bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes=lanes, fma_by_lane=fma_by_lane
     )
     out = _run(kernel, q, kt, v, bias, out_shape=(bh, seq_q, dim_v))
-    expected = _reference(q, kt, v, bias, heads)
+    expected = attention_reference(q, kt, v, bias, heads)
     assert np.abs(out - expected).max() <= 1e-5
     return out
 
@@ -116,7 +105,7 @@ def test_large_scores_do_not_overflow():
     v = rng.standard_normal((2, 8, 4)).astype("float32")
     bias = np.zeros((1, 1, 1, 8), "float32")
     out = _run(attention_kernel(2, 8, 8, 4, 4, 2, bias.shape), q, kt, v, bias, out_shape=(2, 8, 4))
-    assert np.abs(out - _reference(q, kt, v, bias, 2)).max() <= 1e-5
+    assert np.abs(out - attention_reference(q, kt, v, bias, 2)).max() <= 1e-5
 
 
 def test_kernel_is_marked_scheduled_and_as_attention():
@@ -174,7 +163,7 @@ def test_rows_layout_reads_q_and_v_at_column_offsets_and_writes_token_rows(lanes
         heads, seq, seq, dim, dim, heads, bias.shape, lanes=lanes, rows_layout=layout
     )
     out = _run(kernel, q_rows, kt, v_rows, bias, out_shape=(1, seq, heads * dim))
-    expected = _reference(q, kt, v, bias, heads).transpose(1, 0, 2).reshape(1, seq, heads * dim)
+    expected = attention_reference(q, kt, v, bias, heads).transpose(1, 0, 2).reshape(1, seq, heads * dim)
     assert np.abs(out - expected).max() <= 1e-5
 
 

@@ -113,7 +113,8 @@ def test_the_step_computes_the_product_on_the_emulated_device(session, tmp_path,
     assert "mbc_neon_fmla" in sch.mod["main"].script()
     lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}),
                       target=NEON)
-    path = tmp_path / f"dense-{m}x{k}x{n}.so"
+    # a name of its own: the device's dlopen would hand back an earlier library of the same path
+    path = tmp_path / f"dense-{m}x{k}x{n}-{k_offset}.so"
     lib.export_library(str(path), fcompile=fcompile_for(SPEC))
     session.upload(str(path))
     kernel = session.load_module(path.name)["main"]
