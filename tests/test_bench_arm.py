@@ -32,8 +32,10 @@ def test_mbcompile_executes_no_more_instructions_per_mac_than_onnx_runtime(quick
                  for name in ("mbcompile", "onnxruntime"))
     assert ours["macs"] == ort["macs"] > 30e6
     assert ours["instr_per_mac"] <= ort["instr_per_mac"], (ours["total"], ort["total"])
-    # The arithmetic is dense: one fp32 lane per MAC, and few loads and stores.
-    assert 1.0 <= ours["fmla_lanes_per_mac"] <= 1.02
+    # The arithmetic is dense: one fp32 lane per MAC, and few loads and stores. (The first k of
+    # each NEON step multiplies, fmul, instead of accumulating on zeros: just under one FMLA
+    # lane per MAC.)
+    assert 0.98 <= ours["fmla_lanes_per_mac"] <= 1.02
     assert ours["ldst_share"] <= 0.20
     assert ours["cycles_a55"] >= ours["cycles_a76"] > ours["fmla"] / 2 * 0.99
     assert ours["max_abs_diff_vs_torch"] <= 1e-4 and ort["max_abs_diff_vs_torch"] <= 1e-4

@@ -216,8 +216,13 @@ def neon_attention_kernel(bh: int, seq_q: int, seq_k: int, dim: int, dim_v: int,
     context_step = neon_intrinsics.Step(rows, seq_k, v_strides[1] * 4, a_depth=LANES)
     scores = neon_intrinsics.row_function_name(scores_step, key_steps, bias_stride)
     context = neon_intrinsics.row_function_name(context_step, dim_steps)
-    ir = [neon_intrinsics.row_llvm_ir(scores_step, key_steps, bias_stride)] * (key_steps > 0)
-    ir += [neon_intrinsics.row_llvm_ir(context_step, dim_steps)] * (dim_steps > 0)
+    ir = []
+    if key_steps:
+        ir += [neon_intrinsics.llvm_ir(scores_step),
+               neon_intrinsics.row_llvm_ir(scores_step, key_steps, bias_stride)]
+    if dim_steps:  # (the same step as the scores' when dim, keys and dims are all 16)
+        ir += [neon_intrinsics.llvm_ir(context_step),
+               neon_intrinsics.row_llvm_ir(context_step, dim_steps)]
     ir.append(softmax_row_ir(padded // lanes))
     softmax = softmax_row_name(padded // lanes)
     imports = {"pragma_import_llvm": neon_intrinsics.join_ir(*ir)}

@@ -470,5 +470,6 @@ def row_function_name(step: Step, chunks: int, bias_stride: int | None = None) -
 
 
 def row_llvm_ir(step: Step, chunks: int, bias_stride: int | None = None) -> str:
-    """The IR of ``row_function_name``'s function and its step."""
-    return _llvm_ir(step) + _llvm_ir_row(step, chunks, bias_stride)
+    """The IR of ``row_function_name``'s function, which calls ``step``'s (``llvm_ir``: the
+    kernel links it once, however many rows use it)."""
+    return _llvm_ir_row(step, chunks, bias_stride)

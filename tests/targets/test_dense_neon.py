@@ -4,6 +4,8 @@ every row count (4, 2, 1) and K that is not a multiple of the unroll."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import tvm
@@ -19,13 +21,6 @@ from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight, 
 SPEC = resolve_target("aarch64")
 NEON = SPEC.tvm_target()
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
-
-
-@pytest.fixture(scope="module")
-def session(device):
-    """One RPC session with the emulated device for the module (its server serves one at a
-    time)."""
-    return connect(device.address, 30)
 
 
 def _dense(m: int, k: int, n: int, k_offset: int = 0, relu: bool = True):
@@ -91,9 +86,9 @@ def test_the_step_loads_16_weights_per_instruction_and_multiplies_by_lane():
     asm = _asm(_dense(128, 512, 64))
     loop = asm[asm.index("fmla"):]
     four = re.findall(r"ld1\t\{ (?:v\d+\.4s, ){3}v\d+\.4s \}, \[x\d+\], #64", loop)
-    two = re.findall(r"ld1\t\{ v\d+\.4s, v\d+\.4s \}, \[x\d+\], x\d+", loop)
+    two = re.findall(r"ldp\tq\d+, q\d+, \[x\d+\], #32", loop)
     assert len(four) >= 8  # 16 weights of one k per ld1, post-indexed: 8 k per iteration
-    assert len(two) >= 4  # 8 k of each of the 4 rows per ld1
+    assert len(two) >= 4  # 8 k of each of the 4 rows per ldp, post-indexed
     assert re.search(r"fmla\tv\d+\.4s, v\d+\.4s, v\d+\.s\[3\]", loop)  # by element
     assert not re.search(r"ldr\ts\d+", loop)  # no scalar loads of A
 
@@ -105,7 +100,7 @@ def test_the_step_loads_16_weights_per_instruction_and_multiplies_by_lane():
     ids=["4rows-k512", "4rows-k128", "2rows-k20", "2rows-k13", "gemv-k512", "1row-k7",
          "column-slice"],
 )
-def test_the_step_computes_the_product_on_the_emulated_device(session, tmp_path, m, k, n,
+def test_the_step_computes_the_product_on_the_emulated_device(device, tmp_path, m, k, n,
                                                                k_offset):
     func = _dense(m, k, n, k_offset)
     sch = DenseNeon().apply(func, NEON, False)
@@ -116,10 +111,13 @@ def test_the_step_computes_the_product_on_the_emulated_device(session, tmp_path,
     # a name of its own: the device's dlopen would hand back an earlier library of the same path
     path = tmp_path / f"dense-{m}x{k}x{n}-{k_offset}.so"
     lib.export_library(str(path), fcompile=fcompile_for(SPEC))
-    session.upload(str(path))
-    kernel = session.load_module(path.name)["main"]
     args, expected = _inputs(m, k, n, k_offset)
+    session = connect(device.address, 30)  # closed below: the server serves one at a time
+    session.upload(str(path))
     dev = session.cpu()
     tensors = [tvm.runtime.tensor(a, dev) for a in args]
-    kernel(*tensors)
-    np.testing.assert_allclose(tensors[-1].numpy(), expected, atol=1e-4, rtol=1e-5)
+    session.load_module(path.name)["main"](*tensors)
+    got = tensors[-1].numpy()
+    del tensors, dev, session
+    gc.collect()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)

@@ -4,6 +4,8 @@ linears' row layout, batches, every bias broadcast and fully masked rows."""
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import tvm
@@ -26,25 +28,24 @@ NEON = SPEC.tvm_target()
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
 
 
-@pytest.fixture(scope="module")
-def session(device):
-    """One RPC session with the emulated device for the module (its server serves one at a
-    time)."""
-    return connect(device.address, 30)
-
-
-def _run(session, tmp_path, kernel, args, out_shape) -> np.ndarray:
+def _run(device, tmp_path, kernel, args, out_shape) -> np.ndarray:
+    """``kernel(*args, out)`` on the emulated device, in a session of its own that is closed on
+    return (the device's server serves one session at a time)."""
     lib = tvm.compile(tvm.IRModule({"main": kernel.with_attr("global_symbol", "main")}),
                       target=NEON)
     # a name of its own: the device's dlopen would hand back an earlier library of the same path
     path = tmp_path / f"attention-{tvm_ffi.structural_hash(kernel) & 0xFFFFFFFF:08x}.so"
     lib.export_library(str(path), fcompile=fcompile_for(SPEC))
+    session = connect(device.address, 30)
     session.upload(str(path))
     dev = session.cpu()
     tensors = [tvm.runtime.tensor(a, dev) for a in args]
     out = tvm.runtime.tensor(np.zeros(out_shape, "float32"), dev)
     session.load_module(path.name)["main"](*tensors, out)
-    return out.numpy()
+    result = out.numpy()
+    del tensors, out, dev, session
+    gc.collect()
+    return result
 
 
 def _mask_last_keys(bias):
@@ -63,10 +64,11 @@ def _mask_a_whole_row(bias):
         (2, 12, 16, 40, 2, (1, 2, 12, 12), _mask_a_whole_row),  # no whole key step; a row per query
         (4, 32, 32, 32, 4, (1, 1, 32, 1), None),  # one bias value per query row: added in TIR
         (1, 4, 8, 8, 1, (1, 1, 1, 4), None),  # no whole step at all
+        (4, 16, 16, 16, 4, (1, 1, 1, 16), None),  # scores' and context's steps the same
     ],
-    ids=["default-128", "batch2-40", "row-bias-12", "key-broadcast-32", "tiny-4"],
+    ids=["default-128", "batch2-40", "row-bias-12", "key-broadcast-32", "tiny-4", "same-steps"],
 )
-def test_the_kernel_equals_numpy_on_the_emulated_device(session, tmp_path, bh, seq, dim, dim_v,
+def test_the_kernel_equals_numpy_on_the_emulated_device(device, tmp_path, bh, seq, dim, dim_v,
                                                          heads, bias_shape, mask):
     rng = np.random.default_rng(0)
     # scores of standard deviation √dim (at 4√dim, float32's rounding of the scores alone
@@ -78,14 +80,14 @@ def test_the_kernel_equals_numpy_on_the_emulated_device(session, tmp_path, bh, s
     if mask is not None:
         mask(bias)
     kernel = neon_attention_kernel(bh, seq, seq, dim, dim_v, heads, bias_shape)
-    out = _run(session, tmp_path, kernel, [q, kt, v, bias], (bh, seq, dim_v))
+    out = _run(device, tmp_path, kernel, [q, kt, v, bias], (bh, seq, dim_v))
     expected = attention_reference(q, kt, v, bias, heads)
     assert np.abs(out - expected).max() <= 1e-5
     if mask is _mask_a_whole_row:
         assert not out[:, 1].any()  # every key masked: zeros, as HF's guarded softmax
 
 
-def test_the_rows_layout_reads_the_linears_output_in_place(session, tmp_path):
+def test_the_rows_layout_reads_the_linears_output_in_place(device, tmp_path):
     """q and v as the merged linears' rows (q at columns 0.., v at 128..), out as rows."""
     seq, heads, dim = 48, 4, 32
     rng = np.random.default_rng(1)
@@ -95,7 +97,7 @@ def test_the_rows_layout_reads_the_linears_output_in_place(session, tmp_path):
     bias = np.zeros((1, 1, 1, seq), "float32")
     layout = RowsLayout(384, 0, 256, 128)
     kernel = neon_attention_kernel(heads, seq, seq, dim, dim, heads, (1, 1, 1, seq), layout)
-    out = _run(session, tmp_path, kernel, [q_rows, kt, v_rows, bias], (1, seq, heads * dim))
+    out = _run(device, tmp_path, kernel, [q_rows, kt, v_rows, bias], (1, seq, heads * dim))
     q = q_rows[:, : heads * dim].reshape(seq, heads, dim).transpose(1, 0, 2)
     v = v_rows[:, 128: 128 + heads * dim].reshape(seq, heads, dim).transpose(1, 0, 2)
     expected = attention_reference(q, kt, v, bias, heads).transpose(1, 0, 2).reshape(1, seq, -1)
