@@ -10,17 +10,26 @@ with FMA by lane). TIR sees a zeroing of ``C`` (``zeroing``: no code) and ``C +=
 step's first k multiplies instead of accumulating, so the zeroing costs nothing.
 
 The step is a small function in LLVM IR (``llvm_ir``, linked by ``pragma_import_llvm`` and
-inlined), fully unrolled by 8 k values, for a K known when it is built::
+inlined), unrolled by 8 k values, for a K known when it is built (``Step``)::
 
-    for each 8 k:                                # pointer increments, compare, branch
-        a[r] = A[r, k : k + 4]                   # ldr q: one per row and 4 k
-        b    = B[k, 0:16]                        # ld1 {v0.4s - v3.4s}: one load, 16 weights
-        acc[r][v] += b[v] · a[r][k % 4]          # fmla v.4s, v.4s, v.s[lane]
+    for each 8 k:                                # a decrement and a branch
+        a[r] = A[r, k : k + 8]                   # ldp q, post-indexed: one per row
+        for each k of the 8:
+            b = B[k, 0:16]                       # ld1 {v24-v27 or v28-v31}: 16 weights
+            acc[r][v] += b[v] · a[r][k % 8]      # fmla v.4s, v.4s, v.s[lane]
 
-Per 8 k and 4 rows: 128 FMLA, 8 A loads, 8 weight loads and 4 loop instructions, 1.16
-instructions per FMLA (the register tile of ``gemm_tile``, 8 rows × 8 columns with the weights
-in ``ldp q`` pairs, executes 24 loads per 128 FMLA: 1.22). The 16 accumulators, 8 A vectors
-and 4 weight vectors fit the 32 registers.
+Per 8 k and 4 rows: 128 FMLA, 4 A loads, 8 weight loads and 2 loop instructions, 1.11
+instructions per FMLA in the loop, 1.12-1.16 per kernel with its epilogue (counted on the
+emulated device; the register tile of ``gemm_tile``, 8 rows × 8 columns with the weights in
+``ldp q`` pairs, executed 1.23-1.28). The 16 accumulators, 8 A vectors and two sets of 4 weight
+vectors fill the 32 registers; ``a_depth=4`` (one ``ldr q`` of 4 k per row) leaves 4 to a
+caller that holds values across the step (``neon_attention``).
+
+Every load is inline asm with a post-indexed address (``_llvm_ir``): LLVM's loop strength
+reduction rewrote plain loads' pointer chains into one base plus offsets, which ``ld1`` cannot
+encode and ``ldp q`` only up to 1008 bytes, each offset then costing an add. The weights go to
+fixed registers, alternating between two sets, so that the next k's load can issue while the
+last FMLA of this one read theirs; with one set, LLVM copied a register per k instead.
 
 ``ld1`` of four registers moves 64 bytes in one instruction; on a Cortex-A76 it occupies the
 load pipes for two cycles, as two ``ldp q`` do, so it saves instructions and issue slots, not
