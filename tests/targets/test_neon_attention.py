@@ -142,3 +142,31 @@ def test_the_softmax_constants_stay_in_registers_for_the_row():
     for body in exponential:
         assert not re.search(r"\b(movk|dup)\b", body)
     assert "asm" in softmax_row_ir(32) and "roundeven" in softmax_row_ir(32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seq_len", [7, 12])
+def test_a_model_whose_length_the_steps_do_not_fit_matches_eager_on_the_device(device, tmp_path,
+                                                                                seq_len):
+    """7 tokens: FuseAttention's kernel stays and the matmuls take one-row steps; 12: the NEON
+    attention with no whole 16-key step, the matmuls 4-row steps. With a trained, non-zero
+    [PAD] row and padding."""
+    from helpers import (
+        assert_matches_eager,
+        make_model,
+        random_inputs,
+        tiny_config,
+        trained_pad_row,
+    )
+
+    import mbcompile
+
+    model = make_model("base", tiny_config())
+    trained_pad_row(model)
+    compiled = mbcompile.compile(model, seq_len=seq_len, target="aarch64")
+    remote = mbcompile.load(compiled.save(tmp_path / "model.mbc"), remote=device.address)
+    try:
+        ids, mask, types = random_inputs(model.config, (2, seq_len), pad=2)
+        assert_matches_eager(remote, model, ids, mask, types)
+    finally:
+        remote.program.close()
