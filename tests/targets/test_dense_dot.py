@@ -4,6 +4,8 @@ numbers against numpy on the same rounded operands, and the instructions they co
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -118,6 +120,8 @@ def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
     register = {512: "%zmm", 256: "%ymm", 128: ".4s"}[cpu_info(target).vector_bits]
     register = ".8h" if _instruction(kind, target) == "smull" else register  # int16 products
     lines = [line for line in asm.splitlines() if _instruction(kind, target) in line]
+    # (a scalar smull of x/w registers is address arithmetic, not a product of the matmul)
+    lines = [line for line in lines if not re.search(r"smull\t[xw]\d", line)]
     assert lines and all(register in line for line in lines), lines[:3]
 
 
