@@ -1,5 +1,6 @@
 """Schedule rule for the fp32 matmuls by a packed weight (``pack_weights.py``) on AArch64: one
-NEON step (``neon_intrinsics.py``) per ``rows × 16`` output block.
+NEON step (``neon_steps.py``, as ``neon_intrinsics.py``'s tensor intrinsic) per ``rows × 16``
+output block.
 
 Matches what ``DensePacked`` matches, with 16-column panels (what ``pack_weights`` makes on
 targets with FMA by lane), and schedules::
@@ -29,7 +30,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from mbcompile.cpu import cpu_info
-from mbcompile.targets.schedules import neon_intrinsics
+from mbcompile.targets.schedules import neon_intrinsics, neon_steps
 from mbcompile.targets.schedules.gemm_tile import find_gemm, inline_around, vectorize_tile
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class DenseNeon(ScheduleRule):
         if found is None:
             return None
         gemm, producers, consumers = found
-        if gemm.packed_block != neon_intrinsics.COLUMNS or gemm.dtype != "float32":
+        if gemm.packed_block != neon_steps.COLUMNS or gemm.dtype != "float32":
             return None
         rows = neon_intrinsics.block_rows(gemm.m)
         try:
@@ -70,7 +71,7 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, rows: int, k_extent: 
               lanes: int) -> None:
     *batch, i, j, k = sch.get_loops(block)
     io, ii = sch.split(i, [None, rows])
-    jo, ji = sch.split(j, [None, neon_intrinsics.COLUMNS])
+    jo, ji = sch.split(j, [None, neon_steps.COLUMNS])
     sch.reorder(*batch, jo, io, ii, ji, k)
     outer = sch.fuse(*batch, jo, io)
     sch.parallel(outer)
@@ -88,4 +89,4 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, rows: int, k_extent: 
     depth = 2 if rows > 1 else 1
     sch.tensorize(sch.get_loops(zeroing)[-depth], neon_intrinsics.zeroing(rows))
     sch.tensorize(ii if rows > 1 else ji, neon_intrinsics.intrinsic(rows, k_extent))
-    sch.annotate(outer, "pragma_import_llvm", neon_intrinsics.llvm_ir(neon_intrinsics.Step(rows, k_extent)))
+    sch.annotate(outer, "pragma_import_llvm", neon_steps.llvm_ir(neon_steps.Step(rows, k_extent)))

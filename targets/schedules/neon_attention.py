@@ -14,7 +14,7 @@ layout stage swaps it for this kernel, with the same signature, arguments and gu
         for each 16 dims:   acc = step(s[rows, :seq_k], v[b, :, dims])     # K = keys
                             out[b, rows, dims] = acc / sum
 
-Both products are ``neon_intrinsics``' step (4 rows × 16 columns over all of K, 16 B values of
+Both products are ``neon_steps``' step (4 rows × 16 columns over all of K, 16 B values of
 a k per ``ld1``), called directly with B's row stride: ``kt``'s rows for the scores, ``v``'s
 for the context. Keys or head dims beyond the last whole 16 take plain TIR loops.
 
@@ -42,13 +42,13 @@ from mbcompile.passes.attention_kernel import (
     RowsLayout,
     with_signature,
 )
-from mbcompile.targets.schedules import neon_intrinsics
+from mbcompile.targets.schedules import neon_steps
 
 logger = logging.getLogger(__name__)
 
 ROWS = 4  # query rows per block: one step's rows
 LANES = 4
-COLUMNS = neon_intrinsics.COLUMNS
+COLUMNS = neon_steps.COLUMNS
 
 
 def fits(seq_q: int) -> bool:
@@ -213,20 +213,20 @@ def neon_attention_kernel(bh: int, seq_q: int, seq_k: int, dim: int, dim_v: int,
     bias_in_steps = j0 == seq_k and i0 in (1, seq_q)
     bias_stride = (0 if i0 == 1 else seq_k * 4) if bias_in_steps else None
     # A 4 k at a time: the kernel keeps a few values in registers across the steps
-    scores_step = neon_intrinsics.Step(rows, dim, seq_k * 4, a_depth=LANES)
-    context_step = neon_intrinsics.Step(rows, seq_k, v_strides[1] * 4, a_depth=LANES)
-    scores = neon_intrinsics.row_function_name(scores_step, key_steps, bias_stride)
-    context = neon_intrinsics.row_function_name(context_step, dim_steps)
+    scores_step = neon_steps.Step(rows, dim, seq_k * 4, a_depth=LANES)
+    context_step = neon_steps.Step(rows, seq_k, v_strides[1] * 4, a_depth=LANES)
+    scores = neon_steps.row_function_name(scores_step, key_steps, bias_stride)
+    context = neon_steps.row_function_name(context_step, dim_steps)
     ir = []
     if key_steps:
-        ir += [neon_intrinsics.llvm_ir(scores_step),
-               neon_intrinsics.row_llvm_ir(scores_step, key_steps, bias_stride)]
+        ir += [neon_steps.llvm_ir(scores_step),
+               neon_steps.row_llvm_ir(scores_step, key_steps, bias_stride)]
     if dim_steps:  # (the same step as the scores' when dim, keys and dims are all 16)
-        ir += [neon_intrinsics.llvm_ir(context_step),
-               neon_intrinsics.row_llvm_ir(context_step, dim_steps)]
+        ir += [neon_steps.llvm_ir(context_step),
+               neon_steps.row_llvm_ir(context_step, dim_steps)]
     ir.append(softmax_row_ir(padded // lanes))
     softmax = softmax_row_name(padded // lanes)
-    imports = {"pragma_import_llvm": neon_intrinsics.join_ir(*ir)}
+    imports = {"pragma_import_llvm": neon_steps.join_ir(*ir)}
 
     def bias_row(b, row0):
         """The offset of the bias row the block's first query row adds (called as the script

@@ -31,7 +31,7 @@ from tvm import relax, te
 
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.graph import column_slice
-from mbcompile.targets.schedules import neon_intrinsics, tile_intrinsics
+from mbcompile.targets.schedules import neon_steps, tile_intrinsics
 from mbcompile.targets.schedules.pack_bf16 import (
     OP_PATTERN_OPAQUE,
     dense_bf16,
@@ -55,11 +55,11 @@ OP_PATTERN_OUT_EWISE_FUSABLE = 4  # tvm/relax/analysis: OpPatternKind::kOutEWise
 
 def packed_block_width(target: tvm.target.Target, dtype: str, n: int) -> int:
     """Columns per packed panel: two vectors, or fewer lanes' worth for a narrow N; on targets
-    with FMA by lane (AArch64), the 16 fp32 columns of a NEON step (``neon_intrinsics``)."""
+    with FMA by lane (AArch64), the 16 fp32 columns of a NEON step (``neon_steps``)."""
     info = cpu_info(target)
     lanes = info.lanes(dtype)
     if info.fma_by_lane and dtype == "float32":
-        return neon_intrinsics.COLUMNS
+        return neon_steps.COLUMNS
     return min(2 * lanes, -(-n // lanes) * lanes)
 
 

@@ -1,6 +1,6 @@
-"""AArch64's fp32 matmul steps (``neon_intrinsics``, ``DenseNeon``): which matmuls they take,
-the instructions they compile to, and their numbers on the emulated device against numpy for
-every row count (4, 2, 1) and K that is not a multiple of the unroll."""
+"""AArch64's fp32 matmul steps (``neon_steps``, ``neon_intrinsics``, ``DenseNeon``): which
+matmuls they take, the instructions they compile to, and their numbers on the emulated device
+against numpy for every row count (4, 2, 1) and K that is not a multiple of the unroll."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from mbcompile.devices.rpc import connect
 from mbcompile.targets.export import fcompile_for
 from mbcompile.targets.registry import resolve_target
 from mbcompile.targets.schedules import DenseNeon, DensePacked, default_rules
-from mbcompile.targets.schedules.neon_intrinsics import COLUMNS, block_rows
+from mbcompile.targets.schedules.neon_intrinsics import block_rows
+from mbcompile.targets.schedules.neon_steps import COLUMNS
 from mbcompile.targets.schedules.pack_weights import dense_packed, pack_weight, packed_block_width
 
 SPEC = resolve_target("aarch64")
