@@ -21,6 +21,17 @@ from mbcompile.options import CompileOptions
 RANDOM_FILL = "tvm.contrib.random.random_fill_for_measure"
 
 
+def check_budget(trials: Any, minutes: Any, max_tasks: Any) -> None:
+    """OptionError unless ``trials`` (and ``max_tasks``, if given) are positive integers and
+    ``minutes``, if given, a positive number: checked before any model is loaded."""
+    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise OptionError(f"minutes must be a positive number (a time budget), got {minutes!r}")
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise OptionError(f"trials must be a positive integer, got {trials!r}")
+    if max_tasks is not None and (not isinstance(max_tasks, int) or max_tasks < 1):
+        raise OptionError(f"max_tasks must be a positive integer, got {max_tasks!r}")
+
+
 def tune(
     model,
     *,
@@ -84,12 +95,7 @@ def tune(
     from mbcompile.targets.tuning import Database, sigint_held, tune_module
 
     options = CompileOptions.pick(locals())
-    if minutes is not None and not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise OptionError(f"minutes must be a positive number (a time budget), got {minutes!r}")
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise OptionError(f"trials must be a positive integer, got {trials!r}")
-    if max_tasks is not None and (not isinstance(max_tasks, int) or max_tasks < 1):
-        raise OptionError(f"max_tasks must be a positive integer, got {max_tasks!r}")
+    check_budget(trials, minutes, max_tasks)
 
     measures = [name for name, given in (("tracker=/key=", tracker is not None or key is not None),
                                          ("emulator_cost=", emulator_cost is not None),

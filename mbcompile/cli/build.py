@@ -185,11 +185,12 @@ def _compile(ns: argparse.Namespace) -> int:
 
 
 def _tune(ns: argparse.Namespace) -> int:
-    from mbcompile.tuner import tune
+    from mbcompile.tuner import check_budget, tune
 
     # A named config is an architecture: tuning needs no trained weights.
     model_args = parsed(ModelArgs, ns, random_init=True)
     args = parsed(TuneArgs, ns, model=model_args, options=options_from_args(ns))
+    check_budget(args.trials, args.minutes, args.max_tasks)  # before the model loads
     summary = tune(
         _model(args.model), **args.options.kwargs(), work_dir=args.work_dir, trials=args.trials,
         minutes=args.minutes, max_tasks=args.max_tasks,
