@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -67,22 +68,23 @@ def _records_per_task(work_dir) -> list[int]:
     return sorted(Counter(json.loads(line)[0] for line in lines).values())
 
 
-def test_resume_gives_a_task_only_the_trials_it_lacks(tmp_path):
+def test_resume_gives_a_task_only_the_trials_it_lacks(tuned, tmp_path):
     """A task with 2 of its 4 trials in the database (a run stopped early, or tuned with a
-    smaller budget) gets the 2 it lacks, not 4 more; one with all its trials gets none."""
-    model = make_model("base", tiny_config(num_hidden_layers=1))
+    smaller budget) gets the 2 it lacks, not 4 more; one with all its trials gets none. (From
+    a copy of the module's database: two tasks of 2 trials.)"""
+    model, tuned_dir, _, _ = tuned
     work_dir, lines = tmp_path / "db", []
-    mbcompile.tune(model, work_dir=work_dir, seq_len=16, trials=2, max_tasks=1, log=print)
-    assert _records_per_task(work_dir) == [2]
+    shutil.copytree(tuned_dir, work_dir)
+    assert _records_per_task(work_dir) == [2, 2]
     again = mbcompile.tune(
         model, work_dir=work_dir, seq_len=16, trials=4, max_tasks=1, log=lines.append
     )
-    assert again["tuned"] == 1 and _records_per_task(work_dir) == [4]
+    assert again["tuned"] == 1 and _records_per_task(work_dir) == [2, 4]
     assert any("1 to tune, 2 trials (4 each, less those already measured)" in line
                for line in lines), lines
     third = mbcompile.tune(model, work_dir=work_dir, seq_len=16, trials=4, max_tasks=1, log=print)
     assert third["already_tuned"] == 1 and third["tuned"] == 0
-    assert _records_per_task(work_dir) == [4]
+    assert _records_per_task(work_dir) == [2, 4]
 
 
 def test_the_time_budget_stops_the_search_after_a_batch(tmp_path):
