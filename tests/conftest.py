@@ -16,6 +16,22 @@ def tiny_qa():
 
 
 @pytest.fixture(scope="session")
+def tiny_tuned(tmp_path_factory):
+    """A one-layer tiny model's two costliest kernels (seq 16) tuned for two trials each: the
+    model, the database folder, tune's summary and its progress lines. Shared by the tuning
+    tests; copy the folder to change it."""
+    import mbcompile
+
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    work_dir = tmp_path_factory.mktemp("tuned") / "db"
+    lines: list[str] = []
+    summary = mbcompile.tune(
+        model, work_dir=work_dir, seq_len=16, trials=2, max_tasks=2, log=lines.append
+    )
+    return model, work_dir, summary, lines
+
+
+@pytest.fixture(scope="session")
 def tiny_qa_artifact(tiny_qa, tmp_path_factory):
     path = tmp_path_factory.mktemp("artifacts") / "qa.mbc"
     tiny_qa[1].save(path)

@@ -19,15 +19,9 @@ from mbcompile.targets.tuning import MANIFEST, RECORDS, SHIPPED, Database, resol
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory):
-    """A tiny model's two costliest kernels tuned for two trials each."""
-    model = make_model("base", tiny_config(num_hidden_layers=1))
-    work_dir = tmp_path_factory.mktemp("tuned") / "db"
-    lines: list[str] = []
-    summary = mbcompile.tune(
-        model, work_dir=work_dir, seq_len=16, trials=2, max_tasks=2, log=lines.append
-    )
-    return model, work_dir, summary, lines
+def tuned(tiny_tuned):
+    """A tiny model's two costliest kernels tuned for two trials each (``conftest``)."""
+    return tiny_tuned
 
 
 def test_tuning_measures_the_costliest_kernels_and_reports_progress(tuned):
@@ -39,8 +33,9 @@ def test_tuning_measures_the_costliest_kernels_and_reports_progress(tuned):
     assert manifest["target"]["mcpu"] == resolve_target("host").llvm["mcpu"]
 
 
-def test_tuning_again_resumes_instead_of_starting_over(tuned):
-    model, work_dir, _, _ = tuned
+def test_tuning_again_resumes_instead_of_starting_over(tuned, tmp_path):
+    model, tuned_dir, _, _ = tuned
+    work_dir = shutil.copytree(tuned_dir, tmp_path / "db")  # the shared database stays as it is
     again = mbcompile.tune(model, work_dir=work_dir, seq_len=16, trials=2, max_tasks=2, log=print)
     assert again["already_tuned"] == 2 and again["tuned"] == 0
 

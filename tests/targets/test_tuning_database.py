@@ -9,7 +9,6 @@ import shutil
 import warnings
 
 import pytest
-from helpers import make_model, tiny_config
 
 import mbcompile
 from mbcompile import TargetError
@@ -20,16 +19,15 @@ SEQ = 16
 
 
 @pytest.fixture(scope="module")
-def model():
-    return make_model("base", tiny_config(num_hidden_layers=1))
+def model(tiny_tuned):
+    return tiny_tuned[0]
 
 
 @pytest.fixture(scope="module")
-def tuned(model, tmp_path_factory):
+def tuned(tiny_tuned):
     """The two costliest kernels of a tiny model, two trials each: two workloads and their
-    records."""
-    work_dir = tmp_path_factory.mktemp("tuned") / "db"
-    mbcompile.tune(model, work_dir=work_dir, seq_len=SEQ, trials=2, max_tasks=2, log=print)
+    records (``conftest``)."""
+    work_dir = tiny_tuned[1]
     assert len((work_dir / WORKLOADS).read_text().splitlines()) == 2
     return work_dir
 
