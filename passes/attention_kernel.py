@@ -331,6 +331,23 @@ def _kernel(bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, lanes, rows_layout,
     return with_signature(attend, bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, rows_layout)
 
 
+def fused_attention_shapes(mod: tvm.IRModule):
+    """``(global var, arguments)`` of each fused attention kernel in ``mod`` (``SHAPE_ATTR``):
+    ``attention_kernel``'s shape arguments, ``rows_layout`` a RowsLayout or None; for a target
+    stage that swaps in a kernel of its own with the same signature."""
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
+            continue
+        shape = func.attrs.get(SHAPE_ATTR)
+        if shape is None:
+            continue
+        args = json.loads(str(shape))
+        layout = args.pop("rows_layout")
+        args["bias_shape"] = tuple(args["bias_shape"])
+        args["rows_layout"] = None if layout is None else RowsLayout(**layout)
+        yield gvar, args
+
+
 def with_signature(attend, bh: int, seq_q: int, seq_k: int, dim: int, dim_v: int, heads: int,
                    bias_shape: tuple[int, ...], rows_layout: RowsLayout | None
                    ) -> tvm.tirx.PrimFunc:

@@ -25,7 +25,6 @@ a length given by ``seq_len`` or ``max_seq_len`` that does not keeps ``FuseAtten
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import struct
 
@@ -38,8 +37,8 @@ from mbcompile.passes.attention_kernel import (
     EXP2_POLY,
     LOG2E,
     NEG_INF,
-    SHAPE_ATTR,
     RowsLayout,
+    fused_attention_shapes,
     with_signature,
 )
 from mbcompile.targets.schedules import neon_steps
@@ -318,20 +317,9 @@ class NeonAttention:
         self.last_count = 0
         if not neon_attention_applies(self.target):
             return mod
-        for gvar, func in list(mod.functions_items()):
-            if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
-                continue
-            shape = func.attrs.get(SHAPE_ATTR)
-            if shape is None:
-                continue
-            args = json.loads(str(shape))
-            if not fits(args["seq_q"]):
-                continue
-            layout = args.pop("rows_layout")
-            args["bias_shape"] = tuple(args["bias_shape"])
-            mod[gvar] = neon_attention_kernel(
-                **args, rows_layout=None if layout is None else RowsLayout(**layout)
-            )
-            self.last_count += 1
+        for gvar, args in fused_attention_shapes(mod):
+            if fits(args["seq_q"]):
+                mod[gvar] = neon_attention_kernel(**args)
+                self.last_count += 1
         logger.info("NeonAttention: %d attention kernels as NEON steps", self.last_count)
         return mod

@@ -12,6 +12,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from mbcompile.targets.schedules.free_zeroing import free_zeroing
 from mbcompile.targets.schedules.neon_steps import COLUMNS, Step
 
 ROWS = (4, 2, 1)  # rows of a step, most first
@@ -98,64 +99,6 @@ def _make_row(k: int):
     return desc, impl
 
 
-def _make_zero(rows: int):
-    """The accumulator's zeroing before a step: nothing to run, the step's first k multiplies
-    and it overwrites the whole block. A step is always scheduled right after its zeroing
-    (``dense_neon``), so the pair computes exactly what the two blocks say."""
-    if rows == 1:
-        return _make_zero_row()
-
-    @T.prim_func(s_tir=True)
-    def desc(c: T.handle) -> None:
-        sc = T.int32()
-        C = T.match_buffer(c, (rows, COLUMNS), "float32", strides=(sc, 1), offset_factor=1)
-        with T.sblock("root"):
-            T.reads()
-            T.writes(C[0:rows, 0:COLUMNS])
-            for i, j in T.grid(rows, COLUMNS):
-                with T.sblock("zero"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    T.reads()
-                    T.writes(C[vi, vj])
-                    C[vi, vj] = T.float32(0)
-
-    @T.prim_func(s_tir=True)
-    def impl(c: T.handle) -> None:
-        sc = T.int32()
-        C = T.match_buffer(c, (rows, COLUMNS), "float32", strides=(sc, 1), offset_factor=1)
-        with T.sblock("root"):
-            T.reads()
-            T.writes(C[0:rows, 0:COLUMNS])
-            T.evaluate(0)
-
-    return desc, impl
-
-
-def _make_zero_row():
-    @T.prim_func(s_tir=True)
-    def desc(c: T.handle) -> None:
-        C = T.match_buffer(c, (1, COLUMNS), "float32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads()
-            T.writes(C[0, 0:COLUMNS])
-            for j in T.serial(COLUMNS):
-                with T.sblock("zero"):
-                    vj = T.axis.remap("S", [j])
-                    T.reads()
-                    T.writes(C[0, vj])
-                    C[0, vj] = T.float32(0)
-
-    @T.prim_func(s_tir=True)
-    def impl(c: T.handle) -> None:
-        C = T.match_buffer(c, (1, COLUMNS), "float32", offset_factor=1)
-        with T.sblock("root"):
-            T.reads()
-            T.writes(C[0, 0:COLUMNS])
-            T.evaluate(0)
-
-    return desc, impl
-
-
 def intrinsic(rows: int, k: int) -> str:
     """The name of the step for a ``rows × 16`` block over ``k`` values of K, registered on
     first use."""
@@ -166,8 +109,6 @@ def intrinsic(rows: int, k: int) -> str:
 
 
 def zeroing(rows: int) -> str:
-    """The name of the zeroing that goes with a step (``_make_zero``), registered on first use."""
-    name = f"mbcompile_neon_zero_{rows}x{COLUMNS}"
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_make_zero(rows))
-    return name
+    """The name of the zeroing that goes with a step: nothing to run, the step's first k
+    multiplies and it overwrites the whole block (``free_zeroing``)."""
+    return free_zeroing("float32", rows, COLUMNS)

@@ -37,7 +37,6 @@ one ``tdpbf16ps`` per 16 × 16 × 32.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 
 import tvm
@@ -46,8 +45,8 @@ from tvm.script import tirx as T
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.attention_kernel import (
     LOG2E,
-    SHAPE_ATTR,
     RowsLayout,
+    fused_attention_shapes,
     reduce_lanes,
     with_signature,
 )
@@ -248,19 +247,8 @@ class TileAttention:
         self.last_count = 0
         if not tile_attention_applies(self.target, self.precision):
             return mod
-        for gvar, func in list(mod.functions_items()):
-            if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
-                continue
-            shape = func.attrs.get(SHAPE_ATTR)
-            if shape is None:
-                continue
-            args = json.loads(str(shape))
-            layout = args.pop("rows_layout")
-            args["bias_shape"] = tuple(args["bias_shape"])
-            kernel = tile_attention_kernel(
-                **args, rows_layout=None if layout is None else RowsLayout(**layout)
-            )
-            mod[gvar] = kernel
+        for gvar, args in fused_attention_shapes(mod):
+            mod[gvar] = tile_attention_kernel(**args)
             self.last_count += 1
         logger.info("TileAttention: %d attention kernels on tiles", self.last_count)
         return mod

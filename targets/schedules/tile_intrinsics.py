@@ -53,6 +53,7 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 from mbcompile.targets.registry import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
+from mbcompile.targets.schedules.free_zeroing import free_zeroing
 
 CACHE_LINE = 64
 TILE_BYTES = 64  # a tile row: 16 fp32/int32 accumulators, 32 bf16 or 64 int8 values of K
@@ -271,38 +272,6 @@ def _m_tiles(rows: int) -> int:
     return 1 if rows <= TILE_ROWS else 2
 
 
-def _make_zero(acc: str, rows: int, nb: int):
-    """The accumulator's zeroing before a step: nothing to run, the step starts from zeroed
-    tiles (``tilezero``) and overwrites the whole block. A step is always scheduled right after
-    its zeroing (``dense_tiles``), so the pair computes exactly what the two blocks say."""
-    zero = T.float32(0) if acc == "float32" else T.int32(0)
-
-    @T.prim_func(s_tir=True)
-    def desc(c: T.handle) -> None:
-        sc = T.int32()
-        C = T.match_buffer(c, (rows, nb), acc, strides=(sc, 1), offset_factor=1)
-        with T.sblock("root"):
-            T.reads()
-            T.writes(C[0:rows, 0:nb])
-            for i, j in T.grid(rows, nb):
-                with T.sblock("zero"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    T.reads()
-                    T.writes(C[vi, vj])
-                    C[vi, vj] = zero
-
-    @T.prim_func(s_tir=True)
-    def impl(c: T.handle) -> None:
-        sc = T.int32()
-        C = T.match_buffer(c, (rows, nb), acc, strides=(sc, 1), offset_factor=1)
-        with T.sblock("root"):
-            T.reads()
-            T.writes(C[0:rows, 0:nb])
-            T.evaluate(0)
-
-    return desc, impl
-
-
 def fits(kind: str, rows: int, nb: int, k: int) -> bool:
     """Whether one step covers a ``rows × nb`` block over ``k`` values of K: up to 32 rows, or
     whole blocks of 32 up to ``MOST_ROWS``."""
@@ -322,12 +291,9 @@ def intrinsic(kind: str, rows: int, nb: int, k: int, panels: int) -> str:
 
 
 def zeroing(kind: str, rows: int, nb: int) -> str:
-    """The name of the zeroing that goes with a step (``_make_zero``), registered on first use."""
-    acc = _KINDS[kind][4]
-    name = f"mbcompile_amx_zero_{acc}_{rows}x{nb}"
-    if TensorIntrin.get(name, allow_missing=True) is None:
-        TensorIntrin.register(name, *_make_zero(acc, rows, nb))
-    return name
+    """The name of the zeroing that goes with a step: nothing to run, the step starts from
+    zeroed tiles (``tilezero``) and overwrites the whole block (``free_zeroing``)."""
+    return free_zeroing(_KINDS[kind][4], rows, nb)
 
 
 def function_name(kind: str, rows: int, nb: int) -> str:
