@@ -122,3 +122,25 @@ def test_the_step_computes_the_product_on_the_emulated_device(device, tmp_path, 
     del tensors, dev, session
     gc.collect()
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_tuning_leaves_the_steps_out_and_keeps_the_other_kernels():
+    """The steps have one schedule: ``targets/tuning.py`` does not make tasks of them, and does
+    of the rest of an aarch64 build (the elementwise and reduction kernels)."""
+    from helpers import make_model, tiny_config
+
+    from mbcompile.compiler import prepare
+    from mbcompile.options import CompileOptions
+    from mbcompile.targets.pipeline import fused_module
+    from mbcompile.targets.schedules import dense_neon
+    from mbcompile.targets.tuning import _tasks, meta_schedule
+
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    mod = fused_module(prepare(model, CompileOptions(target="aarch64", seq_len=16)).mod, NEON)
+    steps = [gv for gv, f in mod.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and dense_neon.handles(f, NEON)]
+    assert steps, "no matmul of the build takes the NEON steps"
+    tasks = _tasks(meta_schedule(), mod, NEON, None)
+    assert tasks and not any(dense_neon.handles(t.dispatched[0]["main"], NEON) for t in tasks)
+    assert dense_neon.handles(_dense(16, 32, 32), NEON)
+    assert not dense_neon.handles(_dense(16, 32, 32), X86)
