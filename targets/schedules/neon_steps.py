@@ -238,14 +238,9 @@ tail:
 """
 
 
-def function_name(step: Step) -> str:
-    """The LLVM function of ``step`` (``llvm_ir``), for a kernel that calls it directly
-    (``T.call_extern``, arguments ``c, ldc, a, lda, b``: ``ldc``, ``lda`` int32 elements)."""
-    return step.name
-
-
 def llvm_ir(step: Step) -> str:
-    """The IR a kernel of ``step`` links (``pragma_import_llvm``)."""
+    """The IR a kernel of ``step`` links (``pragma_import_llvm``); it calls ``step.name``
+    (``T.call_extern``, arguments ``c, ldc, a, lda, b``: ``ldc``, ``lda`` int32 elements)."""
     return _llvm_ir(step)
 
 
