@@ -31,8 +31,10 @@ from dataclasses import dataclass
 import tvm
 from tvm.script import tirx as T
 
+from mbcompile import tvmscript
 from mbcompile.cpu import DEFAULT_CPU
 
+tvmscript.install()  # the kernel is TVMScript, parsed per shape: without the slow frame walk
 # Marks the PrimFunc for the report (a fused attention counts as one matmul).
 KIND_ATTR = "mbcompile.kind"
 KIND = "attention"
@@ -43,8 +45,7 @@ SHAPE_ATTR = "mbcompile.attention_shape"
 @dataclass(frozen=True)
 class Tiles:
     """The kernel's register tiles: query rows per block, the unrolled groups of the reductions
-    over head dims (scores) and keys (context), and the vectors of keys (scores tile) and of
-    head dims (context tile) per row."""
+    over head dims (scores) and keys (context), the vectors of keys and head dims per row."""
 
     rows: int
     unroll_dim: int
@@ -149,8 +150,7 @@ class RowsLayout:
     v_offset: int
 
 
-# TVMScript parses a kernel in about half a second; a process that compiles the same shapes
-# again (a test suite, a notebook) gets the same, immutable, PrimFunc.
+# Parsed once per shape and process (a test suite, a notebook): the same, immutable, PrimFunc.
 @functools.lru_cache(maxsize=256)
 def attention_kernel(
     bh: int,

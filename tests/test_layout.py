@@ -28,6 +28,7 @@ STAGES = {
     "mbcompile.version": 0,
     "mbcompile.options": 0,
     "mbcompile.cpu": 0,
+    "mbcompile.tvmscript": 0,
     "mbcompile.heads": 0,
     "mbcompile.hub": 0,
     "mbcompile.signature": 0,

@@ -31,6 +31,10 @@ from __future__ import annotations
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.script import tirx as T
 
+from mbcompile import tvmscript
+
+tvmscript.install()  # this module parses TVMScript: without the slow frame walk
+
 _BF16_STEP = "mbc_{instruction}_{lanes}"
 _BF16_INTRINSICS = {"vdpbf16ps": "@llvm.x86.avx512bf16.dpbf16ps.{bits}",
                     "bfdot": "@llvm.aarch64.neon.bfdot.v{lanes}f32.v{pairs}bf16"}

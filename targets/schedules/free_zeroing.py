@@ -16,6 +16,10 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from mbcompile import tvmscript
+
+tvmscript.install()  # this module parses TVMScript: without the slow frame walk
+
 
 def _make(acc: str, rows: int, cols: int):
     zero = T.float32(0) if acc == "float32" else T.int32(0)

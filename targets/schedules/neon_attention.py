@@ -32,6 +32,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from mbcompile import tvmscript
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.attention_kernel import (
     EXP2_POLY,
@@ -42,6 +43,8 @@ from mbcompile.passes.attention_kernel import (
     with_signature,
 )
 from mbcompile.targets.schedules import neon_steps
+
+tvmscript.install()  # this module parses TVMScript: without the slow frame walk
 
 logger = logging.getLogger(__name__)
 

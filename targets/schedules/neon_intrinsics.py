@@ -12,8 +12,11 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from mbcompile import tvmscript
 from mbcompile.targets.schedules.free_zeroing import free_zeroing
 from mbcompile.targets.schedules.neon_steps import COLUMNS, Step
+
+tvmscript.install()  # this module parses TVMScript: without the slow frame walk
 
 ROWS = (4, 2, 1)  # rows of a step, most first
 

@@ -1,7 +1,7 @@
 """bf16 matmuls by a constant weight: the weight rounded and packed at compile time, the
 activation rounded at run time, fp32 accumulation.
 
-    matmul(x[..., K], W[K, N])  →  xb = call_tir(to_bf16, x)                     (its own kernel)
+    matmul(x[..., K], W[K, N])  →  xb = call_tir(to_bf16, x)     (its own kernel, or x's epilogue)
                                    call_tir(dense_bf16, xb, Wb[⌈N/nb⌉, K/2, nb, 2])
 
 bf16 is stored as the upper 16 bits of the fp32 value (``uint16``), rounded to nearest even.
@@ -10,10 +10,14 @@ bf16 is stored as the upper 16 bits of the fp32 value (``uint16``), rounded to n
 ``vdpbf16ps`` and ``bfdot`` (``dot_intrinsics.py``) and of AMX's B tiles (``tile_intrinsics.py``).
 K is padded with zeros to even, or to 32 on a target with matrix tiles.
 
-``to_bf16`` is opaque to FuseOps on purpose: fused into the kernel that produces ``x``, it
-would give that kernel a second output (``x`` itself is usually read again by a residual add),
-which the dense schedule cannot tile. It also reads a column slice of a wider tensor in place
-(the ``k_offset`` of a merged linear), as the fp32 packing does.
+``to_bf16`` is opaque to FuseOps where ``x`` is read again (a residual add): fused into the
+kernel that produces ``x``, it would give that kernel a second output, which the dense
+schedule cannot tile. Where the matmul is ``x``'s only reader and reads it whole, it is
+elementwise instead (``pack_weights._Packer._only_reader``) and fuses into that kernel's
+epilogue: a FFN's first matmul then writes its activation in bf16 (half the bytes) and no
+rounding kernel runs (the default encoder in bf16: 4–9% faster, 128 and 384 tokens, 1 and 2
+threads, on a 2-core AMX Xeon). It also reads a column slice of a wider tensor in place (the
+``k_offset`` of a merged linear), as the fp32 packing does.
 """
 
 from __future__ import annotations

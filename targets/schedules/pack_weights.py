@@ -23,6 +23,7 @@ are the same float dtype with no other ``out_dtype``, and the activation has a s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -30,7 +31,7 @@ import tvm
 from tvm import relax, te
 
 from mbcompile.cpu import cpu_info
-from mbcompile.passes.graph import column_slice
+from mbcompile.passes.graph import Graph, column_slice
 from mbcompile.targets.schedules import neon_steps, tile_intrinsics
 from mbcompile.targets.schedules.pack_bf16 import (
     OP_PATTERN_OPAQUE,
@@ -50,6 +51,7 @@ from mbcompile.targets.schedules.pack_int8 import (
 
 logger = logging.getLogger(__name__)
 
+OP_PATTERN_ELEMWISE = 0  # tvm/relax/analysis: OpPatternKind::kElemWise
 OP_PATTERN_OUT_EWISE_FUSABLE = 4  # tvm/relax/analysis: OpPatternKind::kOutEWiseFusable
 
 
@@ -172,6 +174,18 @@ class _Packer(relax.PyExprMutator):
         self.precision = precision
         self.packed = 0
         self._matmul = tvm.ir.Op.get("relax.matmul")
+        # (how, weight's digest) → its packed constant(s): the functions of the compiled lengths
+        # multiply by the same weights (each its own copy after the MobileBERT passes), packed
+        # once and shared, not once per length (8 × 100 MB for the default model in fp32).
+        self._constants: dict[tuple, tuple[relax.Constant, ...]] = {}
+        self.graph: Graph | None = None  # the function being visited, as the passes read it
+
+    def _packed(self, how: tuple, w: np.ndarray, pack) -> tuple[relax.Constant, ...]:
+        """``pack(w)`` (a tuple of arrays) as constants, made once per weight value and ``how``."""
+        key = (how, w.shape, w.dtype.str, hashlib.blake2b(w.tobytes(), digest_size=20).digest())
+        if key not in self._constants:
+            self._constants[key] = tuple(relax.const(a) for a in pack(w))
+        return self._constants[key]
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
@@ -192,10 +206,11 @@ class _Packer(relax.PyExprMutator):
             return self._bf16(x, w, k_offset, block)
         if self.precision == "int8":
             return self._int8(x, w, k_offset, block)
+        (packed,) = self._packed(("fp32", block), w, lambda w: (pack_weight(w, block),))
         return self.builder_.call_te(
             dense_packed,
             x,
-            relax.const(pack_weight(w, block)),
+            packed,
             n=w.shape[1],
             k_offset=k_offset,
             primfunc_name_hint="dense_packed",
@@ -208,8 +223,25 @@ class _Packer(relax.PyExprMutator):
             return tile_intrinsics.k_multiple(kind)
         return default
 
+    def _only_reader(self, x: relax.Expr, k_extent: int, k_offset: int, k_multiple: int) -> bool:
+        """Whether this matmul is all that reads ``x``, and reads all of it as it is (no column
+        slice, no padding): then rounding ``x`` is an elementwise epilogue for the kernel that
+        makes ``x``."""
+        ty = x.ty
+        shape = ty.shape if isinstance(ty, relax.TensorType) else None
+        return (
+            isinstance(x, relax.Var) and self.graph is not None and self.graph.users(x) == 1
+            and k_offset == 0 and k_extent % k_multiple == 0
+            and isinstance(shape, relax.ShapeExpr) and int(shape.values[-1]) == k_extent
+        )
+
     def _bf16(self, x: relax.Expr, w: np.ndarray, k_offset: int, block: int) -> relax.Expr:
         k_multiple = self._k_multiple("bf16", 2)
+        # The rounding is its own kernel (opaque), unless this matmul is x's only reader: then
+        # it fuses into the kernel that makes x (a FFN's activation: its matmul's epilogue
+        # writes bf16, half the bytes, and the rounding kernel is gone). Fused where x is
+        # read again (a residual), it would give that kernel a second output (pack_bf16.py).
+        alone = self._only_reader(x, w.shape[0], k_offset, k_multiple)
         xb = self.builder_.emit(
             self.builder_.call_te(
                 to_bf16,
@@ -218,13 +250,15 @@ class _Packer(relax.PyExprMutator):
                 k_offset=k_offset,
                 k_multiple=k_multiple,
                 primfunc_name_hint="to_bf16",
-                primfunc_attrs={"op_pattern": OP_PATTERN_OPAQUE},
+                primfunc_attrs={"op_pattern": OP_PATTERN_ELEMWISE if alone else OP_PATTERN_OPAQUE},
             )
         )
+        (packed,) = self._packed(("bf16", block, k_multiple), w,
+                                 lambda w: (pack_weight_bf16(w, block, k_multiple),))
         return self.builder_.call_te(
             dense_bf16,
             xb,
-            relax.const(pack_weight_bf16(w, block, k_multiple)),
+            packed,
             n=w.shape[1],
             primfunc_name_hint="dense_bf16",
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
@@ -242,16 +276,20 @@ class _Packer(relax.PyExprMutator):
                           primfunc_attrs=opaque))
         sx = emit(call_te(row_scales, x, **k, primfunc_name_hint="row_scales",
                           primfunc_attrs=opaque))
-        q, scales = quantize_weight(w, weight_qmax(instruction))
-        column_sums = relax.const(q.astype(np.int32).sum(axis=0)) if zero else None
+
+        def pack(w):
+            q, scales = quantize_weight(w, weight_qmax(instruction))
+            return pack_weight_int8(q, block, k_multiple), scales, q.astype(np.int32).sum(axis=0)
+
+        packed, scales, column_sums = self._packed(("int8", instruction, block, k_multiple), w, pack)
         return call_te(
             dense_int8,
             xq,
             sx,
-            relax.const(pack_weight_int8(q, block, k_multiple)),
-            relax.const(scales),
+            packed,
+            scales,
             n=w.shape[1],
-            cw=column_sums,
+            cw=column_sums if zero else None,
             zero=zero,
             primfunc_name_hint="dense_int8",
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
@@ -276,6 +314,7 @@ class PackDenseWeights:
         packer = _Packer(mod, self.target, self.precision)
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
+                packer.graph = Graph(func)
                 packer.builder_.update_func(gvar, packer.visit_expr(func))
         self.last_count = packer.packed
         logger.info("PackDenseWeights: packed %d matmul weights", packer.packed)

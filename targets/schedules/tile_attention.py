@@ -42,6 +42,7 @@ import logging
 import tvm
 from tvm.script import tirx as T
 
+from mbcompile import tvmscript
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.attention_kernel import (
     LOG2E,
@@ -52,6 +53,8 @@ from mbcompile.passes.attention_kernel import (
 )
 from mbcompile.targets.schedules import tile_intrinsics
 from mbcompile.targets.schedules.pack_bf16 import round_bf16
+
+tvmscript.install()  # this module parses TVMScript: without the slow frame walk
 
 logger = logging.getLogger(__name__)
 

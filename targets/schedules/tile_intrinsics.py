@@ -52,8 +52,11 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from mbcompile import tvmscript
 from mbcompile.targets.registry import ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL, XFEATURE_XTILEDATA
 from mbcompile.targets.schedules.free_zeroing import free_zeroing
+
+tvmscript.install()  # this module parses TVMScript: without the slow frame walk
 
 CACHE_LINE = 64
 TILE_BYTES = 64  # a tile row: 16 fp32/int32 accumulators, 32 bf16 or 64 int8 values of K

@@ -143,3 +143,51 @@ def test_the_kernel_computes_the_rounded_product(kind, target, shape):
     # the same rounded operands: int8 sums exactly, bf16 in fp32 in another order
     scale = np.abs(expected).max()
     assert np.abs(out.numpy() - expected).max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("target", [HOST, ZEN4, ARMV9], ids=["host", "zen4", "armv9"])
+def test_a_bf16_rounding_fuses_into_its_producer_only_where_the_matmul_is_its_only_reader(target):
+    """h = relu(x·W1) is read by the second matmul alone: its rounding to bf16 is the first
+    matmul's epilogue. x is also read by the residual add: its rounding stays a kernel."""
+    from tvm import relax
+    from tvm.script import relax as R
+
+    from mbcompile.targets.pipeline import layout_passes, legalize_passes, lower_passes
+    from mbcompile.targets.schedules import ScheduleKernels, default_rules
+
+    if not cpu_info(target).bf16_dot:
+        pytest.skip("the target has no bf16 dot product")
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 128), np.float32), rng.standard_normal((128, 64), np.float32)
+    c1, c2 = relax.const(w1), relax.const(w2)
+
+    @tvm.script.ir_module
+    class Module:
+        @R.function
+        def main(x: R.Tensor((32, 64), "float32")):
+            with R.dataflow():
+                h = R.nn.relu(R.matmul(x, c1))
+                out = R.add(R.matmul(h, c2), x)
+                R.output(out)
+            return out
+
+    with target:
+        mod = tvm.transform.Sequential(layout_passes(target, "bf16") + legalize_passes(target))(
+            Module)
+        kernels = sorted(gv.name_hint for gv, f in mod.functions_items()
+                         if isinstance(f, tvm.tirx.PrimFunc))
+        schedule = ScheduleKernels(target, default_rules(target))
+        mod = schedule(mod)
+    assert [k for k in kernels if "to_bf16" in k] == ["fused_dense_bf16_relu_to_bf161", "to_bf16"]
+    assert "unscheduled" not in schedule.last_report, schedule.last_report
+    ex = tvm.compile(mod, target=target,
+                     relax_pipeline=tvm.transform.Sequential(lower_passes(target)))
+    if target is ARMV9 or (target is ZEN4 and "avx512_bf16" not in host_features()):
+        return  # compiled and scheduled; running needs the target's CPU
+    x = rng.standard_normal((32, 64), np.float32)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    b = lambda a: bf16_values(bf16_bits(a)).astype(np.float64)  # noqa: E731
+    h = np.maximum(b(x) @ b(w1), 0)
+    expected = b(h.astype(np.float32)) @ b(w2) + x
+    assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
