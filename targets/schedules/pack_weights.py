@@ -178,7 +178,8 @@ class _Packer(relax.PyExprMutator):
         # multiply by the same weights (each its own copy after the MobileBERT passes), packed
         # once and shared, not once per length (8 × 100 MB for the default model in fp32).
         self._constants: dict[tuple, tuple[relax.Constant, ...]] = {}
-        self.graph: Graph | None = None  # the function being visited, as the passes read it
+        # bf16: the function being visited, as the passes read it (who reads a variable)
+        self.graph: Graph | None = None
 
     def _packed(self, how: tuple, w: np.ndarray, pack) -> tuple[relax.Constant, ...]:
         """``pack(w)`` (a tuple of arrays) as constants, made once per weight value and ``how``."""
@@ -314,7 +315,7 @@ class PackDenseWeights:
         packer = _Packer(mod, self.target, self.precision)
         for gvar, func in list(mod.functions_items()):
             if isinstance(func, relax.Function):
-                packer.graph = Graph(func)
+                packer.graph = Graph(func) if self.precision == "bf16" else None
                 packer.builder_.update_func(gvar, packer.visit_expr(func))
         self.last_count = packer.packed
         logger.info("PackDenseWeights: packed %d matmul weights", packer.packed)
