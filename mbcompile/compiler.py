@@ -300,6 +300,7 @@ def _compile(
     import tvm
 
     from mbcompile.capture import checkpoint_folder, checkpoint_source
+    from mbcompile.targets.codegen import build_executable
     from mbcompile.targets.export import link_library
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.pipeline import build_pipeline
@@ -330,7 +331,7 @@ def _compile(
         on_tuned=on_tuned,
     )
     with sigint_held():  # the build pipeline calls our schedule rules (see prepare)
-        executable = tvm.compile(prepared.mod, target=tvm_target, relax_pipeline=pipeline)
+        executable = build_executable(prepared.mod, tvm_target, pipeline)
     timings["build"] = time.perf_counter() - start
     log(f"build: done in {timings['build']:.1f} s")
     start = time.perf_counter()

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from mbcompile.errors import ToolchainError
+from mbcompile.targets.codegen import write_library
 from mbcompile.targets.registry import Target, host_arch
 
 # Debian's cross compilers for Linux aarch64.
@@ -73,12 +74,9 @@ def fcompile_for(target: Target):
 
 
 def export_library(executable, target: Target, path: str) -> None:
-    """Write ``executable`` as a shared library at ``path`` for ``target``."""
-    fcompile = fcompile_for(target)
-    if fcompile is None:
-        executable.export_library(path)
-    else:
-        executable.export_library(path, fcompile=fcompile)
+    """Write ``executable`` as a shared library at ``path`` for ``target`` (its compiled parts
+    written on threads of their own: ``codegen.write_library``)."""
+    write_library(executable, path, fcompile_for(target))
 
 
 def link_library(executable, target: Target) -> bytes:

@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from mbcompile.targets.parallel import per_function
 from mbcompile.targets.schedules import (
     NeonAttention,
     PackDenseWeights,
@@ -47,7 +48,8 @@ def legalize_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
-        relax.transform.FoldConstant(),
+        # function by function on threads: 9.5 → 4.5 s on 2 CPUs for 8 lengths (parallel.py)
+        per_function(relax.transform.FoldConstant()),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]

@@ -166,6 +166,19 @@ def why_not_packable(call: relax.Call, weight: np.ndarray | None) -> str | None:
     return None
 
 
+def _type_key(expr: relax.Expr) -> tuple:
+    """What of an operand a kernel depends on: its shape and dtype."""
+    info = expr.ty
+    shape = getattr(info, "shape", None)
+    values = tuple(str(v) for v in shape.values) if isinstance(shape, relax.ShapeExpr) else None
+    return (type(info).__name__, values, str(getattr(info, "dtype", "")))
+
+
+def _dense_int8_with_sums(xq, sx, wq, sw, cw, n: int, zero: int):
+    """``dense_int8`` with the weight's column sums passed as a tensor among the others."""
+    return dense_int8(xq, sx, wq, sw, n=n, cw=cw, zero=zero)
+
+
 @relax.expr_functor.mutator
 class _Packer(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, target: tvm.target.Target, precision: str):
@@ -180,6 +193,27 @@ class _Packer(relax.PyExprMutator):
         self._constants: dict[tuple, tuple[relax.Constant, ...]] = {}
         # bf16: the function being visited, as the passes read it (who reads a variable)
         self.graph: Graph | None = None
+        # (kernel, operand types, options) → (a call made by call_te, where each of its
+        # arguments came from): a matmul's kernel is built once per shape, not once per call.
+        self._kernels: dict[tuple, tuple[relax.Call, tuple[int, ...]]] = {}
+
+    def _call_te(self, compute, *args: relax.Expr, **options) -> relax.Call:
+        """``builder_.call_te(compute, *args, **options)`` (every tensor positional, each
+        option a plain value), the kernel made once per operand types and options: te and
+        ``create_prim_func`` take about 2 ms a call (5 of a default compile's 110 s with 2,320
+        matmuls and some 80 kernels)."""
+        key = (compute, tuple(_type_key(a) for a in args), repr(sorted(options.items())))
+        if key in self._kernels:
+            first, where = self._kernels[key]
+            return relax.Call(first.op, [first.args[0], relax.Tuple([args[i] for i in where])],
+                              first.attrs, first.ty_args)
+        call = self.builder_.call_te(compute, *args, **options)
+        fields = list(call.args[1].fields) if len(call.args) == 2 else None
+        where = [[i for i, a in enumerate(args) if a.same_as(f)] for f in fields or []]
+        distinct = len({a.__chandle__() for a in args}) == len(args)
+        if fields is not None and distinct and all(len(w) == 1 for w in where):
+            self._kernels[key] = (call, tuple(w[0] for w in where))
+        return call
 
     def _packed(self, how: tuple, w: np.ndarray, pack) -> tuple[relax.Constant, ...]:
         """``pack(w)`` (a tuple of arrays) as constants, made once per weight value and ``how``."""
@@ -208,7 +242,7 @@ class _Packer(relax.PyExprMutator):
         if self.precision == "int8":
             return self._int8(x, w, k_offset, block)
         (packed,) = self._packed(("fp32", block), w, lambda w: (pack_weight(w, block),))
-        return self.builder_.call_te(
+        return self._call_te(
             dense_packed,
             x,
             packed,
@@ -244,7 +278,7 @@ class _Packer(relax.PyExprMutator):
         # read again (a residual), it would give that kernel a second output (pack_bf16.py).
         alone = self._only_reader(x, w.shape[0], k_offset, k_multiple)
         xb = self.builder_.emit(
-            self.builder_.call_te(
+            self._call_te(
                 to_bf16,
                 x,
                 k_extent=w.shape[0],
@@ -256,7 +290,7 @@ class _Packer(relax.PyExprMutator):
         )
         (packed,) = self._packed(("bf16", block, k_multiple), w,
                                  lambda w: (pack_weight_bf16(w, block, k_multiple),))
-        return self.builder_.call_te(
+        return self._call_te(
             dense_bf16,
             xb,
             packed,
@@ -269,7 +303,7 @@ class _Packer(relax.PyExprMutator):
         instruction = cpu_info(self.target).int8_dot
         zero = zero_point(instruction)
         k_multiple = self._k_multiple("u8s8" if zero else "s8s8", 4)
-        emit, call_te = self.builder_.emit, self.builder_.call_te
+        emit, call_te = self.builder_.emit, self._call_te
         opaque = {"op_pattern": OP_PATTERN_OPAQUE}
         k = {"k_extent": w.shape[0], "k_offset": k_offset}
         xq = emit(call_te(quantize_rows, x, zero=zero, k_multiple=k_multiple, **k,
@@ -283,14 +317,18 @@ class _Packer(relax.PyExprMutator):
             return pack_weight_int8(q, block, k_multiple), scales, q.astype(np.int32).sum(axis=0)
 
         packed, scales, column_sums = self._packed(("int8", instruction, block, k_multiple), w, pack)
+        if not zero:
+            return call_te(dense_int8, xq, sx, packed, scales, n=w.shape[1],
+                           primfunc_name_hint="dense_int8",
+                           primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE})
         return call_te(
-            dense_int8,
+            _dense_int8_with_sums,
             xq,
             sx,
             packed,
             scales,
+            column_sums,
             n=w.shape[1],
-            cw=column_sums if zero else None,
             zero=zero,
             primfunc_name_hint="dense_int8",
             primfunc_attrs={"op_pattern": OP_PATTERN_OUT_EWISE_FUSABLE},
