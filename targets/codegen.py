@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import tvm
 from tvm import relax, tirx
 
-from mbcompile.targets.parallel import default_jobs
+from mbcompile.targets.parallel import default_jobs, worker_context
 
 
 def split(funcs: list[tuple[tvm.ir.GlobalVar, tirx.PrimFunc]], jobs: int) -> list[dict]:
@@ -55,7 +55,7 @@ def build_executable(
     kernels = [(gv, f) for gv, f in leftover.functions.items() if isinstance(f, tirx.PrimFunc)]
     lib = None
     if kernels:
-        context = tvm.transform.PassContext.current()  # thread-local: hand it to the workers
+        context = worker_context()
 
         def generate(part: dict) -> tvm.runtime.Module:
             with context:

@@ -34,6 +34,19 @@ def default_jobs() -> int:
     return max(1, min(cpus, MOST_JOBS))
 
 
+def worker_context() -> tvm.transform.PassContext:
+    """The calling thread's pass context (its opt level and config) for a worker thread: TVM's
+    contexts are per thread. Without its instruments, which are not made to be entered from
+    several threads at once."""
+    current = tvm.transform.PassContext.current()
+    return tvm.transform.PassContext(
+        opt_level=current.opt_level,
+        required_pass=list(current.required_pass),
+        disabled_pass=list(current.disabled_pass),
+        config=dict(current.config),
+    )
+
+
 def per_function(inner: tvm.transform.Pass, jobs: int | None = None) -> tvm.transform.Pass:
     """``inner`` (a module pass that rewrites Relax functions only) run on each Relax function
     of the module separately, ``jobs`` at a time (default :func:`default_jobs`)."""
@@ -44,7 +57,7 @@ def per_function(inner: tvm.transform.Pass, jobs: int | None = None) -> tvm.tran
         others = {gv: f for gv, f in mod.functions_items() if not isinstance(f, relax.Function)}
         if len(graphs) < 2:
             return inner(mod)
-        context = tvm.transform.PassContext.current()  # thread-local: hand it to the workers
+        context = worker_context()
         target = tvm.target.Target.current(allow_none=True)
 
         def one(gv: tvm.ir.GlobalVar) -> relax.Function:
