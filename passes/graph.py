@@ -22,21 +22,29 @@ class Graph:
     def __init__(self, func: relax.Function):
         self.func = func
         self._var2val_map = relax.analysis.get_var2val(func)  # handed to the matcher as is
-        self.var2val: dict[relax.Var, relax.Expr] = dict(self._var2val_map)
+        self.var2val: dict[relax.Var, relax.Expr] = {}
+        self._bindings: list[tuple[relax.Var, relax.Expr]] = []
         self._users: dict[relax.Var, int] = {}
         self._consumers: dict[relax.Var, list[relax.Var]] = {}
         self._var_of: dict[int, relax.Var] = {}
+        # constant → (the constant, its value, read-only): a weight is read by several guards
+        self._constants: dict[int, tuple[relax.Expr, np.ndarray]] = {}
         self.order: dict[relax.Var, int] = {}
         self.block: dict[relax.Var, int] = {}
+        # One walk, each binding's var and value read once (reading through TVM's containers
+        # costs microseconds per item: a Graph is built per pass, round and function).
         for index, block in enumerate(func.body.blocks):
             for binding in block.bindings:
-                self.order[binding.var] = len(self.order)
-                self.block[binding.var] = index
-                value = binding.value
-                self._var_of.setdefault(value.__chandle__(), binding.var)
+                var, value = binding.var, binding.value
+                self.order[var] = len(self.order)
+                self.block[var] = index
+                if isinstance(binding, relax.VarBinding):
+                    self.var2val[var] = value
+                    self._bindings.append((var, value))
+                self._var_of.setdefault(value.__chandle__(), var)
                 for used in relax.analysis.free_vars(value):
                     self._users[used] = self._users.get(used, 0) + 1
-                    self._consumers.setdefault(used, []).append(binding.var)
+                    self._consumers.setdefault(used, []).append(var)
         for used in relax.analysis.free_vars(func.body.body):
             self._users[used] = self._users.get(used, 0) + 1
 
@@ -67,11 +75,17 @@ class Graph:
         return self._consumers.get(var, [])
 
     def constant(self, expr: relax.Expr) -> np.ndarray | None:
-        """The numpy value of a constant (directly or behind a variable), else None."""
+        """The numpy value of a constant (directly or behind a variable), else None; read-only,
+        read once per Graph."""
         expr = self.value(expr)
-        if isinstance(expr, tvm.ir.GenericConst):
-            return expr.value.numpy()
-        return None
+        if not isinstance(expr, tvm.ir.GenericConst):
+            return None
+        key = expr.__chandle__()
+        if key not in self._constants:  # the entry holds the constant: its address stays its own
+            value = expr.value.numpy()
+            value.flags.writeable = False
+            self._constants[key] = (expr, value)
+        return self._constants[key][1]
 
     def match(self, pattern: DFPattern, expr: relax.Expr) -> dict[DFPattern, relax.Expr] | None:
         """The pattern's matches on ``expr`` (looking through bindings), or None."""
@@ -85,10 +99,7 @@ class Graph:
 
     def bindings(self) -> Iterator[tuple[relax.Var, relax.Expr]]:
         """(var, value) for every binding, in program order."""
-        for block in self.func.body.blocks:
-            for binding in block.bindings:
-                if isinstance(binding, relax.VarBinding):
-                    yield binding.var, binding.value
+        yield from self._bindings
 
 
 _ROOT_OPS: dict[int, tuple[DFPattern, frozenset[str] | None]] = {}
