@@ -8,6 +8,7 @@ become bindings of their own before it, as the importer would have written them.
 from __future__ import annotations
 
 from tvm import relax
+from tvm.relax.expr import _update_type
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 # What _leafify returns as it is: anything else is bound to a variable first.
@@ -73,4 +74,26 @@ def rewrite_bindings(
 ) -> relax.Function:
     """``func`` with the given bindings' values replaced, dead bindings removed."""
     new_func = _BindingRewriter(replacements).visit_expr(func)
-    return relax.analysis.remove_all_unused(new_func)
+    return drop_unused(new_func)
+
+
+def drop_unused(func: relax.Function) -> relax.Function:
+    """``func`` without the dataflow bindings nothing reads, in one walk back from the result
+    (``relax.analysis.remove_all_unused`` does the same in 0.1 s per call on a rewritten
+    MobileBERT, about 5 times this). Bindings outside dataflow blocks are kept: they may have
+    effects."""
+    used = set(relax.analysis.free_vars(func.body.body))
+    blocks = []
+    for block in reversed(list(func.body.blocks)):
+        dataflow = isinstance(block, relax.DataflowBlock)
+        kept = []
+        for binding in reversed(list(block.bindings)):
+            if not dataflow or binding.var in used:
+                kept.append(binding)
+                used.update(relax.analysis.free_vars(binding.value))
+        kept.reverse()
+        blocks.append(relax.DataflowBlock(kept) if dataflow else relax.BindingBlock(kept))
+    blocks.reverse()
+    body = relax.SeqExpr(blocks, func.body.body)
+    _update_type(body, func.body.ty)  # the same result, so the same type (a new SeqExpr has none)
+    return relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs)
