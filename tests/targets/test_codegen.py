@@ -17,7 +17,7 @@ from mbcompile.compiler import prepare
 from mbcompile.options import CompileOptions
 from mbcompile.targets import codegen, parallel
 from mbcompile.targets.export import export_library
-from mbcompile.targets.pipeline import build_pipeline, legalize_passes
+from mbcompile.targets.pipeline import build_pipeline, layout_passes, legalize_passes
 from mbcompile.targets.registry import host_target
 
 HOST = host_target()
@@ -134,3 +134,28 @@ def test_a_matmul_kernel_is_made_once_per_shape(prepared, monkeypatch):
 
     assert packer.last_count > len(made) > 0  # fewer kernels made than matmuls packed
     assert len(made) == len(kernels(out) - kernels(prep.mod))  # each one made is distinct
+
+
+def test_legalizing_each_kernel_once_gives_the_same_module(prepared):
+    from mbcompile.targets.legalize_once import legalize_ops
+
+    _, prep = prepared
+    target = prep.tvm_target
+    with target:
+        mod = tvm.transform.Sequential(layout_passes(target))(prep.mod)
+        theirs = relax.transform.LegalizeOps()(mod)
+        ours = legalize_ops()(mod)
+    names = {g.name_hint for g, _ in theirs.functions_items()}
+    assert names == {g.name_hint for g, _ in ours.functions_items()}
+    for name in names:
+        if isinstance(theirs[name], tirx.PrimFunc):
+            tvm.ir.assert_structural_equal(ours[name], theirs[name])
+        else:  # other module, other GlobalVar objects: the printed forms agree
+            assert ours[name].script() == theirs[name].script()
+    calls = [0]
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(
+                func, lambda e: calls.__setitem__(0, calls[0] + isinstance(e, relax.Call)))
+    kernels = sum(isinstance(f, tirx.PrimFunc) for _, f in ours.functions_items())
+    assert calls[0] > 2 * kernels  # far more calls than kernels: the reuse is exercised
