@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import tvm
 from tvm import relax
 
-MOST_JOBS = 8  # threads at most: beyond this each part's fixed cost outweighs
+MOST_JOBS = 8  # a cap: each part repeats some fixed work (measured on 2 CPUs only)
 
 
 def default_jobs() -> int:
