@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import tvm
 from tvm import relax
 
 SMALL = 64  # constants of at most this many values are keyed by value (they may be inlined)
 
 
-def _operand_key(expr: relax.Expr) -> tuple | None:
+def operand_key(expr: relax.Expr) -> tuple | None:
+    """What a kernel made for a call can depend on in one operand (module doc), or None for an
+    operand this cannot say (then nothing is reused)."""
     if isinstance(expr, relax.Var):
         ty = expr.ty
         shape = getattr(ty, "shape", None)
@@ -35,10 +38,11 @@ def _operand_key(expr: relax.Expr) -> tuple | None:
     if isinstance(expr, tvm.ir.GenericConst):
         if not isinstance(expr.value, tvm.runtime.Tensor):
             return ("value", str(expr))  # a scalar, a string, a dtype: as printed
-        array = expr.value.numpy()
-        value = hashlib.blake2b(array.tobytes(), digest_size=16).digest() if (
-            array.size <= SMALL) else None
-        return ("const", array.shape, array.dtype.str, value)
+        shape, dtype = tuple(int(d) for d in expr.value.shape), str(expr.value.dtype)
+        small = int(np.prod(shape)) <= SMALL  # a weight is not copied out just for its key
+        value = hashlib.blake2b(expr.value.numpy().tobytes(), digest_size=16).digest() if (
+            small) else None
+        return ("const", shape, dtype, value)
     if isinstance(expr, relax.ShapeExpr) or tvm.ir.is_prim_expr(expr):
         return (type(expr).__name__, str(expr))
     return None
@@ -47,54 +51,62 @@ def _operand_key(expr: relax.Expr) -> tuple | None:
 def _key(call: relax.Call) -> tuple | None:
     if not isinstance(call.op, tvm.ir.Op):
         return None
-    operands = tuple(_operand_key(a) for a in call.args)
+    operands = tuple(operand_key(a) for a in call.args)
     if any(k is None for k in operands):
         return None
     attrs = tvm.ir.save_json(call.attrs) if call.attrs is not None else ""
     return (call.op.name, attrs, operands)
 
 
-class _Kernels:
-    """The legalizations wrapped with one cache shared by every op."""
+class KernelReuse:
+    """``call_tir`` results kept by key and remade for other operands of the same key: a
+    ``call_tir`` of the same kernel on them. Only a plain ``call_tir`` of the operands it was
+    made from, each once, is kept."""
 
     def __init__(self) -> None:
         self.kept: dict[tuple, tuple[relax.Call, tuple[int, ...]]] = {}
         self.reused = 0
         self._call_tir = tvm.ir.Op.get("relax.call_tir")
 
-    def wrap(self, legalize):
-        def once(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-            key = _key(call)
-            if key is not None and key in self.kept:
-                first, where = self.kept[key]
-                self.reused += 1
-                fields = relax.Tuple([call.args[i] for i in where])
-                return relax.Call(first.op, [first.args[0], fields], first.attrs, first.ty_args)
-            out = legalize(bb, call)
-            if key is not None:
-                where = self._operands(call, out)
-                if where is not None:
-                    self.kept[key] = (out, where)
-            return out
+    def reuse(self, key: tuple, args) -> relax.Call | None:
+        """The kept call of ``key`` on ``args``, or None if none is kept."""
+        if key not in self.kept:
+            return None
+        first, where = self.kept[key]
+        self.reused += 1
+        fields = relax.Tuple([args[i] for i in where])
+        return relax.Call(first.op, [first.args[0], fields], first.attrs, first.ty_args)
 
-        return once
-
-    def _operands(self, call: relax.Call, out: relax.Expr) -> tuple[int, ...] | None:
-        """Where each operand of the ``call_tir`` ``out`` is among ``call``'s arguments, or None
-        when ``out`` is not a plain ``call_tir`` of them."""
+    def keep(self, key: tuple, args, out: relax.Expr) -> None:
+        """Keep ``out`` (made from ``args``) for ``key``, if it is a plain ``call_tir`` of them."""
         if not (isinstance(out, relax.Call) and out.op.same_as(self._call_tir)
                 and len(out.args) == 2 and isinstance(out.args[1], relax.Tuple)):
-            return None
-        args = list(call.args)
+            return
+        args = list(args)
         if len({a.__chandle__() for a in args}) != len(args):
-            return None  # an argument twice: positions would be ambiguous
+            return  # an argument twice: positions would be ambiguous
         where = []
         for field in out.args[1].fields:
             found = [i for i, a in enumerate(args) if a.same_as(field)]
             if len(found) != 1:
-                return None
+                return
             where.append(found[0])
-        return tuple(where)
+        self.kept[key] = (out, tuple(where))
+
+
+def _wrap(kernels: KernelReuse, legalize):
+    def once(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        key = _key(call)
+        if key is None:
+            return legalize(bb, call)
+        reused = kernels.reuse(key, call.args)
+        if reused is not None:
+            return reused
+        out = legalize(bb, call)
+        kernels.keep(key, call.args, out)
+        return out
+
+    return once
 
 
 def legalize_ops() -> tvm.transform.Pass:
@@ -102,7 +114,7 @@ def legalize_ops() -> tvm.transform.Pass:
 
     @tvm.transform.module_pass(opt_level=0, name="LegalizeOpsOnce")
     def run(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        kernels = _Kernels()
+        kernels = KernelReuse()
         names = set()
         for _, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -111,7 +123,7 @@ def legalize_ops() -> tvm.transform.Pass:
         for name in names:
             legalize = tvm.ir.Op.get(name).get_attr("FLegalize")
             if legalize is not None:
-                custom[name] = kernels.wrap(legalize)
+                custom[name] = _wrap(kernels, legalize)
         return relax.transform.LegalizeOps(customize_legalize_map=custom)(mod)
 
     return run

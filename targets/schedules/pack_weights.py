@@ -32,6 +32,7 @@ from tvm import relax, te
 
 from mbcompile.cpu import cpu_info
 from mbcompile.passes.graph import Graph, column_slice
+from mbcompile.targets.legalize_once import KernelReuse, operand_key
 from mbcompile.targets.schedules import neon_steps, tile_intrinsics
 from mbcompile.targets.schedules.pack_bf16 import (
     OP_PATTERN_OPAQUE,
@@ -166,14 +167,6 @@ def why_not_packable(call: relax.Call, weight: np.ndarray | None) -> str | None:
     return None
 
 
-def _type_key(expr: relax.Expr) -> tuple:
-    """What of an operand a kernel depends on: its shape and dtype."""
-    info = expr.ty
-    shape = getattr(info, "shape", None)
-    values = tuple(str(v) for v in shape.values) if isinstance(shape, relax.ShapeExpr) else None
-    return (type(info).__name__, values, str(getattr(info, "dtype", "")))
-
-
 def _dense_int8_with_sums(xq, sx, wq, sw, cw, n: int, zero: int):
     """``dense_int8`` with the weight's column sums passed as a tensor among the others."""
     return dense_int8(xq, sx, wq, sw, n=n, cw=cw, zero=zero)
@@ -193,26 +186,22 @@ class _Packer(relax.PyExprMutator):
         self._constants: dict[tuple, tuple[relax.Constant, ...]] = {}
         # bf16: the function being visited, as the passes read it (who reads a variable)
         self.graph: Graph | None = None
-        # (kernel, operand types, options) → (a call made by call_te, where each of its
-        # arguments came from): a matmul's kernel is built once per shape, not once per call.
-        self._kernels: dict[tuple, tuple[relax.Call, tuple[int, ...]]] = {}
+        # a matmul's kernel is built once per shape, not once per call
+        self._kernels = KernelReuse()
 
     def _call_te(self, compute, *args: relax.Expr, **options) -> relax.Call:
         """``builder_.call_te(compute, *args, **options)`` (every tensor positional, each
         option a plain value), the kernel made once per operand types and options: te and
         ``create_prim_func`` took about 2 ms a call (5.2 s for the 2,320 matmuls of a default
         compile, under a profiler)."""
-        key = (compute, tuple(_type_key(a) for a in args), repr(sorted(options.items())))
-        if key in self._kernels:
-            first, where = self._kernels[key]
-            return relax.Call(first.op, [first.args[0], relax.Tuple([args[i] for i in where])],
-                              first.attrs, first.ty_args)
-        call = self.builder_.call_te(compute, *args, **options)
-        fields = list(call.args[1].fields) if len(call.args) == 2 else None
-        where = [[i for i, a in enumerate(args) if a.same_as(f)] for f in fields or []]
-        distinct = len({a.__chandle__() for a in args}) == len(args)
-        if fields is not None and distinct and all(len(w) == 1 for w in where):
-            self._kernels[key] = (call, tuple(w[0] for w in where))
+        operands = tuple(operand_key(a) for a in args)
+        if any(k is None for k in operands):
+            return self.builder_.call_te(compute, *args, **options)
+        key = (compute, operands, repr(sorted(options.items())))
+        call = self._kernels.reuse(key, args)
+        if call is None:
+            call = self.builder_.call_te(compute, *args, **options)
+            self._kernels.keep(key, args, call)
         return call
 
     def _packed(self, how: tuple, w: np.ndarray, pack) -> tuple[relax.Constant, ...]:
