@@ -74,12 +74,14 @@ def test_reduced_precision_builds_on_bf16_tiles_take_it_and_fp32_builds_do_not()
     assert not tile_attention_applies(resolve_target("x86-64-zen4").tvm_target(), "bf16")
 
 
-def test_the_kernel_compiles_to_tile_and_bf16_conversion_instructions():
+def test_the_kernel_compiles_to_tile_bf16_conversion_and_scale_instructions():
     func = tile_attention_kernel(4, 64, 64, 32, 32, 4, (1, 1, 1, 64))
     asm = tvm.tirx.build(
         tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=SAPPHIRE
     ).inspect_source("asm")
-    for instruction in ("ldtilecfg", "tdpbf16ps", "tilestored", "tilerelease", "vcvtneps2bf16"):
+    # the probabilities: scaled by 2^n, rounded two vectors at a time, summed by a bf16 dot
+    for instruction in ("ldtilecfg", "tdpbf16ps", "tilestored", "tilerelease", "vscalefps",
+                        "vcvtne2ps2bf16", "vdpbf16ps"):
         assert instruction in asm, instruction
 
 
