@@ -5,6 +5,7 @@ to, and a whole model in bf16 and int8 on them."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -100,6 +101,17 @@ def test_the_kernel_compiles_to_tile_instructions(kind):
     for instruction in ("ldtilecfg", "tileloadd", product, "tilestored", "tilerelease"):
         assert instruction in asm, instruction
     assert "vdpbf16ps" not in asm and "vpdpbusd" not in asm
+
+
+def test_the_threads_split_the_rows_not_the_weight_panels():
+    """The parallel loop walks a row block's panels one after another, so each thread keeps
+    the rows it wrote in the kernel before (``dense_tiles`` module doc)."""
+    sch, *_ = _kernel("bf16", 128, 128, 512)  # 2 row blocks of 64, 16 panels of 32
+    script = sch.mod.script()
+    # the block's row index is the parallel index over the panels' count, its panel the rest
+    row = re.search(r"v_i0_o = T.axis.spatial\(2, (\w+) // 16\)", script)
+    assert row is not None, script
+    assert f"v_i1_o = T.axis.spatial(16, {row.group(1)} % 16)" in script
 
 
 SHAPES = [(8, 32, 32), (13, 64, 48), (24, 128, 16), (32, 64, 96), (100, 256, 64), (128, 128, 64),
