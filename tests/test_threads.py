@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import make_model, tiny_config
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -113,6 +114,33 @@ def test_several_models_first_called_in_threads_give_the_serial_results(tiny_qa_
     fresh = [mbcompile.load(tiny_qa_artifact) for _ in range(3)]
     work = [(m, inputs, expected) for m in fresh]
     assert _hammer(work, threads=6, calls=40) == []
+
+
+def _host_lacks(precision: str) -> str | None:
+    from mbcompile.cpu import cpu_info
+    from mbcompile.targets.registry import host_target
+
+    info = cpu_info(host_target().tvm_target())
+    has = info.bf16_dot if precision == "bf16" else info.int8_dot
+    return None if has else f"this CPU has no {precision} dot products to run a {precision} build on"
+
+
+@pytest.mark.parametrize(
+    "precision",
+    [pytest.param(p, marks=pytest.mark.skipif(_host_lacks(p) is not None, reason=str(_host_lacks(p))))
+     for p in ("bf16", "int8")],
+)
+def test_a_reduced_precision_model_called_from_threads_gives_the_serial_results(precision):
+    """bf16 and int8 builds (on AMX tiles where the host has them: every call configures the
+    tiles on its thread and releases them; on dot products elsewhere) at every length up to 32,
+    from 4 threads at once: the serial results, bit for bit."""
+    import mbcompile
+
+    model = make_model("question-answering", tiny_config(), seed=5)
+    compiled = mbcompile.compile(model, max_seq_len=32, precision=precision)
+    inputs = _inputs(compiled, 8, seed=2)
+    expected = _serial(compiled, inputs)
+    assert _hammer([(compiled, inputs, expected)], threads=4, calls=40) == []
 
 
 NUM_THREADS_SCRIPT = textwrap.dedent(
