@@ -48,10 +48,17 @@ class CPUInfo:
     # What the matmuls can run on matrix tiles (Intel AMX, ``targets/schedules/dense_tiles.py``):
     # "bf16" (AMX-BF16's ``tdpbf16ps``), "u8s8" (AMX-INT8's ``tdpbusd``). Empty elsewhere.
     tile_kinds: tuple[str, ...] = ()
+    # The vector width of the bf16 and int8 dot-product kernels (``dense_dot.py``), when it is
+    # not ``vector_bits``: 512 on Zen 4 (below). 0: ``vector_bits``.
+    dot_vector_bits: int = 0
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of ``dtype`` in one vector register (at least 1)."""
         return max(self.vector_bits // tvm.DataType(dtype).bits, 1)
+
+    def dot_lanes(self) -> int:
+        """The fp32 (or int32) accumulator lanes of one dot-product instruction."""
+        return max((self.dot_vector_bits or self.vector_bits) // 32, 1)
 
 
 # No target, or not an llvm one: 8 fp32 lanes (AVX2's), which any CPU runs correctly (LLVM splits
@@ -129,7 +136,13 @@ def _llvm_cpu_info(target: tvm.target.Target) -> CPUInfo:
         if splits_512_bit_vectors(target):
             # Zen 4: AVX2's tiles (16 registers' worth) measured at least as fast as 32-register
             # 256-bit tiles (8 rows × 16) in the whole encoder, and faster than 512-bit ones.
-            return CPUInfo(256, 16, num_cores, **dots)
+            # The dot products are the other way round: each row's activation pair (or quad) is
+            # broadcast into a vector, and on Zen 4 that broadcast takes a slot of the pipes the
+            # dot products run on. Measured alone on one core (a tile of rows × 2 vectors, K
+            # 512, in L1): 256-bit vdpbf16ps at 0.19-0.24 ns per 8-lane dot product, 512-bit
+            # at 0.14-0.15 (the rate of dot products with no loads at all), the broadcasts
+            # halved per multiply-add.
+            return CPUInfo(256, 16, num_cores, dot_vector_bits=512, **dots)
         return CPUInfo(512, 32, num_cores, **dots)
     if _has("avx", target):
         return CPUInfo(256, 16, num_cores, int8_dot="vpmaddubsw" if _has("avx2", target) else "")

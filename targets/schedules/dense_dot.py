@@ -7,20 +7,31 @@ where either ``a``, ``b`` widen bf16 bits to fp32 (``d`` = 2, fp32 ``C``: ``vdpb
 ``vpmaddubsw``, int8 by int8 on ``sdot`` or ``smull``), with any spatial epilogue after it
 (int8's dequantization, bias, NoNorm, activation, residual), and schedules::
 
-    for b, jo, io in parallel (fused):           # jo outer: one K × nb panel stays in L1
+    for b, io, jo in parallel (fused):           # rows outer: a thread keeps its own rows
         acc[rows, nb] = 0                         # in registers
         for ko:  for kk (unrolled):  for ii (unrolled):  for jt (unrolled):
             acc[ii, jt·L : jt·L + L] += dot(A[i, d·k : d·k + d], Wp[jo, k, jt·L : jt·L + L, :])
         out[i, j] = epilogue(acc[ii, ji])
 
-``L`` is the 32-bit lanes of a vector (16, 8 on a CPU that splits 512-bit operations, 4 on
-AArch64) and ``nb`` two vectors (four on AArch64, whose panels are 16 columns for the NEON
-steps: ``pack_weights``; counted on the emulated device at 128 tokens, bf16's largest kernel
-went from 16.5M to 13.2M instructions with them). The accumulator tile stays under 1 KiB, the size TVM 0.27
-keeps on the stack (a heap tile keeps LLVM from holding it in registers across the steps): 4
-rows of 32, or 6 where M divides by 6. Measured on an AVX512_BF16 Xeon, 1 thread,
-128×512·512×128 in bf16: 108 GFLOP/s with 4 × 32 against 87 for an fp32 kernel of the same
-loops. On AArch64 each row's activations for a ``ko`` step are loaded as one vector
+``L`` is the 32-bit lanes of the dot product's vector (``CPUInfo.dot_lanes``: 16 on AVX-512,
+Zen 4 included, 8 on AVX2, 4 on AArch64) and ``nb`` two vectors (four on AArch64, whose panels
+are 16 columns for the NEON steps: ``pack_weights``; counted on the emulated device at 128
+tokens, bf16's largest kernel went from 16.5M to 13.2M instructions with them). Zen 4 splits
+512-bit operations in two, and its fp32 tiles are 256-bit, but each step broadcasts a row's
+activations into a vector and there that broadcast takes a slot of the dot product's pipes:
+512-bit steps need half the broadcasts per multiply-add (``mbcompile.cpu``). Measured on a
+2-core Zen 4, the default encoder at 128 tokens, 1 thread, medians of interleaved calls: bf16
+43.4 → 32.8 ms, int8 24.5 → 21.8 (256-bit tiles of 4 rows; 8 rows of 256 bits gave 40.4 and
+23.9). The accumulator tile stays under 1 KiB, the size TVM 0.27 keeps on the stack (a heap
+tile keeps LLVM from holding it in registers across the steps): 4 rows of 32, or 6 where M
+divides by 6. x86's dot products are AVX-512 instructions, with 32 vector registers.
+
+Rows outer, as in ``dense_tiles.py``: the threads split the rows, and each reads the rows it
+wrote in the kernel before from its own core's cache. With the panels outer (one K × nb panel
+kept in L1, as this rule was first written), every kernel read half its input from the other
+core, and on Zen 4 the int8 encoder ran no faster on 2 threads than on 1. Measured there, 128
+tokens, 2 threads: bf16 19.4 → 18.1 ms, int8 21.2 → 13.7 (1 thread: 34.4 → 32.5, 23.3 →
+22.4). On AArch64 each row's activations for a ``ko`` step are loaded as one vector
 (``gemm_tile.stage_rows``) and the steps multiply by its lanes (the indexed ``sdot``).
 
 Bails (returns None) on any other PrimFunc, on a CPU without the instruction, or when a
@@ -157,7 +168,7 @@ class DenseDot(ScheduleRule):
             return None
         block, producers, consumers, nb, kind, activations = found
         info = cpu_info(target)
-        lanes = info.lanes("float32")
+        lanes = info.dot_lanes()
         instruction = info.bf16_dot if kind == "bf16" else info.int8_dot
         native = bool(instruction) and dot_intrinsics.kind_of(instruction) == kind
         if not native or nb % lanes or not dot_intrinsics.available(instruction, lanes):
@@ -173,11 +184,19 @@ class DenseDot(ScheduleRule):
         return sch
 
 
+def vector_registers(info) -> int:
+    """The vector registers a tile may use: 32 with x86's dot products, AVX-512 instructions
+    (Zen 4's ``CPUInfo`` counts AVX2's 16 for its fp32 tiles, ``mbcompile.cpu``)."""
+    if info.bf16_dot == "vdpbf16ps" or info.int8_dot == "vpdpbusd":
+        return max(info.num_vector_registers, 32)
+    return info.num_vector_registers
+
+
 def most_rows(info, nb: int) -> int:
     """The most rows a tile may take: under ``TILE_BYTES``, and with its accumulators, one A
     broadcast and the panel's vectors within three quarters of the vector registers."""
-    vectors = nb // info.lanes("float32")
-    registers = (info.num_vector_registers * 3 // 4 - vectors - 1) // vectors
+    vectors = nb // info.dot_lanes()
+    registers = (vector_registers(info) * 3 // 4 - vectors - 1) // vectors
     return max(1, min((TILE_BYTES - 1) // (4 * nb), registers))
 
 
@@ -187,7 +206,7 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, instru
     K unroll (up to 8 steps) become MetaSchedule knobs (``sample_perfect_tile``), as in
     ``gemm_tile.schedule_gemm``. ``stage``: the activation buffer, its rows staged per ``ko``
     (``gemm_tile.stage_rows``)."""
-    lanes = info.lanes("float32")
+    lanes = info.dot_lanes()
     depth = dot_intrinsics.depth(dot_intrinsics.kind_of(instruction))
     *batch, i, j, k = sch.get_loops(block)
     m = const_int(sch.get(i).extent)
@@ -200,8 +219,8 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, instru
     else:
         io, ii = sch.split(i, [None, tile_rows(m, nb, info)])
         ko, kk = sch.split(ko, [None, largest_divisor(steps, 4)])
-    sch.reorder(*batch, jo, io, ko, kk, ii, jt, ji, ki)
-    outer = sch.fuse(*batch, jo, io)
+    sch.reorder(*batch, io, jo, ko, kk, ii, jt, ji, ki)
+    outer = sch.fuse(*batch, io, jo)
     sch.parallel(outer)
     if consumers:
         (epilogue,) = consumers

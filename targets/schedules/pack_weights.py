@@ -56,13 +56,14 @@ OP_PATTERN_ELEMWISE = 0  # tvm/relax/analysis: OpPatternKind::kElemWise
 OP_PATTERN_OUT_EWISE_FUSABLE = 4  # tvm/relax/analysis: OpPatternKind::kOutEWiseFusable
 
 
-def packed_block_width(target: tvm.target.Target, dtype: str, n: int) -> int:
+def packed_block_width(target: tvm.target.Target, dtype: str, n: int, precision: str = "fp32") -> int:
     """Columns per packed panel: two vectors, or fewer lanes' worth for a narrow N; on targets
-    with FMA by lane (AArch64), the 16 fp32 columns of a NEON step (``neon_steps``)."""
+    with FMA by lane (AArch64), the 16 fp32 columns of a NEON step (``neon_steps``). A bf16 or
+    int8 matmul's vectors are its dot product's (``CPUInfo.dot_lanes``: 512-bit on Zen 4)."""
     info = cpu_info(target)
-    lanes = info.lanes(dtype)
     if info.fma_by_lane and dtype == "float32":
         return neon_steps.COLUMNS
+    lanes = info.lanes(dtype) if precision == "fp32" else info.dot_lanes()
     return min(2 * lanes, -(-n // lanes) * lanes)
 
 
@@ -220,7 +221,7 @@ class _Packer(relax.PyExprMutator):
         if why is not None:
             logger.debug("PackDenseWeights: not packing %s: %s", call.op, why)
             return call
-        block = packed_block_width(self.target, str(w.dtype), w.shape[1])
+        block = packed_block_width(self.target, str(w.dtype), w.shape[1], self.precision)
         self.packed += 1
         x, k_offset = call.args[0], 0
         source = column_slice(self.lookup_binding(x) if isinstance(x, relax.Var) else x)

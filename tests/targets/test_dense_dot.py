@@ -1,6 +1,7 @@
 """The reduced-precision matmul kernels (``pack_bf16``, ``pack_int8``, ``DenseDot``): their
 numbers against numpy on the same rounded operands, and the instructions they compile to, for
-512-bit targets and for Zen 4's 256-bit one (compiled here, run where the host has the feature)."""
+512-bit targets (Zen 4's included: its fp32 kernels are 256-bit, its dot products not), AVX2
+and AArch64 (compiled here, run where the host has the feature)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
-    block = packed_block_width(target, "float32", n)
+    block = packed_block_width(target, "float32", n, kind)
     if kind == "bf16":
         xb, wp = np.zeros((m, k + k % 2), np.uint16), pack_weight_bf16(w, block)
         xb[:, :k] = bf16_bits(x)
@@ -110,19 +111,33 @@ def test_the_run_time_rounding_kernels_round_as_numpy():
     "kind, target",
     [("bf16", SAPPHIRE), ("int8", SAPPHIRE), ("bf16", ZEN4), ("int8", ZEN4), ("int8", DOTPROD),
      ("int8", ZEN3), ("int8", SKYLAKE), ("int8", NEON), ("bf16", ARMV9)],
-    ids=["bf16-512-bit", "int8-512-bit", "bf16-zen4-256-bit", "int8-zen4-256-bit", "int8-aarch64",
+    ids=["bf16-512-bit", "int8-512-bit", "bf16-zen4-512-bit", "int8-zen4-512-bit", "int8-aarch64",
          "int8-zen3-avx2", "int8-avx512-without-vnni", "int8-aarch64-neon", "bf16-armv9"],
 )
 def test_the_kernel_compiles_to_the_dot_instruction(kind, target):
     sch, *_ = _kernel(kind, target, 24, 64, 96)
     assert sch is not None, "DenseDot did not schedule the kernel"
     asm = tvm.tirx.build(sch.mod, target=target).inspect_source("asm")
-    register = {512: "%zmm", 256: "%ymm", 128: ".4s"}[cpu_info(target).vector_bits]
+    register = {16: "%zmm", 8: "%ymm", 4: ".4s"}[cpu_info(target).dot_lanes()]
     register = ".8h" if _instruction(kind, target) == "smull" else register  # int16 products
     lines = [line for line in asm.splitlines() if _instruction(kind, target) in line]
     # (a scalar smull of x/w registers is address arithmetic, not a product of the matmul)
     lines = [line for line in lines if not re.search(r"smull\t[xw]\d", line)]
     assert lines and all(register in line for line in lines), lines[:3]
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_the_threads_split_the_rows_not_the_weight_panels(kind):
+    """The parallel loop walks a row block's panels one after another, so each thread keeps the
+    rows it wrote in the kernel before (``dense_dot`` module doc)."""
+    sch, *_ = _kernel(kind, ZEN4, 128, 64, 512)  # 32 row blocks of 4, 16 panels of 32
+    script = sch.mod.script()
+    # the row block is the parallel index over the panels' count, the panel the rest
+    fused = re.search(r"for (\w+) in T.parallel\(512\b", script)
+    assert fused is not None, script
+    var = fused.group(1)
+    assert f"T.axis.spatial(128, {var} // 16 * 4 + " in script, script  # row block: outer
+    assert f"T.axis.spatial(32, {var} % 16 * 2 + " in script, script  # panel (of 2 vectors)
 
 
 @pytest.mark.parametrize("kind, target", [("bf16", HOST), ("int8", HOST), ("int8", ZEN3)],

@@ -169,6 +169,18 @@ def test_zen4_is_scheduled_with_256_bit_vectors_though_it_has_avx512():
     assert tile_rows(cpu_info(zen4), "float32", 128) == tile_rows(cpu_info(AVX2), "float32", 128)
 
 
+def test_zen4_runs_its_dot_products_on_512_bit_vectors():
+    """Its bf16 and int8 matmuls: 512-bit steps, panels of two such vectors (``mbcompile.cpu``:
+    the row broadcasts share the dot product's pipes). fp32 keeps 256 bits; AVX2 is 256 bits."""
+    zen4 = tvm.target.Target({"kind": "llvm", "mcpu": "znver4", "num-cores": 2})
+    assert cpu_info(zen4).dot_lanes() == 16 and cpu_info(zen4).lanes("float32") == 8
+    for precision in ("bf16", "int8"):
+        assert packed_block_width(zen4, "float32", 512, precision) == 32
+        assert packed_block_width(AVX2, "float32", 512, precision) == 16
+    assert packed_block_width(zen4, "float32", 20, "bf16") == 32  # a narrow N: one vector's worth
+    assert cpu_info(AVX2).dot_lanes() == 8 and cpu_info(AVX512).dot_lanes() == 16
+
+
 
 def test_cpu_info_without_an_llvm_target_is_eight_fp32_lanes_and_reads_dicts():
     assert cpu_info(None).lanes("float32") == 8
