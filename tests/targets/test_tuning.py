@@ -154,8 +154,14 @@ def default_layer():
     return random_model(named_config("mobilebert-uncased", num_hidden_layers=1), "base")
 
 
+# cpu → the compile options whose kernels its database holds: Zen 4's was tuned again on a Zen 4
+# for every length the default compile makes (session 17); Zen 3's holds seq 128's (no Zen 3
+# has been at hand since)
+SHIPPED_OPTIONS = {"znver3": {"seq_len": 128}, "znver4": {}}
+
+
 @pytest.mark.parametrize("cpu", sorted(SHIPPED_X86))
-def test_the_shipped_database_holds_every_kernel_of_the_default_encoder_at_seq_128(
+def test_the_shipped_database_holds_every_kernel_of_the_default_encoder_it_was_tuned_for(
     default_layer, cpu
 ):
     from mbcompile.compiler import prepare
@@ -164,7 +170,7 @@ def test_the_shipped_database_holds_every_kernel_of_the_default_encoder_at_seq_1
     from mbcompile.targets.tuning import meta_schedule
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
-    mod = prepare(default_layer, CompileOptions(target="host", seq_len=128)).mod
+    mod = prepare(default_layer, CompileOptions(target="host", **SHIPPED_OPTIONS[cpu])).mod
     tasks = meta_schedule().relax_integration.extract_tasks(
         fused_module(mod, target), target, module_equality="structural"
     )
