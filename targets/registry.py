@@ -115,7 +115,8 @@ TARGETS: dict[str, Target] = {
         ),
         Target(
             name="x86-64-zen4",
-            description="AMD Zen 4 (EPYC 9004, Ryzen 7000): AVX-512, scheduled with 256-bit vectors",
+            description=("AMD Zen 4 (EPYC 9004, Ryzen 7000): AVX-512; fp32 on 256-bit vectors, "
+                         "bf16 and int8 on 512-bit"),
             arch="x86_64",
             llvm={**_X86, "mcpu": "znver4"},
             features=_AVX512,
