@@ -48,9 +48,11 @@ class CPUInfo:
     # What the matmuls can run on matrix tiles (Intel AMX, ``targets/schedules/dense_tiles.py``):
     # "bf16" (AMX-BF16's ``tdpbf16ps``), "u8s8" (AMX-INT8's ``tdpbusd``). Empty elsewhere.
     tile_kinds: tuple[str, ...] = ()
-    # The vector width of the bf16 and int8 dot-product kernels (``dense_dot.py``), when it is
-    # not ``vector_bits``: 512 on Zen 4 (below). 0: ``vector_bits``.
+    # The vector width and register count of the bf16 and int8 dot-product kernels
+    # (``dense_dot.py``), when they are not ``vector_bits`` and ``num_vector_registers``: 512
+    # and AVX-512's 32 on Zen 4 (below). 0: the same as the fp32 kernels'.
     dot_vector_bits: int = 0
+    dot_vector_registers: int = 0
 
     def lanes(self, dtype: str = "float32") -> int:
         """Elements of ``dtype`` in one vector register (at least 1)."""
@@ -59,6 +61,10 @@ class CPUInfo:
     def dot_lanes(self) -> int:
         """The fp32 (or int32) accumulator lanes of one dot-product instruction."""
         return max((self.dot_vector_bits or self.vector_bits) // 32, 1)
+
+    def dot_registers(self) -> int:
+        """The vector registers a dot-product tile may use."""
+        return self.dot_vector_registers or self.num_vector_registers
 
 
 # No target, or not an llvm one: 8 fp32 lanes (AVX2's), which any CPU runs correctly (LLVM splits
@@ -142,7 +148,8 @@ def _llvm_cpu_info(target: tvm.target.Target) -> CPUInfo:
             # 512, in L1): 256-bit vdpbf16ps at 0.19-0.24 ns per 8-lane dot product, 512-bit
             # at 0.14-0.15 (the rate of dot products with no loads at all), the broadcasts
             # halved per multiply-add.
-            return CPUInfo(256, 16, num_cores, dot_vector_bits=512, **dots)
+            return CPUInfo(256, 16, num_cores, dot_vector_bits=512, dot_vector_registers=32,
+                           **dots)
         return CPUInfo(512, 32, num_cores, **dots)
     if _has("avx", target):
         return CPUInfo(256, 16, num_cores, int8_dot="vpmaddubsw" if _has("avx2", target) else "")

@@ -24,7 +24,8 @@ activations into a vector and there that broadcast takes a slot of the dot produ
 43.4 → 32.8 ms, int8 24.5 → 21.8 (256-bit tiles of 4 rows; 8 rows of 256 bits gave 40.4 and
 23.9). The accumulator tile stays under 1 KiB, the size TVM 0.27 keeps on the stack (a heap
 tile keeps LLVM from holding it in registers across the steps): 4 rows of 32, or 6 where M
-divides by 6. x86's dot products are AVX-512 instructions, with 32 vector registers.
+divides by 6; on Zen 4 the tile may use AVX-512's 32 vector registers
+(``CPUInfo.dot_registers``).
 
 Rows outer, as in ``dense_tiles.py``: the threads split the rows, and each reads the rows it
 wrote in the kernel before from its own core's cache. With the panels outer (one K × nb panel
@@ -184,19 +185,11 @@ class DenseDot(ScheduleRule):
         return sch
 
 
-def vector_registers(info) -> int:
-    """The vector registers a tile may use: 32 with x86's dot products, AVX-512 instructions
-    (Zen 4's ``CPUInfo`` counts AVX2's 16 for its fp32 tiles, ``mbcompile.cpu``)."""
-    if info.bf16_dot == "vdpbf16ps" or info.int8_dot == "vpdpbusd":
-        return max(info.num_vector_registers, 32)
-    return info.num_vector_registers
-
-
 def most_rows(info, nb: int) -> int:
     """The most rows a tile may take: under ``TILE_BYTES``, and with its accumulators, one A
     broadcast and the panel's vectors within three quarters of the vector registers."""
     vectors = nb // info.dot_lanes()
-    registers = (vector_registers(info) * 3 // 4 - vectors - 1) // vectors
+    registers = (info.dot_registers() * 3 // 4 - vectors - 1) // vectors
     return max(1, min((TILE_BYTES - 1) // (4 * nb), registers))
 
 
