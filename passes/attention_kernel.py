@@ -39,7 +39,7 @@ tvmscript.install()  # the kernel is TVMScript, parsed per shape: without the sl
 KIND_ATTR = "mbcompile.kind"
 KIND = "attention"
 # The kernel's arguments (JSON: ``attention_kernel``'s shape arguments), for a target stage that
-# swaps in a kernel of its own with the same signature (``targets/schedules/tile_attention.py``).
+# swaps in a kernel of its own with the same signature (``targets/schedules/bf16_attention.py``).
 SHAPE_ATTR = "mbcompile.attention_shape"
 
 @dataclass(frozen=True)

@@ -21,11 +21,11 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from mbcompile.targets.legalize_once import legalize_ops
 from mbcompile.targets.parallel import per_function
 from mbcompile.targets.schedules import (
+    Bf16Attention,
     NeonAttention,
     PackDenseWeights,
     PrefetchWeightPanels,
     ScheduleKernels,
-    TileAttention,
     default_rules,
 )
 
@@ -34,8 +34,8 @@ def layout_passes(target: tvm.target.Target, precision: str = "fp32") -> list[tv
     return [
         # matmul by a constant → packed-weight call_tir (bf16: and a rounding of its input)
         PackDenseWeights(target, precision),
-        # bf16 / int8 on AMX: the fused attention's products on bf16 tiles too
-        TileAttention(target, precision),
+        # bf16 / int8 with AVX512_BF16: the fused attention's products in bf16 (tiles or vectors)
+        Bf16Attention(target, precision),
         # AArch64: the fused attention's products as NEON steps
         NeonAttention(target),
         # softmax / exp / erf / tanh → polynomial forms that vectorise (libm's are scalar calls)

@@ -1,7 +1,7 @@
 """CPU schedules applied without tuning: weight pre-packing (Relax) and per-PrimFunc rules.
 
 ``layout_passes`` of ``targets/pipeline.py`` runs :class:`PackDenseWeights`,
-:class:`TileAttention` and :class:`NeonAttention`;
+:class:`Bf16Attention` and :class:`NeonAttention`;
 ``schedule_passes`` runs :class:`ScheduleKernels` with :func:`default_rules`.
 """
 
@@ -12,6 +12,7 @@ from tvm.s_tir.dlight.base import ScheduleRule
 
 from mbcompile.targets.schedules.apply import ScheduleKernels
 from mbcompile.targets.schedules.batch_matmul import BatchMatmul
+from mbcompile.targets.schedules.bf16_attention import Bf16Attention
 from mbcompile.targets.schedules.dense import DensePacked
 from mbcompile.targets.schedules.dense_dot import DenseDot
 from mbcompile.targets.schedules.dense_neon import DenseNeon
@@ -21,7 +22,6 @@ from mbcompile.targets.schedules.neon_attention import NeonAttention
 from mbcompile.targets.schedules.pack_weights import PackDenseWeights
 from mbcompile.targets.schedules.prefetch import PrefetchWeightPanels
 from mbcompile.targets.schedules.reduction import RowReduction
-from mbcompile.targets.schedules.tile_attention import TileAttention
 
 
 def default_rules(target: tvm.target.Target) -> list[ScheduleRule]:
@@ -41,6 +41,6 @@ __all__ = [
     "PrefetchWeightPanels",
     "RowReduction",
     "ScheduleKernels",
-    "TileAttention",
+    "Bf16Attention",
     "default_rules",
 ]

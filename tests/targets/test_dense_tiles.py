@@ -161,13 +161,13 @@ def test_a_kernel_asks_linux_for_the_tiles_itself(tmp_path):
 @pytest.mark.skipif("bf16" not in HOST_TILES or "u8s8" not in HOST_TILES, reason=NO_AMX)
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_a_model_on_tiles_matches_pytorch(precision, monkeypatch):
-    """Its matmuls on tiles and its attention too (``tile_attention.py``), up to 128 tokens:
+    """Its matmuls on tiles and its attention too (``bf16_attention.py``), up to 128 tokens:
     matmuls of several row blocks, which share the prefetch of the weights."""
     import mbcompile
-    from mbcompile.targets.schedules import tile_attention
+    from mbcompile.targets.schedules import bf16_attention
 
     counts, attention = [], []
-    original, original_attention = DenseTiles.apply, tile_attention.tile_attention_kernel
+    original, original_attention = DenseTiles.apply, bf16_attention.bf16_attention_kernel
 
     def counting(self, func, target, tunable):
         sch = original(self, func, target, tunable)
@@ -179,7 +179,7 @@ def test_a_model_on_tiles_matches_pytorch(precision, monkeypatch):
         return original_attention(*args, **kwargs)
 
     monkeypatch.setattr(DenseTiles, "apply", counting)
-    monkeypatch.setattr(tile_attention, "tile_attention_kernel", counting_attention)
+    monkeypatch.setattr(bf16_attention, "bf16_attention_kernel", counting_attention)
     config = tiny_config(max_position_embeddings=128)
     model = trained_pad_row(make_model("base", config))
     compiled = mbcompile.compile(model, precision=precision, max_seq_len=128)

@@ -1,32 +1,36 @@
-"""The fused attention's two products on matrix tiles (Intel AMX, bf16), for reduced precision.
+"""The fused attention's two products in bf16, for reduced-precision builds: on Intel AMX's
+matrix tiles, or on AVX512_BF16's ``vdpbf16ps`` vectors where there are no tiles (AMD Zen 4).
 
 ``FuseAttention``'s kernel (``passes/attention_kernel.py``) computes both products in fp32
-FMAs, about 100 GFLOP/s on one core: at 384 tokens a quarter of a bf16 forward on an AMX CPU.
-On a target with bf16 tiles, a bf16 or int8 build swaps it for this kernel, with the same
-signature, arguments and guarded softmax::
+FMAs: about 100 GFLOP/s on one core of an AMX Xeon, at 384 tokens a quarter of a bf16 forward
+there; on Zen 4 about 58 GFLOP/s, 22% of a bf16 forward at 384 tokens (31 of 142 ms, per
+kernel, instrumented). On a target with bf16 dot products and AVX-512, a bf16 or int8 build
+swaps it for this kernel, with the same signature, arguments and guarded softmax::
 
     for b in parallel(heads):                    # once per head: K and V in AMX's B layout
         kb[b, key // 32, d // 2, key % 32, d % 2] = bf16(kt[b, d, key])
         vb[b, key // 2, d, key % 2]               = bf16(v[b, key, d])
     for b, block of 32 query rows in parallel:
         qb = bf16(q[b, rows])                               # 32 × dim
-        s  = tiles(qb · kb[b])                              # tdpbf16ps, fp32 sums
+        s  = steps(qb · kb[b])                              # fp32 sums
         e  = exp(s + bias - max);  pb = bf16(e);  sum = Σ widen(pb)     # fp32, in vectors
-        out[b, rows] = tiles(pb · vb[b]) / sum              # tdpbf16ps, fp32 sums
+        out[b, rows] = steps(pb · vb[b]) / sum              # fp32 sums
 
-K, head dims and keys are padded with zeros to a tile row (32 bf16), the padded keys' scores
+The steps are ``tile_intrinsics``' (``tdpbf16ps``) on AMX, ``dot_steps``' (``vdpbf16ps``, 8
+rows × 32 columns in registers) elsewhere: both read this layout, called directly with a
+block stride, the scores step walking the key panels (``bstep`` a panel of ``kb``, ``cstep``
+32 score columns), the context step the head-dim panels of ``vb``.
+
+K, head dims and keys are padded with zeros to 32 (a tile row of bf16), the padded keys' scores
 with -inf. Rows whose keys are all masked give zeros, as ``FuseAttention``'s kernel does. The
 sum is of the rounded probabilities the product uses, so the weights of every row add up to 1.
 Each pair of bf16 values is built in one uint32 lane (``_pair``): no interleaving shuffle.
 
-The products are ``tile_intrinsics``' step, called directly with a block stride: the scores
-step walks the key panels (``bstep`` a panel of ``kb``, ``cstep`` 32 score columns), the
-context step the head-dim panels of ``vb``.
-
 Accuracy: bf16 operands (8 bits of mantissa) with fp32 sums, as OpenVINO's bf16 runs its
-attention on this CPU. ``tests/test_precision.py`` holds the encoder's error to OpenVINO's: the
-default encoder's max abs error on the bench's input at 384 tokens is 2.7e-4 with it (2.6e-4
-with fp32 attention; OpenVINO bf16 4.4e-4), int8's stays 1.2e-3 (ONNX Runtime int8 2.1e-3).
+attention (on AMX, and with AVX512_BF16's dot products on Zen 4). ``tests/test_precision.py``
+holds the encoder's error to OpenVINO's: on AMX, the default encoder's max abs error on the
+bench's input at 384 tokens is 2.7e-4 with it (2.6e-4 with fp32 attention; OpenVINO bf16
+4.4e-4), int8's stays 1.2e-3 (ONNX Runtime int8 2.1e-3).
 
 Speed, alone (4 heads of 32, 1 thread, warm, on a 2-core AMX Xeon): 0.35 ms against the fp32
 kernel's 0.64 at 384 tokens, 42 µs against 72 at 128. The exponentials are most of what is left:
@@ -55,7 +59,7 @@ from mbcompile.passes.attention_kernel import (
     reduce_lanes,
     with_signature,
 )
-from mbcompile.targets.schedules import tile_intrinsics
+from mbcompile.targets.schedules import dot_steps, tile_intrinsics
 from mbcompile.targets.schedules.pack_bf16 import round_bf16
 
 tvmscript.install()  # this module parses TVMScript: without the slow frame walk
@@ -63,7 +67,8 @@ tvmscript.install()  # this module parses TVMScript: without the slow frame walk
 logger = logging.getLogger(__name__)
 
 TILE_K = 32  # bf16 values per tile row: keys and head dims are padded to this
-LANES = 16  # fp32 lanes of AVX-512, which every CPU with AMX has
+LANES = 16  # fp32 lanes of AVX-512, which every CPU with AVX512_BF16 has
+STEPS = ("tiles", "vectors")  # the products on AMX tiles, or on vdpbf16ps vectors
 # 2^f ≈ 1 + f·(c1 + f·(c2 + f·c3)) on |f| <= 1/2: relative error 1.0e-4, well under the 2^-9
 # of the bf16 rounding that follows (attention_kernel's degree-5 polynomial is for fp32).
 EXP2_POLY3 = (0.69328293, 0.24221097, 0.05500893)
@@ -90,6 +95,18 @@ def _float(value: float) -> str:
     """An fp32 constant as LLVM IR writes it (the double of the same value, in hex)."""
     bits = struct.unpack("<Q", struct.pack("<d", float(np.float32(value))))[0]
     return f"0x{bits:016X}"
+
+
+def _joined(*irs: str) -> str:
+    """LLVM IR snippets as one module: an intrinsic two of them declare is declared once."""
+    seen, lines = set(), []
+    for line in "\n".join(irs).splitlines():
+        if line.startswith("declare "):
+            if line in seen:
+                continue
+            seen.add(line)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def exp_row_name(keys: int) -> str:
@@ -168,7 +185,7 @@ done:
 
 
 @functools.lru_cache(maxsize=256)  # as attention_kernel: the same shapes, the same PrimFunc
-def tile_attention_kernel(
+def bf16_attention_kernel(
     bh: int,
     seq_q: int,
     seq_k: int,
@@ -177,8 +194,12 @@ def tile_attention_kernel(
     heads: int,
     bias_shape: tuple[int, ...],
     rows_layout: RowsLayout | None = None,
+    steps: str = "tiles",
 ) -> tvm.tirx.PrimFunc:
-    """The module doc's kernel, with ``attention_kernel``'s signature for the same arguments."""
+    """The module doc's kernel, with ``attention_kernel``'s signature for the same arguments;
+    ``steps`` (:data:`STEPS`): its products on AMX tiles or on ``vdpbf16ps`` vectors."""
+    if steps not in STEPS:
+        raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
     b0, h0, i0, j0 = bias_shape
     lanes = LANES
     rows = min(ROWS, seq_q)
@@ -188,9 +209,15 @@ def tile_attention_kernel(
     dim_vp = _ceil(dim_v, TILE_K)
     panels_k, panels_v = keys // TILE_K, dim_vp // TILE_K
     rows0, rows1 = min(rows, tile_intrinsics.TILE_ROWS), max(rows - tile_intrinsics.TILE_ROWS, 0)
-    step = tile_intrinsics.function_name("bf16", rows, TILE_K)
+    tiles = steps == "tiles"
+    if tiles:
+        step = tile_intrinsics.function_name("bf16", rows, TILE_K)
+        step_ir = tile_intrinsics.llvm_ir("bf16", rows, TILE_K)
+    else:
+        step = dot_steps.function_name(rows)
+        step_ir = dot_steps.llvm_ir(rows)
     exp_row = exp_row_name(keys)
-    ir = tile_intrinsics.llvm_ir("bf16", rows, TILE_K) + exp_row_ir(keys)
+    ir = _joined(step_ir, exp_row_ir(keys))
     neg_inf = T.float32("-inf")
     kb_head = keys * dim_p // 2  # uint32 pairs of one head's K
     vb_head = keys * dim_vp // 2
@@ -237,15 +264,25 @@ def tile_attention_kernel(
                     qb[r, d] = T.if_then_else(
                         d < dim, round_bf16(q[b, row0 + r, T.min(d, dim - 1)]), T.uint16(0)
                     )
-            # scores: one step per 32 keys, the query tiles loaded once per step
-            T.evaluate(T.call_extern(
-                "int32", step,
-                s.access_ptr("w"), T.int64(keys * 4), qb.access_ptr("r"), T.int64(dim_p * 2),
-                kb.access_ptr("r", offset=b * kb_head), T.int64(panel_bytes),
-                T.int64(dim_p // TILE_K), rows0, rows1, T.int64(panels_k),
-                kb.access_ptr("r", offset=b * kb_head), 0,
-                T.int64(0), T.int64(dim_p // 2 * panel_bytes), T.int64(TILE_K * 4),
-            ))  # fmt: skip
+            # scores: one step per 32 keys (the query tiles loaded once per step on AMX)
+            if tiles:
+                T.evaluate(T.call_extern(
+                    "int32", step,
+                    s.access_ptr("w"), T.int64(keys * 4), qb.access_ptr("r"), T.int64(dim_p * 2),
+                    kb.access_ptr("r", offset=b * kb_head), T.int64(panel_bytes),
+                    T.int64(dim_p // TILE_K), rows0, rows1, T.int64(panels_k),
+                    kb.access_ptr("r", offset=b * kb_head), 0,
+                    T.int64(0), T.int64(dim_p // 2 * panel_bytes), T.int64(TILE_K * 4),
+                ))  # fmt: skip
+            else:
+                T.evaluate(T.call_extern(
+                    "int32", step,
+                    qb.access_ptr("r"), T.int64(dim_p * 2),
+                    kb.access_ptr("r", offset=b * kb_head), T.int64(panel_bytes),
+                    s.access_ptr("w"), T.int64(keys * 4),
+                    T.int64(dim_p // 2), T.int64(panels_k),
+                    T.int64(dim_p // 2 * panel_bytes), T.int64(TILE_K * 4),
+                ))  # fmt: skip
             # guarded softmax, row by row: bias, max, exp in base 2 (attention_kernel's), sum
             for r in range(rows):
                 for ln in T.vectorized(lanes):
@@ -271,14 +308,24 @@ def tile_attention_kernel(
                     pb.access_ptr("w", offset=r * keys), shift[r],
                 )  # fmt: skip
             # context: one step per 32 head dims, over all keys
-            T.evaluate(T.call_extern(
-                "int32", step,
-                ctx.access_ptr("w"), T.int64(dim_vp * 4), pb.access_ptr("r"), T.int64(keys * 2),
-                vb.access_ptr("r", offset=b * vb_head), T.int64(dim_vp * 4),
-                T.int64(keys // TILE_K), rows0, rows1, T.int64(panels_v),
-                vb.access_ptr("r", offset=b * vb_head), 0,
-                T.int64(0), T.int64(panel_bytes), T.int64(TILE_K * 4),
-            ))  # fmt: skip
+            if tiles:
+                T.evaluate(T.call_extern(
+                    "int32", step,
+                    ctx.access_ptr("w"), T.int64(dim_vp * 4), pb.access_ptr("r"), T.int64(keys * 2),
+                    vb.access_ptr("r", offset=b * vb_head), T.int64(dim_vp * 4),
+                    T.int64(keys // TILE_K), rows0, rows1, T.int64(panels_v),
+                    vb.access_ptr("r", offset=b * vb_head), 0,
+                    T.int64(0), T.int64(panel_bytes), T.int64(TILE_K * 4),
+                ))  # fmt: skip
+            else:
+                T.evaluate(T.call_extern(
+                    "int32", step,
+                    pb.access_ptr("r"), T.int64(keys * 2),
+                    vb.access_ptr("r", offset=b * vb_head), T.int64(dim_vp * 4),
+                    ctx.access_ptr("w"), T.int64(dim_vp * 4),
+                    T.int64(keys // 2), T.int64(panels_v),
+                    T.int64(panel_bytes), T.int64(TILE_K * 4),
+                ))  # fmt: skip
             for r in range(rows):
                 for d in T.vectorized(dim_v):
                     out[b, row0 + r, d] = ctx[r, d] * inv[r]
@@ -286,19 +333,21 @@ def tile_attention_kernel(
     return with_signature(attend, bh, seq_q, seq_k, dim, dim_v, heads, bias_shape, rows_layout)
 
 
-def tile_attention_applies(target: tvm.target.Target, precision: str) -> bool:
-    """Whether a ``precision`` build for ``target`` takes this kernel: bf16 tiles and
-    AVX512_BF16 (``vdpbf16ps``'s, for the probabilities' rounding), and matmuls in reduced
-    precision (an fp32 build keeps fp32 attention)."""
+def bf16_attention_steps(target: tvm.target.Target, precision: str) -> str | None:
+    """The steps a ``precision`` build for ``target`` runs this kernel on: "tiles" (AMX bf16
+    tiles), "vectors" (AVX512_BF16 without them), or None, keeping ``FuseAttention``'s fp32
+    kernel: an fp32 build, or a CPU without AVX-512's bf16 dot product (which the softmax's
+    rounding uses too: ``vcvtne2ps2bf16``, ``vdpbf16ps``)."""
     info = cpu_info(target)
-    return (precision in ("bf16", "int8") and "bf16" in info.tile_kinds
-            and info.bf16_dot == "vdpbf16ps" and info.lanes("float32") == LANES)
+    if precision not in ("bf16", "int8") or info.bf16_dot != "vdpbf16ps":
+        return None
+    return "tiles" if "bf16" in info.tile_kinds else "vectors"
 
 
-@tvm.transform.module_pass(opt_level=0, name="TileAttention")
-class TileAttention:
-    """Swap every fused attention kernel (``FuseAttention``) for this module's, where
-    ``tile_attention_applies``. ``last_count`` holds how many kernels the last run swapped."""
+@tvm.transform.module_pass(opt_level=0, name="Bf16Attention")
+class Bf16Attention:
+    """Swap every fused attention kernel (``FuseAttention``) for this module's, on the steps
+    ``bf16_attention_steps`` gives. ``last_count`` holds how many kernels the last run swapped."""
 
     def __init__(self, target: tvm.target.Target, precision: str = "fp32"):
         self.target = target
@@ -307,10 +356,11 @@ class TileAttention:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         self.last_count = 0
-        if not tile_attention_applies(self.target, self.precision):
+        steps = bf16_attention_steps(self.target, self.precision)
+        if steps is None:
             return mod
         for gvar, args in fused_attention_shapes(mod):
-            mod[gvar] = tile_attention_kernel(**args)
+            mod[gvar] = bf16_attention_kernel(**args, steps=steps)
             self.last_count += 1
-        logger.info("TileAttention: %d attention kernels on tiles", self.last_count)
+        logger.info("Bf16Attention: %d attention kernels in bf16 on %s", self.last_count, steps)
         return mod
