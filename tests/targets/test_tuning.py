@@ -154,15 +154,19 @@ def default_layer():
     return random_model(named_config("mobilebert-uncased", num_hidden_layers=1), "base")
 
 
-# cpu → the compile options whose kernels its database holds: Zen 4's was tuned again on a Zen 4
-# for every length the default compile makes (session 17); Zen 3's holds seq 128's (no Zen 3
-# has been at hand since)
-SHIPPED_OPTIONS = {"znver3": {"seq_len": 128}, "znver4": {}}
+# (cpu, precision) → the compile options whose kernels its database holds: Zen 4's was tuned
+# again on a Zen 4 for every length the default compile makes (fp32 in session 17, bf16 in
+# session 18); Zen 3's holds seq 128's in fp32 (no Zen 3 has been at hand since)
+SHIPPED_OPTIONS = {
+    ("znver3", "fp32"): {"seq_len": 128},
+    ("znver4", "fp32"): {},
+    ("znver4", "bf16"): {},
+}
 
 
-@pytest.mark.parametrize("cpu", sorted(SHIPPED_X86))
+@pytest.mark.parametrize("cpu, precision", sorted(SHIPPED_OPTIONS))
 def test_the_shipped_database_holds_every_kernel_of_the_default_encoder_it_was_tuned_for(
-    default_layer, cpu
+    default_layer, cpu, precision
 ):
     from mbcompile.compiler import prepare
     from mbcompile.options import CompileOptions
@@ -170,9 +174,10 @@ def test_the_shipped_database_holds_every_kernel_of_the_default_encoder_it_was_t
     from mbcompile.targets.tuning import meta_schedule
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})
-    mod = prepare(default_layer, CompileOptions(target="host", **SHIPPED_OPTIONS[cpu])).mod
+    options = CompileOptions(target="host", **SHIPPED_OPTIONS[cpu, precision])
+    mod = prepare(default_layer, options).mod
     tasks = meta_schedule().relax_integration.extract_tasks(
-        fused_module(mod, target), target, module_equality="structural"
+        fused_module(mod, target, precision), target, module_equality="structural"
     )
     tunable = [  # the hand-written attention kernel comes scheduled: not a tuning task
         t for t in tasks if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)
