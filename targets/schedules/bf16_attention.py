@@ -60,6 +60,7 @@ from mbcompile.passes.attention_kernel import (
     with_signature,
 )
 from mbcompile.targets.schedules import dot_steps, tile_intrinsics
+from mbcompile.targets.schedules.llvm_text import join_ir
 from mbcompile.targets.schedules.pack_bf16 import round_bf16
 
 tvmscript.install()  # this module parses TVMScript: without the slow frame walk
@@ -95,18 +96,6 @@ def _float(value: float) -> str:
     """An fp32 constant as LLVM IR writes it (the double of the same value, in hex)."""
     bits = struct.unpack("<Q", struct.pack("<d", float(np.float32(value))))[0]
     return f"0x{bits:016X}"
-
-
-def _joined(*irs: str) -> str:
-    """LLVM IR snippets as one module: an intrinsic two of them declare is declared once."""
-    seen, lines = set(), []
-    for line in "\n".join(irs).splitlines():
-        if line.startswith("declare "):
-            if line in seen:
-                continue
-            seen.add(line)
-        lines.append(line)
-    return "\n".join(lines) + "\n"
 
 
 def exp_row_name(keys: int) -> str:
@@ -217,7 +206,7 @@ def bf16_attention_kernel(
         step = dot_steps.function_name(rows)
         step_ir = dot_steps.llvm_ir(rows)
     exp_row = exp_row_name(keys)
-    ir = _joined(step_ir, exp_row_ir(keys))
+    ir = join_ir(step_ir, exp_row_ir(keys))
     neg_inf = T.float32("-inf")
     kb_head = keys * dim_p // 2  # uint32 pairs of one head's K
     vb_head = keys * dim_vp // 2

@@ -43,6 +43,7 @@ from mbcompile.passes.attention_kernel import (
     with_signature,
 )
 from mbcompile.targets.schedules import neon_steps
+from mbcompile.targets.schedules.llvm_text import join_ir
 
 tvmscript.install()  # this module parses TVMScript: without the slow frame walk
 
@@ -228,7 +229,7 @@ def neon_attention_kernel(bh: int, seq_q: int, seq_k: int, dim: int, dim_v: int,
                neon_steps.row_llvm_ir(context_step, dim_steps)]
     ir.append(softmax_row_ir(padded // lanes))
     softmax = softmax_row_name(padded // lanes)
-    imports = {"pragma_import_llvm": neon_steps.join_ir(*ir)}
+    imports = {"pragma_import_llvm": join_ir(*ir)}
 
     def bias_row(b, row0):
         """The offset of the bias row the block's first query row adds (called as the script

@@ -244,20 +244,6 @@ def llvm_ir(step: Step) -> str:
     return _llvm_ir(step)
 
 
-def join_ir(*texts: str) -> str:
-    """Several functions' IR as one text for one kernel, each declaration once."""
-    seen: set[str] = set()
-    lines = []
-    for text in dict.fromkeys(texts):
-        for line in text.splitlines():
-            if line.startswith("declare"):
-                if line in seen:
-                    continue
-                seen.add(line)
-            lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 def _row_name(step: Step, chunks: int, bias_stride: int | None) -> str:
     bias = "" if bias_stride is None else f"_bias{bias_stride}"
     return f"{step.name}_x{chunks}{bias}"
