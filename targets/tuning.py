@@ -107,6 +107,7 @@ def tune_module(
             if lacking > 0 and finished.get(key, 0) < trials:
                 job["tasks"].append({
                     "name": task.task_name, "weight": float(task.weight), "hash": key,
+                    "flops": flops_per_forward(task),
                     "trials": lacking, "mod": tvm.ir.save_json(task_mod),
                 })
     tasks = job["tasks"]
@@ -149,12 +150,19 @@ def _tasks(ms, mod: tvm.IRModule, target: tvm.target.Target, max_tasks: int | No
         and not dense_tiles.handles(t.dispatched[0]["main"], target)
         and not dense_neon.handles(t.dispatched[0]["main"], target)
     ]
-    if max_tasks is not None:
-        from tvm.s_tir.analysis import estimate_tir_flops
+    extracted.sort(key=lambda t: -flops_per_forward(t))
+    return extracted if max_tasks is None else extracted[:max_tasks]
 
-        extracted.sort(key=lambda t: -t.weight * estimate_tir_flops(t.dispatched[0]))
-        extracted = extracted[:max_tasks]
-    return extracted
+
+def flops_per_forward(task) -> float:
+    """A task's FLOPs per forward: its kernel's FLOPs × the calls (``weight``)."""
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        flops = estimate_tir_flops(task.dispatched[0])
+    except (RuntimeError, ValueError, TypeError):  # a kernel TVM cannot count: last
+        flops = 0.0
+    return float(task.weight) * flops
 
 
 def _trials_done(ms_db, counts, task_mod: tvm.IRModule) -> int:

@@ -38,6 +38,8 @@ import time
 STOP_GRACE = 5.0
 # Tasks per tune_tasks call (``calls``): their first batches are built before any is measured.
 CHUNK_TASKS = 16
+# Trials of every task before any task gets more (``calls``)
+FIRST_TRIALS = 4
 
 
 class StopRequest:
@@ -170,7 +172,7 @@ def search(job: dict, stop: StopRequest, log) -> dict:
     progress = _progress_callback(
         ms, names, sum(task["trials"] for task in tasks), job["deadline"], stop, ended, log
     )
-    for index, (group, budget, last) in enumerate(calls(tasks, job["trials_per_batch"])):
+    for index, (group, budget, last) in enumerate(calls(tasks)):
         if stop.asked:
             return {"stopped": "interrupted"}
         # between calls too (a call may end on its own, its tasks' budgets spent); the first
@@ -218,27 +220,27 @@ def search(job: dict, stop: StopRequest, log) -> dict:
     return {"stopped": None}
 
 
-def calls(tasks: list[dict], per_batch: int, chunk: int = CHUNK_TASKS):
+def calls(tasks: list[dict], first_trials: int = FIRST_TRIALS, chunk: int = CHUNK_TASKS):
     """The ``tune_tasks`` calls that run ``tasks``: ``(group, trials per task, {hash: whether
     this is the task's last call})``.
 
     MetaSchedule builds and submits the first batch of every task of a call before it measures
     any (no progress line, no record, no look at the clock until then: 27 minutes for the 235
     kernels of an int8 build of every length on this Zen 4, which a 24-minute budget then
-    stopped with one trial measured). So the tasks run in two rounds, one batch each and then
-    the rest of their budget, each round in calls of at most ``chunk`` tasks
-    (``CHUNK_TASKS``), the most FLOPs per forward first (``weight``): a time budget then ends
-    with every task measured at least once, or with the costliest ones, and a progress line
-    comes after each call's first batches. Within a call every task has the same budget
-    (MetaSchedule gives all of a call's tasks one)."""
-    first = [{**task, "trials": min(task["trials"], per_batch)} for task in tasks]
-    rest = [{**task, "trials": task["trials"] - per_batch} for task in tasks
-            if task["trials"] > per_batch]
-    finishing = {task["hash"] for task in tasks if task["trials"] <= per_batch}
+    stopped with one trial measured). So the tasks run in two rounds, ``first_trials`` each
+    (the untuned schedule among them) and then the rest of their budget, each round in calls
+    of at most ``chunk`` tasks, the most FLOPs per forward first (``flops``): a time budget
+    then ends with every task measured, or with the costliest ones, and a progress line comes
+    after each call's first batches. Within a call every task has the same budget (MetaSchedule
+    gives all of a call's tasks one)."""
+    first = [{**task, "trials": min(task["trials"], first_trials)} for task in tasks]
+    rest = [{**task, "trials": task["trials"] - first_trials} for task in tasks
+            if task["trials"] > first_trials]
+    finishing = {task["hash"] for task in tasks if task["trials"] <= first_trials}
     for round_tasks in (first, rest):
         for budget in sorted({task["trials"] for task in round_tasks}, reverse=True):
             same = sorted((task for task in round_tasks if task["trials"] == budget),
-                          key=lambda task: -task["weight"])
+                          key=lambda task: -task["flops"])
             for start in range(0, len(same), chunk):
                 group = same[start : start + chunk]
                 last = {task["hash"]: round_tasks is rest or task["hash"] in finishing

@@ -84,11 +84,13 @@ def test_resume_gives_a_task_only_the_trials_it_lacks(tuned, tmp_path):
 
 def test_the_time_budget_stops_the_search_after_a_batch(tmp_path):
     """``minutes``: the search stops at the first batch that ends past the budget (this once
-    came out of MetaSchedule as a bare RuntimeError)."""
+    came out of MetaSchedule as a bare RuntimeError), after the first round's few trials."""
+    from mbcompile.targets.tuning_search import FIRST_TRIALS
+
     model = make_model("base", tiny_config(num_hidden_layers=1))
     summary = mbcompile.tune(model, work_dir=tmp_path / "db", seq_len=16, trials=40,
                              minutes=0.01, max_tasks=1, log=print)
-    assert summary["stopped"] == "time budget" and summary["records"] == 16  # one batch
+    assert summary["stopped"] == "time budget" and summary["records"] == FIRST_TRIALS
 
 
 def test_compile_applies_the_database_and_stays_exact(tuned):
@@ -228,28 +230,28 @@ def test_compile_applies_the_shipped_database_by_default_on_zen3_or_zen4_and_sta
     assert_matches_eager(compiled, default_layer, ids, mask, types)
 
 
-def test_the_search_runs_every_task_one_batch_first_the_costliest_first_in_small_calls():
+def test_the_search_runs_every_task_a_few_trials_first_the_costliest_first_in_small_calls():
     """MetaSchedule builds every task's first batch of a call before it measures any (27
     minutes for an int8 build's 235 kernels, stopped by a 24-minute budget with one trial): the
-    search runs one batch of every task first, then the rest, in calls of at most a chunk of
+    search gives every task a few trials first, then the rest, in calls of at most a chunk of
     tasks, the most FLOPs first, and marks a task finished only in its last call."""
     from mbcompile.targets.tuning_search import calls
 
-    tasks = [{"hash": name, "weight": weight, "trials": trials}
-             for name, weight, trials in [("a", 1.0, 40), ("b", 5.0, 40), ("c", 3.0, 10),
-                                          ("d", 2.0, 40), ("e", 4.0, 16)]]
+    tasks = [{"hash": name, "flops": flops, "trials": trials}
+             for name, flops, trials in [("a", 1.0, 40), ("b", 5.0, 40), ("c", 3.0, 3),
+                                          ("d", 2.0, 40), ("e", 4.0, 4)]]
     got = [([t["hash"] for t in group], budget, last)
-           for group, budget, last in calls(tasks, per_batch=16, chunk=2)]
+           for group, budget, last in calls(tasks, first_trials=4, chunk=2)]
     assert got == [
-        (["b", "e"], 16, {"b": False, "e": True}),  # one batch each, the heaviest first
-        (["d", "a"], 16, {"d": False, "a": False}),
-        (["c"], 10, {"c": True}),
-        (["b", "d"], 24, {"b": True, "d": True}),  # then what each lacks
-        (["a"], 24, {"a": True}),
+        (["b", "e"], 4, {"b": False, "e": True}),  # a few trials each, the costliest first
+        (["d", "a"], 4, {"d": False, "a": False}),
+        (["c"], 3, {"c": True}),
+        (["b", "d"], 36, {"b": True, "d": True}),  # then what each lacks
+        (["a"], 36, {"a": True}),
     ]
     # every task's trials in all: its budget
     total = {}
-    for group, budget, _ in calls(tasks, per_batch=16, chunk=2):
+    for group, budget, _ in calls(tasks, first_trials=4, chunk=2):
         for t in group:
             total[t["hash"]] = total.get(t["hash"], 0) + budget
     assert total == {t["hash"]: t["trials"] for t in tasks}
