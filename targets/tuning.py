@@ -107,7 +107,6 @@ def tune_module(
             if lacking > 0 and finished.get(key, 0) < trials:
                 job["tasks"].append({
                     "name": task.task_name, "weight": float(task.weight), "hash": key,
-                    "flops": flops_per_forward(task),
                     "trials": lacking, "mod": tvm.ir.save_json(task_mod),
                 })
     tasks = job["tasks"]
@@ -139,8 +138,9 @@ def task_hash(task_mod: tvm.IRModule) -> str:
 
 
 def _tasks(ms, mod: tvm.IRModule, target: tvm.target.Target, max_tasks: int | None) -> list:
-    """The kernels to tune: not those already scheduled, nor the matrix-tile and NEON-step
-    matmuls (``DenseTiles``, ``DenseNeon``: one fixed schedule, nothing to search)."""
+    """The kernels to tune, the most FLOPs per forward first (the search keeps this order): not
+    those already scheduled, nor the matrix-tile and NEON-step matmuls (``DenseTiles``,
+    ``DenseNeon``: one fixed schedule, nothing to search)."""
     from mbcompile.targets.schedules import dense_neon, dense_tiles
 
     extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")

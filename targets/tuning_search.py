@@ -229,8 +229,8 @@ def calls(tasks: list[dict], first_trials: int = FIRST_TRIALS, chunk: int = CHUN
     kernels of an int8 build of every length on this Zen 4, which a 24-minute budget then
     stopped with one trial measured). So the tasks run in two rounds, ``first_trials`` each
     (the untuned schedule among them) and then the rest of their budget, each round in calls
-    of at most ``chunk`` tasks, the most FLOPs per forward first (``flops``): a time budget
-    then ends with every task measured, or with the costliest ones, and a progress line comes
+    of at most ``chunk`` tasks in the order given (``tune_module``'s: the most FLOPs per
+    forward first): a time budget then ends with every task measured, or with the costliest ones, and a progress line comes
     after each call's first batches. Within a call every task has the same budget (MetaSchedule
     gives all of a call's tasks one)."""
     first = [{**task, "trials": min(task["trials"], first_trials)} for task in tasks]
@@ -239,8 +239,7 @@ def calls(tasks: list[dict], first_trials: int = FIRST_TRIALS, chunk: int = CHUN
     finishing = {task["hash"] for task in tasks if task["trials"] <= first_trials}
     for round_tasks in (first, rest):
         for budget in sorted({task["trials"] for task in round_tasks}, reverse=True):
-            same = sorted((task for task in round_tasks if task["trials"] == budget),
-                          key=lambda task: -task["flops"])
+            same = [task for task in round_tasks if task["trials"] == budget]
             for start in range(0, len(same), chunk):
                 group = same[start : start + chunk]
                 last = {task["hash"]: round_tasks is rest or task["hash"] in finishing

@@ -37,7 +37,10 @@ kernel's 0.64 at 384 tokens, 42 µs against 72 at 128. The exponentials are most
 a row's are one LLVM IR loop (``exp_row_ir``: ``vscalefps`` for the 2^n, two vectors rounded
 by one ``vcvtne2ps2bf16``, the sum by one ``vdpbf16ps``), about 10 vector instructions per 16
 scores where the TIR loop before it took 17 (384 tokens: 302 → 278 µs, medians, interleaved;
-without any exponential the kernel takes 158 µs, without the softmax 127).
+without any exponential the kernel takes 158 µs, without the softmax 127). On a 2-core Zen 4
+with the vector steps: 0.49–0.56 ms against the fp32 kernel's 0.86–0.92 at 384 tokens, 62 µs
+against 101 at 128; the steps alone run at 206–233 GFLOP/s, the softmax and packing take the
+other 0.15 ms at 384.
 """
 
 from __future__ import annotations
@@ -99,11 +102,11 @@ def _float(value: float) -> str:
 
 
 def exp_row_name(keys: int) -> str:
-    return f"mbc_amx_softmax_exp_{keys}"
+    return f"mbc_bf16_softmax_exp_{keys}"
 
 
 def exp_row_ir(keys: int) -> str:
-    """``float @mbc_amx_softmax_exp_<keys>(ptr s, ptr pb, float shift)``: for a row of ``keys``
+    """``float @mbc_bf16_softmax_exp_<keys>(ptr s, ptr pb, float shift)``: for a row of ``keys``
     scores (a multiple of 32), ``pb[k] = bf16(2^(s[k]·log2e + shift))`` and the sum of the
     rounded values, 32 scores per iteration::
 
