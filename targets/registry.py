@@ -121,6 +121,16 @@ TARGETS: dict[str, Target] = {
             llvm={**_X86, "mcpu": "znver4"},
             features=_AVX512,
         ),
+        # Zen 5 server and desktop cores run 512-bit operations at full width, so fp32 takes
+        # 512-bit vectors there too (mbcompile.cpu); no database is shipped for it yet.
+        Target(
+            name="x86-64-zen5",
+            description=("AMD Zen 5 (EPYC 9005, Ryzen 9000): AVX-512 at full width, "
+                         "AVX512_BF16 and VNNI"),
+            arch="x86_64",
+            llvm={**_X86, "mcpu": "znver5"},
+            features=(*_AVX512, "avx512_bf16", "avx512_vnni"),
+        ),
         # Intel Xeon 4th generation and later: bf16 and int8 matmuls on AMX tiles
         # (targets/schedules/dense_tiles.py). Linux 5.16 or later grants the tile state.
         Target(

@@ -56,3 +56,19 @@ def test_generic_x86_targets_get_no_cpu_specific_database():
 
     for name in ("x86-64", "x86-64-avx512"):
         assert resolve_database("default", resolve_target(name).tvm_target()) is None
+
+
+@pytest.mark.parametrize(
+    "name, fp32_bits, dot_bits",
+    [("x86-64-zen3", 256, 256), ("x86-64-zen4", 256, 512), ("x86-64-zen5", 512, 512)],
+)
+def test_each_amd_zen_generation_gets_its_vector_widths(name, fp32_bits, dot_bits):
+    """Zen 4 splits 512-bit operations in two (fp32 tiles of 256 bits, dot products of 512);
+    Zen 5 runs them whole; Zen 3 has no AVX-512. Zen 4 and 5 have AVX512_BF16 and VNNI."""
+    from mbcompile.cpu import cpu_info
+
+    info = cpu_info(resolve_target(name).tvm_target())
+    assert (info.vector_bits, info.dot_lanes() * 32) == (fp32_bits, dot_bits)
+    has_avx512 = name != "x86-64-zen3"
+    assert (info.bf16_dot, info.int8_dot) == (
+        ("vdpbf16ps", "vpdpbusd") if has_avx512 else ("", "vpmaddubsw"))

@@ -32,19 +32,21 @@ COLUMNS = 32  # output columns of a step: two vectors of 16 fp32
 VECTOR_BYTES = 64
 
 
-def function_name(rows: int) -> str:
+def function_name(rows: int, accumulate: bool = False) -> str:
     """The LLVM function of ``rows × 32`` steps (``llvm_ir``)."""
-    return f"mbc_vdpbf16ps_{rows}x{COLUMNS}"
+    return f"mbc_vdpbf16ps_{rows}x{COLUMNS}{'_acc' if accumulate else ''}"
 
 
-def llvm_ir(rows: int) -> str:
+def llvm_ir(rows: int, accumulate: bool = False) -> str:
     """``i32 @mbc_vdpbf16ps_<rows>x32(a, lda, b, ldb, c, ldc, pairs, blocks, bstep, cstep)``:
     the module doc's step for ``rows`` rows (strides in bytes, counts as ``i64``), linked into a
-    kernel by its ``pragma_import_llvm`` annotation and inlined."""
+    kernel by its ``pragma_import_llvm`` annotation and inlined. ``accumulate``: the
+    accumulators start from C's values instead of zero (``C += A·B``, the ``_acc`` function:
+    a matmul's K in chunks, ``panel_intrinsics``)."""
     if rows < 1:
         raise ValueError(f"a step needs at least one row, got {rows}")
     v, vb, vi = "<16 x float>", "<32 x bfloat>", "<16 x i32>"
-    name = function_name(rows)
+    name = function_name(rows, accumulate)
     groups = [(g, min(GROUP_ROWS, rows - g)) for g in range(0, rows, GROUP_ROWS)]
     rows_ptrs = "\n".join(
         f"  %ao{r} = mul i64 %lda, {r}\n  %arow{r} = getelementptr i8, ptr %a, i64 %ao{r}"
@@ -53,10 +55,19 @@ def llvm_ir(rows: int) -> str:
     blocks = []
     for index, (g0, count) in enumerate(groups):
         g = f"g{index}"
-        entry = "block" if index == 0 else f"g{index - 1}done"
+        entry = f"{g}init"
         accs = [(r, n) for r in range(g0, g0 + count) for n in (0, 1)]
+        starts = []  # the accumulators' first values: C's (accumulate) or zero
+        for r, n in accs:
+            if accumulate:
+                starts += [
+                    f"  %{g}io{r}_{n} = add i64 %crow{r}, {n * VECTOR_BYTES}",
+                    f"  %{g}pi{r}_{n} = getelementptr i8, ptr %cb, i64 %{g}io{r}_{n}",
+                    f"  %{g}c{r}_{n} = load {v}, ptr %{g}pi{r}_{n}, align 4",
+                ]
         phis = [
-            f"  %{g}acc{r}_{n} = phi {v} [zeroinitializer, %{entry}], [%{g}sum{r}_{n}, %{g}loop]"
+            f"  %{g}acc{r}_{n} = phi {v} [{f'%{g}c{r}_{n}' if accumulate else 'zeroinitializer'},"
+            f" %{entry}], [%{g}sum{r}_{n}, %{g}loop]"
             for r, n in accs
         ]
         steps = []
@@ -79,8 +90,11 @@ def llvm_ir(rows: int) -> str:
                 f"  %{g}pc{r}_{n} = getelementptr i8, ptr %cb, i64 %{g}co{r}_{n}",
                 f"  store {v} %{g}sum{r}_{n}, ptr %{g}pc{r}_{n}, align 4",
             ]
-        after = f"g{index + 1}loop" if index + 1 < len(groups) else "blockdone"
+        after = f"g{index + 1}init" if index + 1 < len(groups) else "blockdone"
         blocks.append("\n".join([
+            f"{entry}:",
+            *starts,
+            f"  br label %{g}loop",
             f"{g}loop:",
             f"  %{g}k = phi i64 [0, %{entry}], [%{g}knext, %{g}loop]",
             *phis,
@@ -115,7 +129,7 @@ block:
   %bb = getelementptr i8, ptr %b, i64 %boff
   %coff = mul i64 %blk, %cstep
   %cb = getelementptr i8, ptr %c, i64 %coff
-  br label %g0loop
+  br label %g0init
 {nl.join(blocks)}
 blockdone:
   %nextblk = add i64 %blk, 1
