@@ -46,11 +46,11 @@ def test_a_task_whose_space_ran_out_is_not_searched_again_on_resume(tmp_path):
     model = make_model("base", tiny_config(num_hidden_layers=1))
     lines: list[str] = []
     first = mbcompile.tune(
-        model, work_dir=tmp_path / "db", seq_len=16, trials=200, max_tasks=1, log=lines.append
+        model, work_dir=tmp_path / "db", seq_len=8, trials=200, max_tasks=1, log=lines.append
     )
     assert first["tuned"] == 1 and 0 < first["records"] < 200  # the space ran out
     again = mbcompile.tune(
-        model, work_dir=tmp_path / "db", seq_len=16, trials=200, max_tasks=1, log=lines.append
+        model, work_dir=tmp_path / "db", seq_len=8, trials=200, max_tasks=1, log=lines.append
     )
     assert again["already_tuned"] == 1 and again["tuned"] == 0
     assert again["records"] == first["records"]
