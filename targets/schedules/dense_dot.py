@@ -187,7 +187,7 @@ class DenseDot(ScheduleRule):
             # AArch64: a row's bytes in one vector, the steps by its lanes, as the fp32 tiles do
             stage = activations if info.fma_by_lane else None
             if takes_panels(sch, block, nb, instruction, lanes):
-                _schedule_panels(sch, block, epilogue, tunable)
+                _schedule_panels(sch, block, epilogue, tunable, instruction)
             else:
                 _schedule(sch, block, epilogue, nb, info, instruction, tunable, stage)
         except s_tir.ScheduleError as err:
@@ -256,7 +256,8 @@ def takes_panels(sch: s_tir.Schedule, block, nb: int, instruction: str, lanes: i
     is the old kernel's case)."""
     *_, i, _, k = sch.get_loops(block)
     m, k = const_int(sch.get(i).extent), const_int(sch.get(k).extent)
-    return (instruction == "vdpbf16ps" and lanes == 16 and nb == panel_intrinsics.COLUMNS
+    return (instruction in panel_intrinsics.INSTRUCTIONS and lanes == 16
+            and nb == panel_intrinsics.COLUMNS
             and k is not None and k % panel_intrinsics.CHUNK == 0 and bool(_row_choices(m)))
 
 
@@ -273,7 +274,8 @@ def _column_chunks(panels: int, row_blocks: int) -> int:
     return panels
 
 
-def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, tunable: bool) -> None:
+def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, tunable: bool,
+                     instruction: str) -> None:
     """Panel steps (``panel_intrinsics``)::
 
         for b, io, jc in parallel (fused):          # a block of rows × a chunk of columns
@@ -316,5 +318,5 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, tunable: bool)
     init = sch.decompose_reduction(block, jo)
     _, vector = sch.split(sch.get_loops(init)[-1], [None, 16])
     sch.vectorize(vector)
-    sch.tensorize(ii, panel_intrinsics.intrinsic_name(rows))
-    sch.annotate(outer, "pragma_import_llvm", panel_intrinsics.llvm_ir(rows))
+    sch.tensorize(ii, panel_intrinsics.intrinsic_name(rows, instruction))
+    sch.annotate(outer, "pragma_import_llvm", panel_intrinsics.llvm_ir(rows, instruction))

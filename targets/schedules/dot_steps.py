@@ -32,21 +32,32 @@ COLUMNS = 32  # output columns of a step: two vectors of 16 fp32
 VECTOR_BYTES = 64
 
 
-def function_name(rows: int, accumulate: bool = False) -> str:
+# instruction → (accumulator vector, operand vector, LLVM intrinsic). vpdpbusd (AVX512_VNNI)
+# is the same step on int8: a row's 4 unsigned bytes broadcast, 32 columns of 4 signed bytes
+# (``pack_int8``'s layout: 128 bytes a row of B too), int32 sums.
+_STEPS = {
+    "vdpbf16ps": ("<16 x float>", "<32 x bfloat>", "@llvm.x86.avx512bf16.dpbf16ps.512"),
+    "vpdpbusd": ("<16 x i32>", "<64 x i8>", "@llvm.x86.avx512.vpdpbusd.512"),
+}
+
+
+def function_name(rows: int, accumulate: bool = False, instruction: str = "vdpbf16ps") -> str:
     """The LLVM function of ``rows × 32`` steps (``llvm_ir``)."""
-    return f"mbc_vdpbf16ps_{rows}x{COLUMNS}{'_acc' if accumulate else ''}"
+    return f"mbc_{instruction}_{rows}x{COLUMNS}{'_acc' if accumulate else ''}"
 
 
-def llvm_ir(rows: int, accumulate: bool = False) -> str:
+def llvm_ir(rows: int, accumulate: bool = False, instruction: str = "vdpbf16ps") -> str:
     """``i32 @mbc_vdpbf16ps_<rows>x32(a, lda, b, ldb, c, ldc, pairs, blocks, bstep, cstep)``:
     the module doc's step for ``rows`` rows (strides in bytes, counts as ``i64``), linked into a
     kernel by its ``pragma_import_llvm`` annotation and inlined. ``accumulate``: the
     accumulators start from C's values instead of zero (``C += A·B``, the ``_acc`` function:
-    a matmul's K in chunks, ``panel_intrinsics``)."""
+    a matmul's K in chunks, ``panel_intrinsics``). ``instruction="vpdpbusd"``: the int8 step
+    (``pairs`` then counts groups of 4 k values)."""
     if rows < 1:
         raise ValueError(f"a step needs at least one row, got {rows}")
-    v, vb, vi = "<16 x float>", "<32 x bfloat>", "<16 x i32>"
-    name = function_name(rows, accumulate)
+    v, vb, intrinsic = _STEPS[instruction]
+    vi = "<16 x i32>"
+    name = function_name(rows, accumulate, instruction)
     groups = [(g, min(GROUP_ROWS, rows - g)) for g in range(0, rows, GROUP_ROWS)]
     rows_ptrs = "\n".join(
         f"  %ao{r} = mul i64 %lda, {r}\n  %arow{r} = getelementptr i8, ptr %a, i64 %ao{r}"
@@ -79,7 +90,7 @@ def llvm_ir(rows: int, accumulate: bool = False) -> str:
                 f"  %{g}s{r} = shufflevector {vi} %{g}i{r}, {vi} poison, <16 x i32> zeroinitializer",
                 f"  %{g}bc{r} = bitcast {vi} %{g}s{r} to {vb}",
             ] + [
-                f"  %{g}sum{r}_{n} = call {v} @llvm.x86.avx512bf16.dpbf16ps.512("
+                f"  %{g}sum{r}_{n} = call {v} {intrinsic}("
                 f"{v} %{g}acc{r}_{n}, {vb} %{g}bc{r}, {vb} %{g}b{n})"
                 for n in (0, 1)
             ]
@@ -115,7 +126,7 @@ def llvm_ir(rows: int, accumulate: bool = False) -> str:
     c_rows = "\n".join(f"  %crow{r} = mul i64 %ldc, {r}" for r in range(rows))
     nl = "\n"
     return f"""
-declare {v} @llvm.x86.avx512bf16.dpbf16ps.512({v}, {vb}, {vb})
+declare {v} {intrinsic}({v}, {vb}, {vb})
 
 define internal i32 @{name}(ptr %a, i64 %lda, ptr %b, i64 %ldb, ptr %c, i64 %ldc, i64 %pairs,
                              i64 %blocks, i64 %bstep, i64 %cstep) alwaysinline {{

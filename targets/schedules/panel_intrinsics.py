@@ -1,5 +1,7 @@
-"""A block of a bf16 matmul as one tensor intrinsic: ``rows`` rows × 32 columns × 128 k values
-on AVX512_BF16, the accumulators in registers for the whole block (``dot_steps``' function).
+"""A block of a bf16 or int8 matmul as one tensor intrinsic: ``rows`` rows × 32 columns × 128 k
+values on AVX512_BF16 (``vdpbf16ps``) or AVX512_VNNI (``vpdpbusd``: unsigned activation bytes
+by signed weight bytes, int32 sums), the accumulators in registers for the whole block
+(``dot_steps``' function).
 
 ``dot_intrinsics``' steps are one instruction each, and the kernel around them must keep its
 accumulator tile in a stack buffer for LLVM to hold it in registers: TVM 0.27 keeps a buffer on
@@ -29,61 +31,80 @@ CHUNK = 128  # k values per step: a matmul's K runs in chunks, C loaded and stor
 MAX_ROWS = 16  # registered for 1 .. 16 rows (groups of 8: 8 × 2 accumulators + B + broadcasts)
 
 
-def _widen(value):
+def _widen_bf16(value):
     return T.reinterpret(T.shift_left(T.Cast("uint32", value), T.uint32(16)), dtype="float32")
 
 
-def _intrinsic(rows: int):
-    pairs = CHUNK // 2
-    step = dot_steps.function_name(rows, accumulate=True)
+def _widen_int(value):
+    return T.Cast("int32", value)
+
+
+# instruction → (k values per B row, A dtype, B dtype, C dtype, widening, A bytes per value)
+_KINDS = {
+    "vdpbf16ps": (2, "uint16", "uint16", "float32", _widen_bf16, 2),
+    "vpdpbusd": (4, "uint8", "int8", "int32", _widen_int, 1),
+}
+
+
+def _intrinsic(rows: int, instruction: str):
+    depth, a_dtype, b_dtype, c_dtype, widen, a_bytes = _KINDS[instruction]
+    groups = CHUNK // depth
+    step = dot_steps.function_name(rows, accumulate=True, instruction=instruction)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         sa = T.int64()
         sc = T.int64()
-        A = T.match_buffer(a, (rows, CHUNK), "uint16", strides=[sa, 1], offset_factor=1)
-        B = T.match_buffer(b, (pairs, COLUMNS, 2), "uint16", offset_factor=1)
-        C = T.match_buffer(c, (rows, COLUMNS), "float32", strides=[sc, 1], offset_factor=1)
+        A = T.match_buffer(a, (rows, CHUNK), a_dtype, strides=[sa, 1], offset_factor=1)
+        B = T.match_buffer(b, (groups, COLUMNS, depth), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (rows, COLUMNS), c_dtype, strides=[sc, 1], offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:rows, 0:COLUMNS], A[0:rows, 0:CHUNK], B[0:pairs, 0:COLUMNS, 0:2])
+            T.reads(C[0:rows, 0:COLUMNS], A[0:rows, 0:CHUNK], B[0:groups, 0:COLUMNS, 0:depth])
             T.writes(C[0:rows, 0:COLUMNS])
             for i, j, k in T.grid(rows, COLUMNS, CHUNK):
                 with T.sblock("update"):
                     vi, vj, vk = T.axis.remap("SSR", [i, j, k])
-                    C[vi, vj] = C[vi, vj] + _widen(A[vi, vk]) * _widen(B[vk // 2, vj, vk % 2])
+                    C[vi, vj] = C[vi, vj] + widen(A[vi, vk]) * widen(
+                        B[vk // depth, vj, vk % depth])
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         sa = T.int64()
         sc = T.int64()
-        A = T.match_buffer(a, (rows, CHUNK), "uint16", strides=[sa, 1], offset_factor=1)
-        B = T.match_buffer(b, (pairs, COLUMNS, 2), "uint16", offset_factor=1)
-        C = T.match_buffer(c, (rows, COLUMNS), "float32", strides=[sc, 1], offset_factor=1)
+        A = T.match_buffer(a, (rows, CHUNK), a_dtype, strides=[sa, 1], offset_factor=1)
+        B = T.match_buffer(b, (groups, COLUMNS, depth), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (rows, COLUMNS), c_dtype, strides=[sc, 1], offset_factor=1)
         with T.sblock("root"):
-            T.reads(C[0:rows, 0:COLUMNS], A[0:rows, 0:CHUNK], B[0:pairs, 0:COLUMNS, 0:2])
+            T.reads(C[0:rows, 0:COLUMNS], A[0:rows, 0:CHUNK], B[0:groups, 0:COLUMNS, 0:depth])
             T.writes(C[0:rows, 0:COLUMNS])
             T.evaluate(T.call_extern(
                 "int32", step,
-                A.access_ptr("r"), T.Cast("int64", sa * 2),
+                A.access_ptr("r"), T.Cast("int64", sa * a_bytes),
                 B.access_ptr("r"), T.int64(COLUMNS * 4),
                 C.access_ptr("rw"), T.Cast("int64", sc * 4),
-                T.int64(pairs), T.int64(1), T.int64(0), T.int64(0),
+                T.int64(groups), T.int64(1), T.int64(0), T.int64(0),
             ))  # fmt: skip
 
     return desc, impl
 
 
-def intrinsic_name(rows: int) -> str:
-    """The registered intrinsic of ``rows`` rows (1 .. ``MAX_ROWS``)."""
-    return f"mbcompile_bf16_panel_{rows}x{COLUMNS}x{CHUNK}_vdpbf16ps"
+INSTRUCTIONS = tuple(_KINDS)
 
 
-def llvm_ir(rows: int) -> str:
+def intrinsic_name(rows: int, instruction: str = "vdpbf16ps") -> str:
+    """The registered intrinsic of ``rows`` rows (1 .. ``MAX_ROWS``) on ``instruction``."""
+    kind = "bf16" if instruction == "vdpbf16ps" else "u8s8"
+    return f"mbcompile_{kind}_panel_{rows}x{COLUMNS}x{CHUNK}_{instruction}"
+
+
+def llvm_ir(rows: int, instruction: str = "vdpbf16ps") -> str:
     """The step function the intrinsic of ``rows`` rows calls, for ``pragma_import_llvm``."""
-    return dot_steps.llvm_ir(rows, accumulate=True)
+    return dot_steps.llvm_ir(rows, accumulate=True, instruction=instruction)
 
 
 # Registered on import, before any tuning database is read: its records name them.
-for _rows in range(1, MAX_ROWS + 1):
-    if TensorIntrin.get(intrinsic_name(_rows), allow_missing=True) is None:
-        TensorIntrin.register(intrinsic_name(_rows), *_intrinsic(_rows))
+for _instruction in INSTRUCTIONS:
+    for _rows in range(1, MAX_ROWS + 1):
+        if TensorIntrin.get(intrinsic_name(_rows, _instruction), allow_missing=True) is None:
+            TensorIntrin.register(intrinsic_name(_rows, _instruction),
+                                  *_intrinsic(_rows, _instruction))

@@ -208,25 +208,26 @@ def test_a_bf16_rounding_fuses_into_its_producer_only_where_the_matmul_is_its_on
     assert np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def _panel_kernel(m: int, k: int, n: int):
-    return _kernel("bf16", ZEN4, m, k, n)
+def _panel_kernel(m: int, k: int, n: int, kind: str = "bf16"):
+    return _kernel(kind, ZEN4, m, k, n)
 
 
+@pytest.mark.parametrize("kind, instruction", [("bf16", "vdpbf16ps"), ("int8", "vpdpbusd")])
 @pytest.mark.parametrize(
     "shape, panels", [((24, 128, 96), True), ((8, 512, 512), True), ((24, 64, 96), False),
                       ((24, 200, 96), False), ((1, 128, 96), False)],
     ids=["k128", "k512-short", "k64", "k200", "one-row"],
 )
-def test_bf16_matmuls_whose_k_is_a_multiple_of_128_run_on_panel_steps(shape, panels):
-    """On 512-bit vdpbf16ps, K in chunks of 128: one step call per 8 rows × 32 columns × 128
-    k values, its accumulators in registers (``panel_intrinsics``); other K, the one-instruction
-    steps in a stack tile."""
-    sch, *_ = _panel_kernel(*shape)
+def test_matmuls_whose_k_is_a_multiple_of_128_run_on_panel_steps(shape, panels, kind, instruction):
+    """On 512-bit vdpbf16ps or vpdpbusd, K in chunks of 128: one step call per 8 rows × 32
+    columns × 128 k values, its accumulators in registers (``panel_intrinsics``); other K, the
+    one-instruction steps in a stack tile."""
+    sch, *_ = _panel_kernel(*shape, kind=kind)
     script = sch.mod.script()
-    assert ("mbc_vdpbf16ps_8x32_acc" in script) is panels, script
+    assert (f"mbc_{instruction}_8x32_acc" in script) is panels, script
     if panels:
         asm = tvm.tirx.build(sch.mod, target=ZEN4).inspect_source("asm")
-        lines = [line for line in asm.splitlines() if "vdpbf16ps" in line]
+        lines = [line for line in asm.splitlines() if instruction in line]
         assert len(lines) >= 16 and all("%zmm" in line for line in lines), lines[:3]
 
 
@@ -238,13 +239,15 @@ def test_a_short_input_splits_the_columns_too_so_every_thread_has_work():
     assert re.search(r"T.parallel\(48\b", sch.mod.script()), sch.mod.script()
 
 
-@pytest.mark.skipif(cpu_info(HOST).bf16_dot != "vdpbf16ps" or cpu_info(HOST).dot_lanes() != 16,
-                    reason="this CPU has no 512-bit vdpbf16ps to run the panel steps on")
+@pytest.mark.parametrize("kind, instruction", [("bf16", "vdpbf16ps"), ("int8", "vpdpbusd")])
 @pytest.mark.parametrize("shape", [(24, 128, 96), (2, 512, 128), (100, 256, 64), (8, 128, 512),
                                    (384, 128, 32)])
-def test_the_panel_kernel_computes_the_rounded_product(shape):
-    sch, inputs, expected, out_shape = _kernel("bf16", HOST, *shape)
-    assert "mbc_vdpbf16ps_" in sch.mod.script()
+def test_the_panel_kernel_computes_the_rounded_product(shape, kind, instruction):
+    info = cpu_info(HOST)
+    if instruction not in (info.bf16_dot, info.int8_dot) or info.dot_lanes() != 16:
+        pytest.skip(f"this CPU has no 512-bit {instruction} to run the panel steps on")
+    sch, inputs, expected, out_shape = _kernel(kind, HOST, *shape)
+    assert f"mbc_{instruction}_" in sch.mod.script()
     lib = tvm.tirx.build(sch.mod, target=HOST)
     out = tvm.runtime.tensor(np.zeros([int(d) for d in out_shape], np.float32))
     lib(*(tvm.runtime.tensor(a) for a in inputs), out)
