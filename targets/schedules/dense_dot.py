@@ -187,7 +187,7 @@ class DenseDot(ScheduleRule):
             # AArch64: a row's bytes in one vector, the steps by its lanes, as the fp32 tiles do
             stage = activations if info.fma_by_lane else None
             if takes_panels(sch, block, nb, instruction, lanes):
-                _schedule_panels(sch, block, epilogue, tunable, instruction)
+                _schedule_panels(sch, block, epilogue, instruction)
             else:
                 _schedule(sch, block, epilogue, nb, info, instruction, tunable, stage)
         except s_tir.ScheduleError as err:
@@ -262,8 +262,8 @@ def takes_panels(sch: s_tir.Schedule, block, nb: int, instruction: str, lanes: i
 
 
 def _row_choices(m: int | None) -> list[int]:
-    """The rows a panel kernel's row block may take: 2, 4, 8 or 16 that divide M."""
-    return [r for r in (2, 4, 8, 16) if m and m % r == 0 and r <= panel_intrinsics.MAX_ROWS]
+    """The rows a panel kernel's row block may take: 2, 4 or 8 that divide M."""
+    return [r for r in (2, 4, 8) if m and m % r == 0]
 
 
 def _column_chunks(panels: int, row_blocks: int) -> int:
@@ -274,8 +274,7 @@ def _column_chunks(panels: int, row_blocks: int) -> int:
     return panels
 
 
-def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, tunable: bool,
-                     instruction: str) -> None:
+def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: str) -> None:
     """Panel steps (``panel_intrinsics``)::
 
         for b, io, jc in parallel (fused):          # a block of rows × a chunk of columns
@@ -284,17 +283,13 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, tunable: bool,
                 acc[:, jo·32 : jo·32 + 32] += step(A[rows, kb·128 :], Wp[jo, kb·64 :])
             out[i, j] = epilogue(acc[ii, j])
 
-    The rows (8 where M allows; 2, 4, 8 or 16 when ``tunable``: the MetaSchedule knob) make
-    a row block; 16 rows are two groups of 8 over the same panel (measured alone on a Zen 5,
-    K 512: 371 GFLOP/s against 430 with 8)."""
+    A row block is 8 rows where M divides by 8 (else 4 or 2), tuned or not: the tensorized
+    step is a different intrinsic for each row count, named in the trace, so a tuning search
+    that changed a sampled row count would replay into a mismatch. Measured alone on a Zen 5
+    (K 512): 8 rows 430 GFLOP/s, 16 (two groups of 8 over one panel) 371."""
     *batch, i, j, k = sch.get_loops(block)
     m, n = const_int(sch.get(i).extent), const_int(sch.get(j).extent)
-    choices = _row_choices(m)
-    if tunable:
-        rows = sch.sample_categorical(choices, [1 / len(choices)] * len(choices))
-        io, ii = sch.split(i, [None, rows])
-    else:
-        io, ii = sch.split(i, [None, max(r for r in choices if r <= 8)])
+    io, ii = sch.split(i, [None, max(_row_choices(m))])
     rows = const_int(sch.get(ii).extent)
     batches = 1
     for loop in batch:

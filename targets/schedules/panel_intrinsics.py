@@ -28,7 +28,7 @@ tvmscript.install()
 
 COLUMNS = dot_steps.COLUMNS  # 32: two 16-lane vectors
 CHUNK = 128  # k values per step: a matmul's K runs in chunks, C loaded and stored per chunk
-MAX_ROWS = 16  # registered for 1 .. 16 rows (groups of 8: 8 × 2 accumulators + B + broadcasts)
+MAX_ROWS = 8  # registered for 1 .. 8 rows (8 × 2 accumulators + B + broadcasts: 20 of 32)
 
 
 def _widen_bf16(value):

@@ -56,9 +56,8 @@ def _int8_activations(x: np.ndarray, zero: int = 128, qmax: int = 127):
     return (q + zero).astype(np.uint8 if zero else np.int8), sx
 
 
-def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0):
-    """(scheduled kernel, numpy inputs, the expected output, its shape) of one x · W, its
-    activations rounded by numpy as the run-time kernels round them (their own kernels)."""
+def _func(kind: str, target, m: int, k: int, n: int, seed: int = 0):
+    """(unscheduled kernel, numpy inputs, the expected output, its shape) of one x · W."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
@@ -81,8 +80,14 @@ def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0):
         tensors = [te.placeholder(a.shape, str(a.dtype)) for a in inputs]
         out = dense_int8(*tensors[:4], n=n, cw=tensors[4] if zero else None, zero=zero)
         expected = ((xq[:, :k].astype(np.float64) - zero) * sx[:, None]) @ (q * sw.astype(np.float64))
-    func = te.create_prim_func([*tensors, out])
-    return DenseDot().apply(func, target, False), inputs, expected, out.shape
+    return te.create_prim_func([*tensors, out]), inputs, expected, out.shape
+
+
+def _kernel(kind: str, target, m: int, k: int, n: int, seed: int = 0, tunable: bool = False):
+    """(scheduled kernel, numpy inputs, the expected output, its shape) of one x · W, its
+    activations rounded by numpy as the run-time kernels round them (their own kernels)."""
+    func, inputs, expected, shape = _func(kind, target, m, k, n, seed)
+    return DenseDot().apply(func, target, tunable), inputs, expected, shape
 
 
 def test_the_run_time_rounding_kernels_round_as_numpy():
@@ -252,3 +257,19 @@ def test_the_panel_kernel_computes_the_rounded_product(shape, kind, instruction)
     out = tvm.runtime.tensor(np.zeros([int(d) for d in out_shape], np.float32))
     lib(*(tvm.runtime.tensor(a) for a in inputs), out)
     assert np.abs(out.numpy() - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("kind, instruction", [("bf16", "vdpbf16ps"), ("int8", "vpdpbusd")])
+def test_a_panel_kernel_has_one_schedule_tuned_or_not(kind, instruction):
+    """Its step is a different intrinsic for each row count, named in the trace: a sampled row
+    count that a tuning search changed would replay into a mismatch. So nothing is sampled,
+    and the trace replays onto the kernel as it is."""
+    from tvm import s_tir
+
+    untuned, *_ = _kernel(kind, ZEN4, 24, 128, 96)
+    tuned, *_ = _kernel(kind, ZEN4, 24, 128, 96, tunable=True)
+    assert not [inst for inst in tuned.trace.insts if inst.kind.name.startswith("Sample")]
+    tvm.ir.assert_structural_equal(untuned.mod, tuned.mod)
+    fresh = s_tir.Schedule(_func(kind, ZEN4, 24, 128, 96)[0])
+    tuned.trace.apply_to_schedule(fresh, remove_postproc=True)
+    assert f"mbc_{instruction}_8x32_acc" in fresh.mod.script()
