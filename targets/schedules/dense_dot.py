@@ -35,8 +35,9 @@ tokens, 2 threads: bf16 19.4 → 18.1 ms, int8 21.2 → 13.7 (1 thread: 34.4 →
 22.4). On AArch64 each row's activations for a ``ko`` step are loaded as one vector
 (``gemm_tile.stage_rows``) and the steps multiply by its lanes (the indexed ``sdot``).
 
-bf16 on 512-bit ``vdpbf16ps`` with K a multiple of 128 (every matmul of the default
-architecture) takes another form, ``_schedule_panels``: a parallel task is a block of 8 rows ×
+bf16 on 512-bit ``vdpbf16ps`` and int8 on 512-bit ``vpdpbusd``, with K a multiple of 128 (every
+matmul of the default architecture), take another form, ``_schedule_panels``: a parallel task is
+a block of 8 rows ×
 a chunk of columns, its accumulators a buffer of that size (any size: on the heap), filled by
 ``panel_intrinsics``' steps, each 8 rows × 32 columns × 128 k values with the sums in
 registers, then the epilogue over the block. The stack tile capped the rows at 7 (4 at 128
@@ -251,8 +252,8 @@ MIN_TASKS = 8
 
 
 def takes_panels(sch: s_tir.Schedule, block, nb: int, instruction: str, lanes: int) -> bool:
-    """Whether the matmul runs on ``panel_intrinsics``' steps: bf16 on 512-bit ``vdpbf16ps``
-    with 32-column panels, K a multiple of the step's 128 and M even (a row block of one row
+    """Whether the matmul runs on ``panel_intrinsics``' steps: 512-bit ``vdpbf16ps`` (bf16) or
+    ``vpdpbusd`` (int8) with 32-column panels, K a multiple of the step's 128 and M even (a row block of one row
     is the old kernel's case)."""
     *_, i, _, k = sch.get_loops(block)
     m, k = const_int(sch.get(i).extent), const_int(sch.get(k).extent)

@@ -1,4 +1,5 @@
-"""bf16 matmul steps on AVX512_BF16 vectors (``vdpbf16ps``), for a kernel that calls them directly.
+"""bf16 matmul steps on AVX512_BF16 vectors (``vdpbf16ps``), for a kernel that calls them directly
+(and the same steps on AVX512_VNNI's ``vpdpbusd`` for int8, ``panel_intrinsics``).
 
 The fused attention in reduced precision (``bf16_attention.py``) multiplies small blocks it
 packs itself: the scores ``q · kᵀ`` and the context ``p · v``. Where the CPU has AMX it calls
