@@ -35,12 +35,11 @@ tokens, 2 threads: bf16 19.4 → 18.1 ms, int8 21.2 → 13.7 (1 thread: 34.4 →
 22.4). On AArch64 each row's activations for a ``ko`` step are loaded as one vector
 (``gemm_tile.stage_rows``) and the steps multiply by its lanes (the indexed ``sdot``).
 
-bf16 on 512-bit ``vdpbf16ps`` and int8 on 512-bit ``vpdpbusd``, with K a multiple of 128 (every
-matmul of the default architecture), take another form, ``_schedule_panels``: a parallel task is
-a block of 8 rows ×
-a chunk of columns, its accumulators a buffer of that size (any size: on the heap), filled by
-``panel_intrinsics``' steps, each 8 rows × 32 columns × 128 k values with the sums in
-registers, then the epilogue over the block. The stack tile capped the rows at 7 (4 at 128
+bf16 on 512-bit ``vdpbf16ps`` and int8 on 512-bit ``vpdpbusd``, with K a multiple of 128
+(every matmul of the default architecture), take another form, ``_schedule_panels``: a
+parallel task is a block of 8 rows × a chunk of columns, its accumulators a buffer of that
+size (any size: on the heap), filled by ``panel_intrinsics``' steps, each 8 rows × 32
+columns × 128 k values with the sums in registers, then the epilogue over the block. The stack tile capped the rows at 7 (4 at 128
 tokens, where M does not divide by 6); alone on a Zen 5 core the steps run 8 × 2 at 447
 GFLOP/s against 318 for 4 × 2.
 
