@@ -132,11 +132,14 @@ def _host_lacks(precision: str) -> str | None:
 )
 def test_a_reduced_precision_model_called_from_threads_gives_the_serial_results(precision):
     """bf16 and int8 builds (on AMX tiles where the host has them: every call configures the
-    tiles on its thread and releases them; on dot products elsewhere) at every length up to 32,
-    from 4 threads at once: the serial results, bit for bit."""
+    tiles on its thread and releases them; on dot products elsewhere, the panel steps where K
+    is a multiple of 128, as here) at every length up to 32, from 4 threads at once: the serial
+    results, bit for bit."""
     import mbcompile
 
-    model = make_model("question-answering", tiny_config(), seed=5)
+    widths = {"hidden_size": 128, "intra_bottleneck_size": 128, "true_hidden_size": 128,
+              "intermediate_size": 128}
+    model = make_model("question-answering", tiny_config(**widths), seed=5)
     compiled = mbcompile.compile(model, max_seq_len=32, precision=precision)
     inputs = _inputs(compiled, 8, seed=2)
     expected = _serial(compiled, inputs)
