@@ -187,7 +187,7 @@ class DenseDot(ScheduleRule):
             # AArch64: a row's bytes in one vector, the steps by its lanes, as the fp32 tiles do
             stage = activations if info.fma_by_lane else None
             if takes_panels(sch, block, nb, instruction, lanes):
-                _schedule_panels(sch, block, epilogue, instruction)
+                _schedule_panels(sch, block, epilogue, instruction, info.num_cores)
             else:
                 _schedule(sch, block, epilogue, nb, info, instruction, tunable, stage)
         except s_tir.ScheduleError as err:
@@ -245,8 +245,9 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, instru
     dot_intrinsics.prepare_loop(sch, outer, instruction, lanes)
 
 
-# Row blocks × column chunks a panel kernel splits into at least, so that short inputs still
-# give every thread work (a row block of 8 tokens alone is one task).
+# Row blocks × column chunks a panel kernel splits into at least (or twice the target's
+# cores, where it says), so that short inputs still give every thread work (a row block of 8
+# tokens alone is one task).
 MIN_TASKS = 8
 
 
@@ -266,15 +267,18 @@ def _row_choices(m: int | None) -> list[int]:
     return [r for r in (2, 4, 8) if m and m % r == 0]
 
 
-def _column_chunks(panels: int, row_blocks: int) -> int:
-    """The fewest column chunks (a divisor of ``panels``) giving ``MIN_TASKS`` tasks."""
+def _column_chunks(panels: int, row_blocks: int, cores: int) -> int:
+    """The fewest column chunks (a divisor of ``panels``) giving ``MIN_TASKS`` tasks, or two
+    per core of a target with more than 4."""
+    wanted = max(MIN_TASKS, 2 * cores)
     for chunks in range(1, panels + 1):
-        if panels % chunks == 0 and row_blocks * chunks >= MIN_TASKS:
+        if panels % chunks == 0 and row_blocks * chunks >= wanted:
             return chunks
     return panels
 
 
-def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: str) -> None:
+def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: str,
+                     cores: int = 0) -> None:
     """Panel steps (``panel_intrinsics``)::
 
         for b, io, jc in parallel (fused):          # a block of rows × a chunk of columns
@@ -295,7 +299,7 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
     for loop in batch:
         batches *= const_int(sch.get(loop).extent) or 1
     panels = n // panel_intrinsics.COLUMNS
-    chunks = _column_chunks(panels, batches * (m // rows))
+    chunks = _column_chunks(panels, batches * (m // rows), cores)
     jc, jo, jp = sch.split(j, [chunks, None, panel_intrinsics.COLUMNS])
     kb, kc = sch.split(k, [None, panel_intrinsics.CHUNK])
     sch.reorder(*batch, io, jc, jo, kb, ii, jp, kc)

@@ -237,11 +237,17 @@ def test_matmuls_whose_k_is_a_multiple_of_128_run_on_panel_steps(shape, panels, 
 
 
 def test_a_short_input_splits_the_columns_too_so_every_thread_has_work():
-    """8 tokens are one block of 8 rows: the 16 panels go in 8 chunks of 2 (MIN_TASKS)."""
+    """8 tokens are one block of 8 rows: the 16 panels go in 8 chunks of 2 (MIN_TASKS), or in
+    16 of 1 for a 16-core target (two tasks per core wanted, at most one per panel)."""
     sch, *_ = _panel_kernel(8, 128, 512)
     assert re.search(r"T.parallel\(8\b", sch.mod.script()), sch.mod.script()
     sch, *_ = _panel_kernel(384, 128, 512)  # 48 row blocks: the columns whole
     assert re.search(r"T.parallel\(48\b", sch.mod.script()), sch.mod.script()
+    many = tvm.target.Target({**ZEN4.export(), "num-cores": 16})
+    func = _func("bf16", many, 8, 128, 512)[0]
+    assert re.search(r"T.parallel\(16\b", DenseDot().apply(func, many, False).mod.script())
+    func = _func("bf16", many, 128, 128, 512)[0]  # 16 row blocks × 2 chunks
+    assert re.search(r"T.parallel\(32\b", DenseDot().apply(func, many, False).mod.script())
 
 
 @pytest.mark.parametrize("kind, instruction", [("bf16", "vdpbf16ps"), ("int8", "vpdpbusd")])
