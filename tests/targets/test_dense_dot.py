@@ -252,8 +252,9 @@ def test_a_short_input_splits_the_columns_too_so_every_thread_has_work():
 
 @pytest.mark.parametrize("kind, instruction", [("bf16", "vdpbf16ps"), ("int8", "vpdpbusd")])
 @pytest.mark.parametrize("shape", [(24, 128, 96), (2, 512, 128), (100, 256, 64), (8, 128, 512),
-                                   (384, 128, 32)])
+                                   (384, 128, 32), (24, 128, 40), (6, 256, 33)])
 def test_the_panel_kernel_computes_the_rounded_product(shape, kind, instruction):
+    """Every shape, N not a multiple of 32 included (its last panel padded, then cropped)."""
     info = cpu_info(HOST)
     if instruction not in (info.bf16_dot, info.int8_dot) or info.dot_lanes() != 16:
         pytest.skip(f"this CPU has no 512-bit {instruction} to run the panel steps on")
