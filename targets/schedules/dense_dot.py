@@ -253,18 +253,18 @@ MIN_TASKS = 8
 
 def takes_panels(sch: s_tir.Schedule, block, nb: int, instruction: str, lanes: int) -> bool:
     """Whether the matmul runs on ``panel_intrinsics``' steps: 512-bit ``vdpbf16ps`` (bf16) or
-    ``vpdpbusd`` (int8) with 32-column panels, K a multiple of the step's 128 and M even (a row block of one row
-    is the old kernel's case)."""
+    ``vpdpbusd`` (int8) with 32-column panels, K a multiple of the step's 128 and M even (a row
+    block of one row is the old kernel's case)."""
     *_, i, _, k = sch.get_loops(block)
     m, k = const_int(sch.get(i).extent), const_int(sch.get(k).extent)
     return (instruction in panel_intrinsics.INSTRUCTIONS and lanes == 16
             and nb == panel_intrinsics.COLUMNS
-            and k is not None and k % panel_intrinsics.CHUNK == 0 and bool(_row_choices(m)))
+            and k is not None and k % panel_intrinsics.CHUNK == 0 and _panel_rows(m) is not None)
 
 
-def _row_choices(m: int | None) -> list[int]:
-    """The rows a panel kernel's row block may take: 2, 4 or 8 that divide M."""
-    return [r for r in (2, 4, 8) if m and m % r == 0]
+def _panel_rows(m: int | None) -> int | None:
+    """The rows of a panel kernel's row block: 8, 4 or 2, the largest that divides M."""
+    return None if m is None else largest_divisor(m, max(panel_intrinsics.ROWS), floor=2)
 
 
 def _column_chunks(panels: int, row_blocks: int, cores: int) -> int:
@@ -293,8 +293,8 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
     (K 512): 8 rows 430 GFLOP/s, 16 (two groups of 8 over one panel) 371."""
     *batch, i, j, k = sch.get_loops(block)
     m, n = const_int(sch.get(i).extent), const_int(sch.get(j).extent)
-    io, ii = sch.split(i, [None, max(_row_choices(m))])
-    rows = const_int(sch.get(ii).extent)
+    rows = _panel_rows(m)
+    io, ii = sch.split(i, [None, rows])
     batches = 1
     for loop in batch:
         batches *= const_int(sch.get(loop).extent) or 1

@@ -28,7 +28,10 @@ tvmscript.install()
 
 COLUMNS = dot_steps.COLUMNS  # 32: two 16-lane vectors
 CHUNK = 128  # k values per step: a matmul's K runs in chunks, C loaded and stored per chunk
-MAX_ROWS = 8  # registered for 1 .. 8 rows (8 × 2 accumulators + B + broadcasts: 20 of 32)
+# The row counts registered (the rows of a block: the largest that divides M; parsing each
+# intrinsic's TVMScript costs about 15 ms at import). 8 × 2 accumulators + B + broadcasts: 20
+# of AVX-512's 32 registers.
+ROWS = (2, 4, 8)
 
 
 def _widen_bf16(value):
@@ -92,7 +95,7 @@ INSTRUCTIONS = tuple(_KINDS)
 
 
 def intrinsic_name(rows: int, instruction: str = "vdpbf16ps") -> str:
-    """The registered intrinsic of ``rows`` rows (1 .. ``MAX_ROWS``) on ``instruction``."""
+    """The registered intrinsic of ``rows`` rows (one of ``ROWS``) on ``instruction``."""
     kind = "bf16" if instruction == "vdpbf16ps" else "u8s8"
     return f"mbcompile_{kind}_panel_{rows}x{COLUMNS}x{CHUNK}_{instruction}"
 
@@ -104,7 +107,7 @@ def llvm_ir(rows: int, instruction: str = "vdpbf16ps") -> str:
 
 # Registered on import, before any tuning database is read: its records name them.
 for _instruction in INSTRUCTIONS:
-    for _rows in range(1, MAX_ROWS + 1):
+    for _rows in ROWS:
         if TensorIntrin.get(intrinsic_name(_rows, _instruction), allow_missing=True) is None:
             TensorIntrin.register(intrinsic_name(_rows, _instruction),
                                   *_intrinsic(_rows, _instruction))
