@@ -37,11 +37,12 @@ tokens, 2 threads: bf16 19.4 → 18.1 ms, int8 21.2 → 13.7 (1 thread: 34.4 →
 
 bf16 on 512-bit ``vdpbf16ps`` and int8 on 512-bit ``vpdpbusd``, with K a multiple of 128
 (every matmul of the default architecture), take another form, ``_schedule_panels``: a
-parallel task is a block of 8 rows × a chunk of columns, its accumulators a buffer of that
-size (any size: on the heap), filled by ``panel_intrinsics``' steps, each 8 rows × 32
-columns × 128 k values with the sums in registers, then the epilogue over the block. The stack tile capped the rows at 7 (4 at 128
-tokens, where M does not divide by 6); alone on a Zen 5 core the steps run 8 × 2 at 447
-GFLOP/s against 318 for 4 × 2.
+parallel task is a block of 8 rows × a chunk of columns; per 32-column panel of it,
+``panel_intrinsics``' steps (8 rows × 32 columns × 128 k values, the sums in registers) fill
+the panel's part of an accumulator buffer (any size: one heap workspace per call), then the
+epilogue runs over the panel. The stack tile capped the rows at 7 (4 at 128 tokens, where M
+does not divide by 6); alone on a Zen 5 core the steps run 8 × 2 at 447 GFLOP/s against 318
+for 4 × 2.
 
 Bails (returns None) on any other PrimFunc, on a CPU without the instruction, or when a
 schedule primitive refuses.
@@ -249,6 +250,9 @@ def _schedule(sch: s_tir.Schedule, block, consumers: list, nb: int, info, instru
 # cores, where it says), so that short inputs still give every thread work (a row block of 8
 # tokens alone is one task).
 MIN_TASKS = 8
+# A panel's K chunks are unrolled up to this many: the first step then starts from the zeros
+# just stored (LLVM forwards them) instead of loading them back.
+MAX_UNROLLED_CHUNKS = 8
 
 
 def takes_panels(sch: s_tir.Schedule, block, nb: int, instruction: str, lanes: int) -> bool:
@@ -282,15 +286,23 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
     """Panel steps (``panel_intrinsics``)::
 
         for b, io, jc in parallel (fused):          # a block of rows × a chunk of columns
-            acc[rows, chunk] = 0                     # a buffer: the steps hold the registers
-            for jo in panels of the chunk:  for kb in K / 128:
-                acc[:, jo·32 : jo·32 + 32] += step(A[rows, kb·128 :], Wp[jo, kb·64 :])
-            out[i, j] = epilogue(acc[ii, j])
+            for jo in panels of the chunk:                # acc: one M × N workspace per call
+                acc[:, panel] = 0                    # the steps hold the sums in registers
+                for kb in K / 128 (unrolled):
+                    acc[:, panel] += step(A[rows, kb·128 :], Wp[jo, kb·64 :])
+                out[rows, panel] = epilogue(acc[:, panel])
 
     A row block is 8 rows where M divides by 8 (else 4 or 2), tuned or not: the tensorized
     step is a different intrinsic for each row count, named in the trace, so a tuning search
     that changed a sampled row count would replay into a mismatch. Measured alone on a Zen 5
-    (K 512): 8 rows 430 GFLOP/s, 16 (two groups of 8 over one panel) 371."""
+    (K 512): 8 rows 430 GFLOP/s, 16 (two groups of 8 over one panel) 371.
+
+    The epilogue runs per panel, right after its steps, where the out-of-order core overlaps it
+    with the next panel's dot products, and the zeros of a panel's accumulators are stored just
+    before its first step, which LLVM then starts from registers (the stores stay: the buffer is
+    the whole matmul's, one workspace per call, of which each panel uses its 8 × 32). Alone on one Zen 5 core, interleaved minimums, a bias
+    epilogue: 384 × 128 → 512 400 → 454 GFLOP/s (the epilogue after the whole block and the
+    zeros loaded back before), 384 × 512 → 384 454 → 472, 128 × 512 → 128 460 → 481."""
     *batch, i, j, k = sch.get_loops(block)
     m, n = const_int(sch.get(i).extent), const_int(sch.get(j).extent)
     rows = _panel_rows(m)
@@ -305,17 +317,18 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
     sch.reorder(*batch, io, jc, jo, kb, ii, jp, kc)
     outer = sch.fuse(*batch, io, jc)
     sch.parallel(outer)
+    writer = consumers[0] if consumers else sch.cache_write(block, 0, "global")
+    sch.reverse_compute_at(writer, jo, preserve_unit_loops=True)
     if consumers:
-        (writer,) = consumers
-        sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
         sch.set_scope(block, 0, "global")
-    else:
-        writer = sch.cache_write(block, 0, "global")
-        sch.reverse_compute_at(writer, outer, preserve_unit_loops=True)
     _, vector = sch.split(sch.get_loops(writer)[-1], [None, 16])
     sch.vectorize(vector)
-    init = sch.decompose_reduction(block, jo)
+    init = sch.decompose_reduction(block, kb)
     _, vector = sch.split(sch.get_loops(init)[-1], [None, 16])
     sch.vectorize(vector)
+    for loop in sch.get_loops(init)[-3:-1]:
+        sch.unroll(loop)
+    if const_int(sch.get(kb).extent) <= MAX_UNROLLED_CHUNKS:
+        sch.unroll(kb)
     sch.tensorize(ii, panel_intrinsics.intrinsic_name(rows, instruction))
     sch.annotate(outer, "pragma_import_llvm", panel_intrinsics.llvm_ir(rows, instruction))
