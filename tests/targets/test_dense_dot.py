@@ -250,6 +250,21 @@ def test_a_short_input_splits_the_columns_too_so_every_thread_has_work():
     assert re.search(r"T.parallel\(32\b", DenseDot().apply(func, many, False).mod.script())
 
 
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_each_panel_is_zeroed_summed_and_finished_before_the_next(kind):
+    """Per 32-column panel: its zeros, its steps (the K chunks unrolled, so the first step
+    starts from the zeros in registers), then its epilogue (here the crop of N 40 to its two
+    padded panels), all in the one panel loop: the epilogue overlaps the next panel's steps."""
+    sch, *_ = _panel_kernel(16, 256, 40, kind)
+    blocks = [block for block in sch.get_child_blocks(sch.get_sblock("root"))]
+    names = [sch.get(block).name_hint for block in blocks]
+    assert len(blocks) == 3 and names[0].endswith("_init") and names[1].endswith("_update_o"), names
+    panel_loops = {sch.get_sref(sch.get_loops(block)[1]) for block in blocks}
+    assert len(panel_loops) == 1, sch.mod.script()
+    chunks = sch.get(sch.get_loops(blocks[1])[2])
+    assert chunks.kind == tvm.tirx.ForKind.UNROLLED and int(chunks.extent) == 2  # K 256
+
+
 @pytest.mark.parametrize("kind, instruction", [("bf16", "vdpbf16ps"), ("int8", "vpdpbusd")])
 @pytest.mark.parametrize("shape", [(24, 128, 96), (2, 512, 128), (100, 256, 64), (8, 128, 512),
                                    (384, 128, 32), (24, 128, 40), (6, 256, 33)])
