@@ -299,10 +299,11 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
 
     The epilogue runs per panel, right after its steps, where the out-of-order core overlaps it
     with the next panel's dot products, and the zeros of a panel's accumulators are stored just
-    before its first step, which LLVM then starts from registers (the stores stay: the buffer is
-    the whole matmul's, one workspace per call, of which each panel uses its 8 × 32). Alone on one Zen 5 core, interleaved minimums, a bias
-    epilogue: 384 × 128 → 512 400 → 454 GFLOP/s (the epilogue after the whole block and the
-    zeros loaded back before), 384 × 512 → 384 454 → 472, 128 × 512 → 128 460 → 481."""
+    before its first step, which LLVM then starts from registers (the stores stay: the buffer
+    is the whole matmul's, one workspace per call, of which each panel uses its 8 × 32). Alone
+    on one Zen 5 core, interleaved minimums, a bias epilogue: 384 × 128 → 512 400 → 454 GFLOP/s
+    (against the epilogue after the whole block and the zeros loaded back), 384 × 512 → 384
+    454 → 472, 128 × 512 → 128 460 → 481."""
     *batch, i, j, k = sch.get_loops(block)
     m, n = const_int(sch.get(i).extent), const_int(sch.get(j).extent)
     rows = _panel_rows(m)

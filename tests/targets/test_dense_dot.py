@@ -256,7 +256,7 @@ def test_each_panel_is_zeroed_summed_and_finished_before_the_next(kind):
     starts from the zeros in registers), then its epilogue (here the crop of N 40 to its two
     padded panels), all in the one panel loop: the epilogue overlaps the next panel's steps."""
     sch, *_ = _panel_kernel(16, 256, 40, kind)
-    blocks = [block for block in sch.get_child_blocks(sch.get_sblock("root"))]
+    blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
     names = [sch.get(block).name_hint for block in blocks]
     assert len(blocks) == 3 and names[0].endswith("_init") and names[1].endswith("_update_o"), names
     panel_loops = {sch.get_sref(sch.get_loops(block)[1]) for block in blocks}
