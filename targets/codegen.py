@@ -13,7 +13,8 @@ write, measured on the 2-core Xeon of the README). LLVM holds no Python lock, so
       lib0.o, devc.o: one after the other      lib0.o, lib1.o: a thread each; devc.o
       cc -shared → lib.so                      cc -shared → lib.so
 
-In the shared library the parts are one symbol table, so the loaded library is the same as
+Each part is lowered by TVM's default TIR pipeline plus ``round_instruction``'s rewrite (its
+``"mbcompile"`` pipeline). In the shared library the parts are one symbol table, so the loaded library is the same as
 TVM's; the kernels and their code are the same, only the order of the object files differs.
 """
 
@@ -27,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import tvm
 from tvm import relax, tirx
 
+from mbcompile.targets import round_instruction
 from mbcompile.targets.parallel import default_jobs, worker_context
 
 
@@ -59,7 +61,8 @@ def build_executable(
 
         def generate(part: dict) -> tvm.runtime.Module:
             with context:
-                return tvm.tirx.build(tvm.IRModule(part, attrs=leftover.attrs), target=target)
+                return tvm.tirx.build(tvm.IRModule(part, attrs=leftover.attrs), target=target,
+                                      pipeline=round_instruction.PIPELINE)
 
         parts = split(kernels, jobs)
         with ThreadPoolExecutor(len(parts)) as pool:
