@@ -56,21 +56,22 @@ def _const(expr) -> int | None:
     return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
-def _shift_right(expr):
-    """(a, b) of ``a >> b``, as a node or a call, else None."""
-    if isinstance(expr, tirx.RShift):
+def _operands(expr, node: type, call: str):
+    """(a, b) of a binary ``node`` (``a >> b``, ``a & b``) or of the same op as a ``call``,
+    else None."""
+    if isinstance(expr, node):
         return expr.a, expr.b
-    if isinstance(expr, Call) and getattr(expr.op, "name", "") == "tirx.shift_right":
+    if isinstance(expr, Call) and getattr(expr.op, "name", "") == call:
         return tuple(expr.args)
     return None
+
+
+def _shift_right(expr):
+    return _operands(expr, tirx.RShift, "tirx.shift_right")
 
 
 def _bitwise_and(expr):
-    if isinstance(expr, tirx.BitwiseAnd):
-        return expr.a, expr.b
-    if isinstance(expr, Call) and getattr(expr.op, "name", "") == "tirx.bitwise_and":
-        return tuple(expr.args)
-    return None
+    return _operands(expr, tirx.BitwiseAnd, "tirx.bitwise_and")
 
 
 def _terms(expr) -> list:
