@@ -98,6 +98,9 @@ def _rounded_bits(cast) -> tirx.PrimExpr | None:
     (u,) = [t for t in terms if t is not bias[0] and t is not lsb[0]]
     if str(u.ty) != f"uint32x{LANES}":
         return None
+    if isinstance(u, Call) and not (getattr(u.op, "name", "") == "tirx.reinterpret"
+                                    and str(u.args[0].ty) == f"float32x{LANES}"):
+        return None  # integer bits that are not an fp32 value's (a let-bound value may be)
     x, one = _bitwise_and(lsb[0])
     if _const(x) == 1:
         x, one = one, x
@@ -135,7 +138,8 @@ def has_instruction(target: tvm.target.Target | None) -> bool:
 @tirx.transform.prim_func_pass(opt_level=0, name="mbcompile.RoundWithInstruction")
 def RoundWithInstruction(func, mod, ctx):  # noqa: N802 (a pass, named as TVM's are)
     """The module doc's rewrite, on PrimFuncs whose target has the instruction."""
-    return rewrite(func) if has_instruction(func.attrs.get("target")) else func
+    target = func.attrs.get("target") if func.attrs is not None else None
+    return rewrite(func) if has_instruction(target) else func
 
 
 def _pipeline():
