@@ -13,9 +13,10 @@ write, measured on the 2-core Xeon of the README). LLVM holds no Python lock, so
       lib0.o, devc.o: one after the other      lib0.o, lib1.o: a thread each; devc.o
       cc -shared → lib.so                      cc -shared → lib.so
 
-Each part is lowered by TVM's default TIR pipeline plus ``round_instruction``'s rewrite (its
-``"mbcompile"`` pipeline). In the shared library the parts are one symbol table, so the loaded library is the same as
-TVM's; the kernels and their code are the same, only the order of the object files differs.
+In the shared library the parts are one symbol table, so the loaded library is laid out as
+TVM's; only the order of the object files differs. Each part is lowered by TVM's default TIR
+pipeline and then ``round_instruction``'s rewrite (the ``"mbcompile"`` pipeline), where TVM's
+would keep the integer-step bf16 rounding.
 """
 
 from __future__ import annotations

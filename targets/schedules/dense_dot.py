@@ -327,7 +327,7 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
     init = sch.decompose_reduction(block, kb)
     _, vector = sch.split(sch.get_loops(init)[-1], [None, 16])
     sch.vectorize(vector)
-    for loop in sch.get_loops(init)[-3:-1]:
+    for loop in sch.get_loops(init)[-3:-1]:  # the zeros' rows and vectors: 16 stores
         sch.unroll(loop)
     if const_int(sch.get(kb).extent) <= MAX_UNROLLED_CHUNKS:
         sch.unroll(kb)
