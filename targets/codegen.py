@@ -14,9 +14,10 @@ write, measured on the 2-core Xeon of the README). LLVM holds no Python lock, so
       cc -shared → lib.so                      cc -shared → lib.so
 
 In the shared library the parts are one symbol table, so the loaded library is laid out as
-TVM's; only the order of the object files differs. Each part is lowered by TVM's default TIR
-pipeline and then ``round_instruction``'s rewrite (the ``"mbcompile"`` pipeline), where TVM's
-would keep the integer-step bf16 rounding.
+TVM's; only the order of the object files differs. Each part is built with ``tir_pipeline``'s
+``"mbcompile"`` pipeline: TVM's default lowering, then bf16 rounding in one instruction and a
+parallel body's small scratch buffers on the stack, where TVM's would keep the integer-step
+rounding and call its workspace allocator in every iteration.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import tvm
 from tvm import relax, tirx
 
-from mbcompile.targets import round_instruction
+from mbcompile.targets import tir_pipeline
 from mbcompile.targets.parallel import default_jobs, worker_context
 
 
@@ -63,7 +64,7 @@ def build_executable(
         def generate(part: dict) -> tvm.runtime.Module:
             with context:
                 return tvm.tirx.build(tvm.IRModule(part, attrs=leftover.attrs), target=target,
-                                      pipeline=round_instruction.PIPELINE)
+                                      pipeline=tir_pipeline.PIPELINE)
 
         parts = split(kernels, jobs)
         with ThreadPoolExecutor(len(parts)) as pool:

@@ -1,6 +1,6 @@
 """fp32 → bf16 rounding as one ``vcvtneps2bf16`` where the CPU has AVX512_BF16: a TIR pass run
-after TVM's lowering, registered as the TIR pipeline ``"mbcompile"`` that ``codegen`` builds
-every kernel with.
+after TVM's lowering, in the TIR pipeline that ``codegen`` builds every kernel with
+(``tir_pipeline``).
 
 ``pack_bf16.round_bf16`` rounds to nearest even with integer steps, which every target can run;
 vectorised by 16 lanes it is six vector instructions (two shifts, an and, two adds, a narrowing
@@ -32,11 +32,9 @@ import tvm_ffi
 from tvm import tirx
 from tvm.ir import StringImm
 from tvm.ir.expr import Call
-from tvm.tirx import compilation_pipeline
 
 from mbcompile.cpu import cpu_info
 
-PIPELINE = "mbcompile"
 FUNCTION = "mbc_round_bf16x16"
 LANES = 16
 IR = f"""
@@ -141,10 +139,3 @@ def RoundWithInstruction(func, mod, ctx):  # noqa: N802 (a pass, named as TVM's 
     target = func.attrs.get("target") if func.attrs is not None else None
     return rewrite(func) if has_instruction(target) else func
 
-
-def _pipeline():
-    lower, finalize_host, finalize_device = compilation_pipeline.get_tir_pipeline("default")
-    return tvm.transform.Sequential([lower, RoundWithInstruction]), finalize_host, finalize_device
-
-
-compilation_pipeline.register_tir_pipeline(PIPELINE, _pipeline)

@@ -9,7 +9,7 @@ import pytest
 import tvm
 from tvm import s_tir, te
 
-from mbcompile.targets import round_instruction
+from mbcompile.targets import round_instruction, tir_pipeline
 from mbcompile.targets.registry import host_target, resolve_target
 from mbcompile.targets.schedules.pack_bf16 import bf16_bits, to_bf16
 
@@ -64,14 +64,14 @@ def test_a_rounding_kernel_is_one_instruction_with_the_numbers_of_the_integer_st
     x[1, :3] = [np.nan, -1e-39, 1e-39]  # a NaN; denormals
     sch = _rounding(16)
     built = {p: tvm.tirx.build(sch.mod, target=HOST, pipeline=p)
-             for p in ("default", round_instruction.PIPELINE)}
-    assert "vcvtneps2bf16" in _asm(built[round_instruction.PIPELINE])
+             for p in ("default", tir_pipeline.PIPELINE)}
+    assert "vcvtneps2bf16" in _asm(built[tir_pipeline.PIPELINE])
     assert "vcvtneps2bf16" not in _asm(built["default"])
     out = {}
     for p, lib in built.items():
         out[p] = tvm.runtime.tensor(np.zeros((8, 64), np.uint16))
         lib(tvm.runtime.tensor(x), out[p])
-    ours, steps = out[round_instruction.PIPELINE].numpy(), out["default"].numpy()
+    ours, steps = out[tir_pipeline.PIPELINE].numpy(), out["default"].numpy()
     normal = np.ones_like(x, bool)
     normal[1, :3] = False
     np.testing.assert_array_equal(ours[normal], steps[normal])
