@@ -6,8 +6,9 @@ a parallel loop's body too, becomes a ``TVMBackendAllocWorkspace`` call (and a f
 iteration, and LLVM cannot keep a tile behind such a pointer in registers. The reduced-precision
 matmuls' accumulator panel is 8 rows × 32 fp32 = exactly 1 KiB, the fp32 kernels' padded tiles
 1.5 KiB, the attention's score rows a few KiB. This pass marks every allocation of a constant
-size from 1 KiB up to ``STACK_BYTES`` in a parallel loop's body for the stack, with the
-annotation TVM's ``LowerTVMBuiltin`` honours::
+size from 1 KiB in a parallel loop's body for the stack, as long as the body's stack buffers
+(TVM's own included) stay within ``STACK_BYTES`` in all, with the annotation TVM's
+``LowerTVMBuiltin`` honours::
 
     for task in parallel(48):                 for task in parallel(48):
         acc = T.alloc_buffer((256,))     →       acc = T.alloc_buffer((256,),
@@ -24,7 +25,7 @@ artifacts, medians of interleaved calls after a 0.2 s pause (minimums): bf16 at 
 16.3).
 
 Allocations outside a parallel loop, of a size known only at run time, of another scope, or
-over ``STACK_BYTES`` are left to TVM (a worker thread's stack is the platform's default: 8 MiB
+past ``STACK_BYTES`` are left to TVM (a worker thread's stack is the platform's default: 8 MiB
 on glibc, 128 KiB on musl).
 """
 
@@ -50,19 +51,28 @@ def size_in_bytes(alloc: tirx.AllocBuffer) -> int | None:
     return count * dtype.bits * dtype.lanes // 8
 
 
-def _on_stack(alloc: tirx.AllocBuffer) -> tirx.AllocBuffer:
-    size = size_in_bytes(alloc)
-    if (size is None or not TVM_STACK_BYTES <= size <= STACK_BYTES
-            or alloc.buffer.scope() != "global" or ON_STACK in alloc.annotations):
-        return alloc
-    return tirx.AllocBuffer(alloc.buffer,
-                            annotations={**alloc.annotations, ON_STACK: tirx.IntImm("bool", 1)})
-
-
 def _parallel_body(loop: tirx.For) -> tirx.For:
+    """``loop`` with its body's allocations from 1 KiB marked for the stack, in the order they
+    come, while all of the body's stack buffers (TVM's own under 1 KiB included) stay within
+    ``STACK_BYTES``."""
     if loop.kind != tirx.ForKind.PARALLEL:
         return loop
-    body = tvm_ffi.structural_map(loop.body, (tirx.AllocBuffer, _on_stack))
+    used = [0]
+
+    def on_stack(alloc: tirx.AllocBuffer) -> tirx.AllocBuffer:
+        size = size_in_bytes(alloc)
+        if size is None or alloc.buffer.scope() != "global":
+            return alloc
+        if size < TVM_STACK_BYTES or ON_STACK in alloc.annotations:
+            used[0] += size
+            return alloc
+        if used[0] + size > STACK_BYTES:
+            return alloc
+        used[0] += size
+        return tirx.AllocBuffer(alloc.buffer, annotations={**alloc.annotations,
+                                                           ON_STACK: tirx.IntImm("bool", 1)})
+
+    body = tvm_ffi.structural_map(loop.body, (tirx.AllocBuffer, on_stack), order="pre")
     if body.same_as(loop.body):
         return loop
     return tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding,

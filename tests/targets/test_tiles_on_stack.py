@@ -76,3 +76,29 @@ def test_the_panel_kernels_accumulators_leave_the_heap():
              for p in ("default", tir_pipeline.PIPELINE)}
     assert _workspaces(built["default"]) == 1
     assert _workspaces(built[tir_pipeline.PIPELINE]) == 0
+
+
+def test_a_parallel_body_keeps_at_most_the_limit_on_the_stack_in_all():
+    """Two 16 KiB tiles in one task: the first goes on the stack, the second would pass the
+    limit and stays a workspace call."""
+    a = te.placeholder((ROWS, WIDTH), "float32", name="A")
+    c = te.compute(a.shape, lambda i, j: a[i, j] * 2, name="C")
+    d = te.compute(a.shape, lambda i, j: a[i, j] * 3, name="D")
+    o = te.compute(a.shape, lambda i, j: c[i, j] + d[i, j], name="O")
+    sch = s_tir.Schedule(te.create_prim_func([a, o]))
+    i, j = sch.get_loops(sch.get_sblock("O"))
+    io, ii = sch.split(i, [None, 8])
+    jo, ji = sch.split(j, [None, 512])
+    sch.reorder(io, jo, ii, ji)
+    sch.parallel(io)
+    for producer in ("C", "D"):
+        sch.compute_at(sch.get_sblock(producer), jo)
+    assert 2 * 32 * 512 > tiles_on_stack.STACK_BYTES >= 32 * 512
+    built = {p: tvm.tirx.build(sch.mod, target=HOST, pipeline=p)
+             for p in ("default", tir_pipeline.PIPELINE)}
+    assert _workspaces(built["default"]) == 2
+    assert _workspaces(built[tir_pipeline.PIPELINE]) == 1
+    x = np.random.default_rng(1).standard_normal((ROWS, WIDTH)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    built[tir_pipeline.PIPELINE](tvm.runtime.tensor(x), out)
+    np.testing.assert_allclose(out.numpy(), x * 5, rtol=1e-6)
