@@ -46,8 +46,10 @@ class ScheduleKernels:
                     break
             else:
                 counts["unscheduled"] += 1
-        for gvar, func in updates.items():
-            mod[gvar] = func
+        if updates:
+            mod = mod.clone()  # a pass returns a new module: the caller's keeps its functions
+            for gvar, func in updates.items():
+                mod[gvar] = func
         self.last_report = {**counts, "failed": failed}
         logger.info("ScheduleKernels: %s", self.last_report)
         return mod

@@ -351,6 +351,7 @@ class Bf16Attention:
         steps = bf16_attention_steps(self.target, self.precision)
         if steps is None:
             return mod
+        mod = mod.clone()  # a pass returns a new module: the caller's keeps its functions
         for gvar, args in fused_attention_shapes(mod):
             mod[gvar] = bf16_attention_kernel(**args, steps=steps)
             self.last_count += 1

@@ -321,6 +321,7 @@ class NeonAttention:
         self.last_count = 0
         if not neon_attention_applies(self.target):
             return mod
+        mod = mod.clone()  # a pass returns a new module: the caller's keeps its functions
         for gvar, args in fused_attention_shapes(mod):
             if fits(args["seq_q"]):
                 mod[gvar] = neon_attention_kernel(**args)

@@ -179,8 +179,10 @@ class PrefetchWeightPanels:
                 new = prefetch_weight_panels(func)
                 if new is not None:
                     updates[gvar] = new
-        for gvar, func in updates.items():
-            mod[gvar] = func
+        if updates:
+            mod = mod.clone()  # a pass returns a new module: the caller's keeps its functions
+            for gvar, func in updates.items():
+                mod[gvar] = func
         self.last_count = len(updates)
         logger.info("PrefetchWeightPanels: %d kernels", len(updates))
         return mod

@@ -215,6 +215,18 @@ def test_register_tile_accumulator_is_on_the_stack_not_a_heap_workspace(epilogue
     assert "TVMBackendAllocWorkspace" not in _llvm_source(scheduled)
 
 
+def test_the_scheduling_passes_return_a_new_module_and_leave_the_callers_as_it_was():
+    """A caller that schedules one module two ways (with a tuning database and without) must
+    get two modules, not one scheduled twice."""
+    func = packed_dense_with_bias(128, 128, 512, 16)
+    mod = tvm.IRModule({"main": func})
+    scheduled = ScheduleKernels(HOST, [DensePacked()])(mod)
+    assert scheduled["main"].attrs["tirx.is_scheduled"]
+    tvm.ir.assert_structural_equal(mod["main"], func)
+    prefetched = PrefetchWeightPanels()(scheduled)
+    assert _prefetch_calls(prefetched["main"]) == 1 and _prefetch_calls(scheduled["main"]) == 0
+
+
 def _prefetch_calls(func: tirx.PrimFunc) -> int:
     return func.script().count("T.prefetch(")
 
