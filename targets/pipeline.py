@@ -83,6 +83,20 @@ def _scheduled_kernels(mod: tvm.IRModule) -> int:
     )
 
 
+def apply_database(mod: tvm.IRModule, target: tvm.target.Target, database
+                   ) -> tuple[tvm.IRModule, int]:
+    """``mod`` with its kernels of one fixed schedule scheduled (``schedules/fixed.py``: a
+    database's record, perhaps of an older schedule, must not replace them), then the kernels
+    ``database`` has tuned records for; and how many the database supplied. Under ``target``."""
+    from mbcompile.targets.schedules.fixed import FixedSchedules
+    from mbcompile.targets.tuning import apply_database_pass
+
+    mod = ScheduleKernels(target, [FixedSchedules()])(mod)
+    before = _scheduled_kernels(mod)
+    mod = apply_database_pass(database)(mod)
+    return mod, _scheduled_kernels(mod) - before
+
+
 def build_pipeline(
     target: tvm.target.Target,
     *,
@@ -93,10 +107,11 @@ def build_pipeline(
 ) -> tvm.transform.Pass:
     """One module pass running the four stages under ``target``.
 
-    ``precision``: ``"fp32"`` or ``"bf16"`` (the matmuls by constant weights; see
-    ``schedules/pack_bf16.py``). ``database`` (a ``targets.tuning.Database``) replaces the kernels it has tuned records for
-    before stage 3 schedules the rest; ``on_fused`` sees the module after stage 2 (for reports),
-    ``on_tuned`` the number of kernels the database supplied.
+    ``precision``: ``"fp32"``, ``"bf16"`` or ``"int8"`` (the matmuls by constant weights; see
+    ``schedules/pack_bf16.py``, ``pack_int8.py``). ``database`` (a ``targets.tuning.Database``)
+    replaces the kernels it has tuned records for (``apply_database``) before stage 3
+    schedules the rest; ``on_fused`` sees the module after stage 2 (for reports), ``on_tuned``
+    the number of kernels the database supplied.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="mbcompile_cpu_pipeline")
@@ -106,12 +121,9 @@ def build_pipeline(
             on_fused(mod)
         with target:
             if database is not None:
-                from mbcompile.targets.tuning import apply_database_pass
-
-                before = _scheduled_kernels(mod)
-                mod = apply_database_pass(database)(mod)
+                mod, tuned = apply_database(mod, target, database)
                 if on_tuned is not None:
-                    on_tuned(_scheduled_kernels(mod) - before)
+                    on_tuned(tuned)
             return tvm.transform.Sequential(schedule_passes(target) + lower_passes(target))(mod)
 
     return _pipeline

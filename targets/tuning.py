@@ -139,16 +139,15 @@ def task_hash(task_mod: tvm.IRModule) -> str:
 
 def _tasks(ms, mod: tvm.IRModule, target: tvm.target.Target, max_tasks: int | None) -> list:
     """The kernels to tune, the most FLOPs per forward first (the search keeps this order): not
-    those already scheduled, nor the matrix-tile and NEON-step matmuls (``DenseTiles``,
-    ``DenseNeon``: one fixed schedule, nothing to search)."""
-    from mbcompile.targets.schedules import dense_neon, dense_tiles
+    those already scheduled, nor the matmuls on matrix tiles, NEON steps or panel steps (one
+    fixed schedule, nothing to search: ``schedules/fixed.py``)."""
+    from mbcompile.targets.schedules.fixed import has_fixed_schedule
 
     extracted = ms.relax_integration.extract_tasks(mod, target, module_equality="structural")
     extracted = [
         t for t in extracted
         if not t.dispatched[0]["main"].attrs.get("tirx.is_scheduled", False)
-        and not dense_tiles.handles(t.dispatched[0]["main"], target)
-        and not dense_neon.handles(t.dispatched[0]["main"], target)
+        and not has_fixed_schedule(t.dispatched[0]["main"], target)
     ]
     extracted.sort(key=lambda t: -flops_per_forward(t))
     return extracted if max_tasks is None else extracted[:max_tasks]

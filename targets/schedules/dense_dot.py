@@ -166,28 +166,48 @@ def tile_rows(m: int, nb: int, info) -> int:
     return largest_divisor(m, min(4, limit))
 
 
+def _matched(func, target: Target):
+    """(schedule, ``match_dot``'s tuple, CPU info, instruction) where this rule applies to
+    ``func`` on ``target``, else None."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    found = match_dot(sch)
+    if found is None:
+        return None
+    nb, kind = found[3], found[4]
+    info = cpu_info(target)
+    lanes = info.dot_lanes()
+    instruction = info.bf16_dot if kind == "bf16" else info.int8_dot
+    native = bool(instruction) and dot_intrinsics.kind_of(instruction) == kind
+    if not native or nb % lanes or not dot_intrinsics.available(instruction, lanes):
+        return None
+    return sch, found, info, instruction
+
+
+def on_panels(func, target: Target) -> bool:
+    """Whether this rule puts ``func`` on panel steps for ``target``: one schedule, with nothing
+    to tune (``targets/schedules/fixed.py``)."""
+    matched = _matched(func, target)
+    if matched is None:
+        return False
+    sch, (block, _, _, nb, _, _), info, instruction = matched
+    return takes_panels(sch, block, nb, instruction, info.dot_lanes())
+
+
 class DenseDot(ScheduleRule):
     """Register-tiled bf16 or int8 matmul on dot-product steps, epilogue fused into the tile."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        matched = _matched(func, target)
+        if matched is None:
             return None
-        sch = s_tir.Schedule(func)
-        found = match_dot(sch)
-        if found is None:
-            return None
-        block, producers, consumers, nb, kind, activations = found
-        info = cpu_info(target)
-        lanes = info.dot_lanes()
-        instruction = info.bf16_dot if kind == "bf16" else info.int8_dot
-        native = bool(instruction) and dot_intrinsics.kind_of(instruction) == kind
-        if not native or nb % lanes or not dot_intrinsics.available(instruction, lanes):
-            return None
+        sch, (block, producers, consumers, nb, _, activations), info, instruction = matched
         try:
             epilogue = inline_around(sch, producers, consumers)
             # AArch64: a row's bytes in one vector, the steps by its lanes, as the fp32 tiles do
             stage = activations if info.fma_by_lane else None
-            if takes_panels(sch, block, nb, instruction, lanes):
+            if takes_panels(sch, block, nb, instruction, info.dot_lanes()):
                 _schedule_panels(sch, block, epilogue, instruction, info.num_cores)
             else:
                 _schedule(sch, block, epilogue, nb, info, instruction, tunable, stage)

@@ -295,3 +295,36 @@ def test_a_panel_kernel_has_one_schedule_tuned_or_not(kind, instruction):
     fresh = s_tir.Schedule(_func(kind, ZEN4, 24, 128, 96)[0])
     tuned.trace.apply_to_schedule(fresh, remove_postproc=True)
     assert f"mbc_{instruction}_8x32_acc" in fresh.mod.script()
+
+
+def test_a_tuning_database_neither_tunes_nor_replaces_a_panel_kernel(tmp_path, monkeypatch):
+    """A record of a panel kernel tuned before it took the panel steps (as in a database made by
+    an earlier mbcompile: the shipped Zen 4 one held such bf16 records) does not replace them;
+    a record of a kernel with knobs (K 64: the stack tile) still applies."""
+    from mbcompile.targets.metaschedule import meta_schedule
+    from mbcompile.targets.pipeline import apply_database
+    from mbcompile.targets.schedules import dense_dot
+    from mbcompile.targets.schedules.fixed import has_fixed_schedule
+    from mbcompile.targets.tuning import apply_database_pass
+    from mbcompile.targets.tuning_database import Database
+
+    ms = meta_schedule()
+    panel, other = _func("bf16", ZEN4, 24, 128, 96)[0], _func("bf16", ZEN4, 24, 64, 96)[0]
+    assert has_fixed_schedule(panel, ZEN4) and not has_fixed_schedule(other, ZEN4)
+    with monkeypatch.context() as patch:  # the kernel as it was scheduled before the panels
+        patch.setattr(dense_dot, "takes_panels", lambda *args: False)
+        old = DenseDot().apply(panel, ZEN4, False)
+    assert "_8x32_acc" not in old.mod.script()
+    db = Database.create(tmp_path / "db", ZEN4)
+    ms_db = db.ms_database()
+    for func, sch in ((panel, old), (other, DenseDot().apply(other, ZEN4, True))):
+        workload = ms_db.commit_workload(tvm.IRModule({"main": func}))
+        ms_db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [1e-6], ZEN4, ms.arg_info.ArgInfo.from_prim_func(func)))
+    mod = tvm.IRModule({"panel": panel, "other": other})
+    with ZEN4:
+        bare = apply_database_pass(db)(mod)  # the record alone would give the old kernel back
+        tuned, supplied = apply_database(mod, ZEN4, db)
+    assert "mbc_vdpbf16ps_8x32_acc" not in bare["panel"].script()
+    assert "mbc_vdpbf16ps_8x32_acc" in tuned["panel"].script()
+    assert supplied == 1 and tuned["other"].attrs["tirx.is_scheduled"]
