@@ -44,6 +44,9 @@ def meta_schedule():
     if name not in sys.modules:
         import tvm.s_tir
 
+        from mbcompile import tvmscript
+
+        tvmscript.install()  # the intrinsics are TVMScript: parsed without the slow frame walk
         package = types.ModuleType(name)
         package.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
         package.__package__ = name
@@ -70,6 +73,35 @@ def cold_cache_evaluator(repeats: int = 10):
     )
 
 
+# MetaSchedule's builder calls this to build a candidate (registered in its workers).
+BUILD = "mbcompile.meta_schedule.build"
+
+
+def build_candidate(mod, target, _params=None):
+    """MetaSchedule's default build (``local_builder.default_build``) with codegen's TIR
+    pipeline (``tir_pipeline``): a candidate is timed as the compile builds it. With TVM's
+    own pipeline a candidate whose parallel tasks have a scratch tile from 1 KiB (a register
+    tile of more rows, say) was timed with a workspace call per task that the compiled kernel,
+    its tile on the stack (``tiles_on_stack``), does not make."""
+    import tvm
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    from mbcompile.targets import tir_pipeline
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm.tirx.build(mod, target=target, pipeline=tir_pipeline.PIPELINE)
+
+
+def local_builder(**kwargs):
+    """MetaSchedule's LocalBuilder building candidates with ``build_candidate``."""
+    return meta_schedule().builder.LocalBuilder(f_build=BUILD, initializer=worker_initializer,
+                                                **kwargs)
+
+
 def worker_initializer() -> None:
-    """For MetaSchedule's builder and runner worker processes: CPU intrinsics only."""
+    """For MetaSchedule's builder and runner worker processes: CPU intrinsics only, and
+    ``BUILD``."""
+    import tvm
+
     meta_schedule()
+    tvm.register_global_func(BUILD, build_candidate, override=True)

@@ -24,7 +24,12 @@ import os
 import tempfile
 
 from mbcompile.targets.export import fcompile_for
-from mbcompile.targets.metaschedule import cold_cache_evaluator, meta_schedule, worker_initializer
+from mbcompile.targets.metaschedule import (
+    cold_cache_evaluator,
+    local_builder,
+    meta_schedule,
+    worker_initializer,
+)
 from mbcompile.targets.registry import Target
 
 ARTIFACT = "mbcompile_kernel.so"  # the name a candidate is uploaded under on the device
@@ -44,17 +49,16 @@ def export_linked(target: dict, mod) -> str:
 
 
 def rpc_builder(target: Target, *, max_workers: int | None = None, timeout_sec: float = 60.0):
-    """MetaSchedule's LocalBuilder, exporting each candidate linked for ``target``.
+    """MetaSchedule's LocalBuilder building each candidate as the compile does
+    (``metaschedule.build_candidate``) and exporting it linked for ``target``.
 
     Raises ToolchainError now, not once per candidate, if the target's compiler is missing.
     """
-    ms = meta_schedule()
     fcompile_for(target)
-    return ms.builder.LocalBuilder(
+    return local_builder(
         max_workers=max_workers,
         timeout_sec=timeout_sec,
         f_export=functools.partial(export_linked, target.to_dict()),
-        initializer=worker_initializer,
     )
 
 

@@ -153,6 +153,7 @@ def search(job: dict, stop: StopRequest, log) -> dict:
 
     from mbcompile.targets.metaschedule import (
         cold_cache_evaluator,
+        local_builder,
         meta_schedule,
         worker_initializer,
     )
@@ -162,7 +163,7 @@ def search(job: dict, stop: StopRequest, log) -> dict:
     target = tvm.ir.load_json(job["target"])
     db = Database.open(job["db"])
     ms_db = db.ms_database()
-    builder = _made(job["builder"]) or ms.builder.LocalBuilder(initializer=worker_initializer)
+    builder = _made(job["builder"]) or local_builder()
     runner = _made(job["runner"]) or ms.runner.LocalRunner(
         evaluator_config=cold_cache_evaluator(), initializer=worker_initializer
     )

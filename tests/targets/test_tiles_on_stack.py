@@ -102,3 +102,26 @@ def test_a_parallel_body_keeps_at_most_the_limit_on_the_stack_in_all():
     out = tvm.runtime.tensor(np.zeros_like(x))
     built[tir_pipeline.PIPELINE](tvm.runtime.tensor(x), out)
     np.testing.assert_allclose(out.numpy(), x * 5, rtol=1e-6)
+
+
+def test_tuning_builds_a_candidate_as_the_compile_builds_it(tmp_path):
+    """MetaSchedule's builder, as tuning makes it, builds with codegen's pipeline in its worker
+    process: a candidate with a 2 KiB tile is timed with it on the stack, as the compiled kernel
+    runs (TVM's build leaves it a workspace call per task)."""
+    import subprocess
+    import tarfile
+
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_build
+
+    from mbcompile.targets.metaschedule import build_candidate, local_builder, meta_schedule
+
+    assert _workspaces(default_build(_tiled(64), HOST, None)) == 1
+    assert _workspaces(build_candidate(_tiled(64), HOST, None)) == 0
+    ms = meta_schedule()
+    (result,) = local_builder(max_workers=1).build([ms.builder.BuilderInput(_tiled(64), HOST)])
+    assert result.error_msg is None
+    with tarfile.open(result.artifact_path) as tar:
+        tar.extractall(tmp_path, filter="data")
+    symbols = subprocess.run(["nm", *map(str, tmp_path.glob("*.o"))], capture_output=True,
+                             text=True, check=True).stdout
+    assert symbols.strip() and "TVMBackendAllocWorkspace" not in symbols, symbols
