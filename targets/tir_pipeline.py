@@ -6,8 +6,8 @@ finalization (which turns allocations into stack slots or workspace calls)::
                    → tiles_on_stack (a parallel body's small scratch buffers on the stack)
                    → TVM's host finalization → LLVM
 
-MetaSchedule's builder times tuning candidates with TVM's default pipeline, without these
-passes: they change every candidate's time alike.
+Tuning builds its candidates with it too (``metaschedule.build_candidate``), so a candidate is
+timed as the compiled kernel runs.
 """
 
 from __future__ import annotations
