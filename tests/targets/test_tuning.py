@@ -158,11 +158,13 @@ def default_layer():
 
 # (cpu, precision) → the compile options whose kernels its database holds: Zen 4's was tuned
 # again on a Zen 4 for every length the default compile makes (fp32 in session 17, bf16 in
-# session 18); Zen 3's holds seq 128's in fp32 (no Zen 3 has been at hand since)
+# session 18, int8 in session 22); Zen 3's holds seq 128's in fp32 (no Zen 3 has been at hand
+# since)
 SHIPPED_OPTIONS = {
     ("znver3", "fp32"): {"seq_len": 128},
     ("znver4", "fp32"): {},
     ("znver4", "bf16"): {},
+    ("znver4", "int8"): {},
 }
 
 
