@@ -22,6 +22,7 @@ from mbcompile.cpu import TargetLike
 from mbcompile.errors import OptionError
 from mbcompile.passes.base import MobileBertPass, registered_passes
 from mbcompile.passes.count import count_matmuls, fused_attention_calls
+from mbcompile.passes.fold_attention_mask_rows import FoldAttentionMaskRows
 from mbcompile.passes.fold_attention_scale import FoldAttentionScale
 from mbcompile.passes.fold_no_norm import FoldNoNorm
 from mbcompile.passes.fuse_attention import FuseAttention
@@ -40,7 +41,9 @@ DEFAULT_PASSES: tuple[type[MobileBertPass], ...] = (
     # NoNorm fuse into the matmul kernel; then the reshapes and permutes left cancelling go.
     RemoveLinearReshapes,
     RemoveLayoutNoise,
-    # Last, the attention core (scores, mask, guarded softmax, · V) becomes one kernel.
+    # A mask the same for every query becomes one row (not Sq rows read per head and layer);
+    # last, the attention core (scores, mask, guarded softmax, · V) becomes one kernel.
+    FoldAttentionMaskRows,
     FuseAttention,
 )
 
@@ -85,6 +88,7 @@ def _instantiate(cls: type[MobileBertPass], target: TargetLike | None) -> Mobile
 
 __all__ = [
     "DEFAULT_PASSES",
+    "FoldAttentionMaskRows",
     "FoldAttentionScale",
     "FoldNoNorm",
     "FuseAttention",

@@ -12,6 +12,7 @@ from tester import Tester, tiny_model
 import mbcompile.passes
 from mbcompile.passes import (
     DEFAULT_PASSES,
+    FoldAttentionMaskRows,
     FoldAttentionScale,
     FoldNoNorm,
     FuseAttention,
@@ -109,6 +110,7 @@ def test_default_one_layer_model_drops_from_17_to_13_matmuls_per_layer():
         # the embedding transformation, attention output, 4 FFNs × 2 and the output linear
         "RemoveLinearReshapes": 11,
         "RemoveLayoutNoise": tester.fired["RemoveLayoutNoise"],
+        "FoldAttentionMaskRows": 1,  # transformers' (1, 1, S, S) mask → (1, 1, 1, S)
         "FuseAttention": 1,
     }
     tester.check_fired("RemoveLayoutNoise").check_not(["relax.broadcast_to"])
@@ -126,6 +128,7 @@ def test_default_passes_run_folds_before_merges_and_attention_last():
         MergeSharedInputLinears,
         RemoveLinearReshapes,
         RemoveLayoutNoise,
+        FoldAttentionMaskRows,
         FuseAttention,
     ) == DEFAULT_PASSES
     assert [p.name for p in resolve_passes("default")] == [c.__name__ for c in DEFAULT_PASSES]
