@@ -13,7 +13,8 @@ swaps it for this kernel, with the same signature, arguments and guarded softmax
     for b, block of 32 query rows in parallel:
         qb = bf16(q[b, rows])                               # 32 × dim
         s  = steps(qb · kb[b])                              # fp32 sums
-        e  = exp(s + bias - max);  pb = bf16(e);  sum = Σ widen(pb)     # fp32, in vectors
+        m  = max(s + bias)                                  # the bias row: once per block
+        e  = exp(s + bias - m);  pb = bf16(e);  sum = Σ widen(pb)       # fp32, in vectors
         out[b, rows] = steps(pb · vb[b]) / sum              # fp32 sums
 
 The steps are ``tile_intrinsics``' (``tdpbf16ps``) on AMX, ``dot_steps``' (``vdpbf16ps``, 8
@@ -37,7 +38,12 @@ kernel's 0.64 at 384 tokens, 42 µs against 72 at 128. The exponentials are most
 a row's are one LLVM IR loop (``exp_row_ir``: ``vscalefps`` for the 2^n, two vectors rounded
 by one ``vcvtne2ps2bf16``, the sum by one ``vdpbf16ps``), about 10 vector instructions per 16
 scores where the TIR loop before it took 17 (384 tokens: 302 → 278 µs, medians, interleaved;
-without any exponential the kernel takes 158 µs, without the softmax 127). On a 2-core Zen 4
+without any exponential the kernel takes 158 µs, without the softmax 127). The max is an IR
+loop too (``max_row_ir``), reading the scores and the block's bias row (one row when the mask
+is the same for every query, as ``FoldAttentionMaskRows`` makes it) without writing the biased
+scores back; the exponentials add the bias again, and their sum alternates between two
+accumulators (Zen 4, 384 tokens, the kernel alone, interleaved medians: 539 → 516 µs against a
+pass that wrote the biased scores and one accumulator). On a 2-core Zen 4
 with the vector steps: 0.49–0.56 ms against the fp32 kernel's 0.86–0.92 at 384 tokens, 62 µs
 against 101 at 128; the steps alone run at 206–233 GFLOP/s, the softmax and packing take the
 other 0.15 ms at 384.
@@ -59,7 +65,6 @@ from mbcompile.passes.attention_kernel import (
     LOG2E,
     RowsLayout,
     fused_attention_shapes,
-    reduce_lanes,
     with_signature,
 )
 from mbcompile.targets.schedules import dot_steps, tile_intrinsics
@@ -105,34 +110,87 @@ def exp_row_name(keys: int) -> str:
     return f"mbc_bf16_softmax_exp_{keys}"
 
 
-def exp_row_ir(keys: int) -> str:
-    """``float @mbc_bf16_softmax_exp_<keys>(ptr s, ptr pb, float shift)``: for a row of ``keys``
-    scores (a multiple of 32), ``pb[k] = bf16(2^(s[k]·log2e + shift))`` and the sum of the
-    rounded values, 32 scores per iteration::
+def max_row_name(keys: int) -> str:
+    return f"mbc_bf16_softmax_max_{keys}"
 
-        t = max(s · log2e + shift, -126);  n = roundeven(t);  f = t - n
+
+def _splat(value: float) -> str:
+    return "<" + ", ".join([f"float {_float(value)}"] * LANES) + ">"
+
+
+def max_row_ir(keys: int) -> str:
+    """``float @mbc_bf16_softmax_max_<keys>(ptr s, ptr bias)``: the max of ``s[k] + bias[k]``
+    over a row of ``keys`` scores (a multiple of 32), two vectors of partial maxima::
+
+        m0 = max(m0, s[k : k + 16] + bias[k : k + 16]);  m1 = ... [k + 16 : k + 32]
+        return reduce_max(max(m0, m1))
+
+    The biased scores are not stored: ``exp_row_ir`` adds the bias again as it reads them."""
+    v = f"<{LANES} x float>"
+    name = max_row_name(keys)
+    return f"""
+declare {v} @llvm.maxnum.v16f32({v}, {v})
+declare float @llvm.vector.reduce.fmax.v16f32({v})
+
+define internal float @{name}(ptr %s, ptr %b) {{
+entry:
+  br label %loop
+loop:
+  %i = phi i64 [0, %entry], [%inext, %loop]
+  %m0 = phi {v} [{_splat(float("-inf"))}, %entry], [%m0n, %loop]
+  %m1 = phi {v} [{_splat(float("-inf"))}, %entry], [%m1n, %loop]
+  %ps0 = getelementptr float, ptr %s, i64 %i
+  %pb0 = getelementptr float, ptr %b, i64 %i
+  %ps1 = getelementptr float, ptr %ps0, i64 {LANES}
+  %pb1 = getelementptr float, ptr %pb0, i64 {LANES}
+  %s0 = load {v}, ptr %ps0, align 4
+  %b0 = load {v}, ptr %pb0, align 4
+  %s1 = load {v}, ptr %ps1, align 4
+  %b1 = load {v}, ptr %pb1, align 4
+  %x0 = fadd {v} %s0, %b0
+  %x1 = fadd {v} %s1, %b1
+  %m0n = call nnan {v} @llvm.maxnum.v16f32({v} %m0, {v} %x0)
+  %m1n = call nnan {v} @llvm.maxnum.v16f32({v} %m1, {v} %x1)
+  %inext = add i64 %i, {2 * LANES}
+  %more = icmp ult i64 %inext, {keys}
+  br i1 %more, label %loop, label %done
+done:
+  %m = call nnan {v} @llvm.maxnum.v16f32({v} %m0n, {v} %m1n)
+  %r = call nnan float @llvm.vector.reduce.fmax.v16f32({v} %m)
+  ret float %r
+}}
+"""
+
+
+def exp_row_ir(keys: int) -> str:
+    """``float @mbc_bf16_softmax_exp_<keys>(ptr s, ptr bias, ptr pb, float shift)``: for a row
+    of ``keys`` scores (a multiple of 32), ``pb[k] = bf16(2^((s[k] + bias[k])·log2e + shift))``
+    and the sum of the rounded values, 32 scores per iteration::
+
+        t = max((s + bias) · log2e + shift, -126);  n = roundeven(t);  f = t - n
         e = scalef(poly3(f), n)                        # vscalefps: e · 2^n, no integer steps
         pb[k : k + 32] = cvtne2ps2bf16(e[16:], e[:16]) # two vectors rounded in one instruction
-        sum += dpbf16ps(pb[k : k + 32], 1.0)           # the sum of the rounded values
+        sum' += dpbf16ps(pb[k : k + 32], 1.0)          # the sum of the rounded values
 
-    Inlined into the kernel, where the row's bias stays in registers across the rows: LLVM
-    broadcasts the polynomial's constants from memory in the loop (loads, not vector work)."""
+    The sum alternates between two accumulators (``sum'`` is the one of two iterations back),
+    so each dot product waits on the one before the last, not the last. Inlined into the
+    kernel, where the row's bias stays in registers across the rows: LLVM broadcasts the
+    polynomial's constants from memory in the loop (loads, not vector work)."""
     v = f"<{LANES} x float>"
     vb = f"<{2 * LANES} x bfloat>"
-    splat = lambda value: "<" + ", ".join([f"float {_float(value)}"] * LANES) + ">"  # noqa: E731
     ones = "<" + ", ".join([f"bfloat {BF16_ONE}"] * (2 * LANES)) + ">"
     c1, c2, c3 = EXP2_POLY3
 
     def exp(x: str, tag: str) -> list[str]:
         return [
-            f"  %t0{tag} = call {v} @llvm.fma.v16f32({v} {x}, {v} {splat(LOG2E)}, {v} %shiftv)",
-            f"  %low{tag} = fcmp ogt {v} %t0{tag}, {splat(LOW)}",
-            f"  %t{tag} = select <{LANES} x i1> %low{tag}, {v} %t0{tag}, {v} {splat(LOW)}",
+            f"  %t0{tag} = call {v} @llvm.fma.v16f32({v} {x}, {v} {_splat(LOG2E)}, {v} %shiftv)",
+            f"  %low{tag} = fcmp ogt {v} %t0{tag}, {_splat(LOW)}",
+            f"  %t{tag} = select <{LANES} x i1> %low{tag}, {v} %t0{tag}, {v} {_splat(LOW)}",
             f"  %n{tag} = call {v} @llvm.roundeven.v16f32({v} %t{tag})",
             f"  %f{tag} = fsub {v} %t{tag}, %n{tag}",
-            f"  %p3{tag} = call {v} @llvm.fma.v16f32({v} {splat(c3)}, {v} %f{tag}, {v} {splat(c2)})",
-            f"  %p2{tag} = call {v} @llvm.fma.v16f32({v} %p3{tag}, {v} %f{tag}, {v} {splat(c1)})",
-            f"  %p1{tag} = call {v} @llvm.fma.v16f32({v} %p2{tag}, {v} %f{tag}, {v} {splat(1.0)})",
+            f"  %p3{tag} = call {v} @llvm.fma.v16f32({v} {_splat(c3)}, {v} %f{tag}, {v} {_splat(c2)})",
+            f"  %p2{tag} = call {v} @llvm.fma.v16f32({v} %p3{tag}, {v} %f{tag}, {v} {_splat(c1)})",
+            f"  %p1{tag} = call {v} @llvm.fma.v16f32({v} %p2{tag}, {v} %f{tag}, {v} {_splat(1.0)})",
             f"  %e{tag} = call {v} @llvm.x86.avx512.mask.scalef.ps.512({v} %p1{tag}, {v} %n{tag}, "
             f"{v} zeroinitializer, i16 -1, i32 4)",
         ]
@@ -140,11 +198,18 @@ def exp_row_ir(keys: int) -> str:
     name = exp_row_name(keys)
     body = "\n".join([
         "  %i = phi i64 [0, %entry], [%inext, %loop]",
-        f"  %acc = phi {v} [zeroinitializer, %entry], [%acc1, %loop]",
-        "  %p0 = getelementptr float, ptr %s, i64 %i",
-        f"  %x0 = load {v}, ptr %p0, align 4",
-        f"  %p1 = getelementptr float, ptr %p0, i64 {LANES}",
-        f"  %x1 = load {v}, ptr %p1, align 4",
+        f"  %acc = phi {v} [zeroinitializer, %entry], [%other, %loop]",
+        f"  %other = phi {v} [zeroinitializer, %entry], [%acc1, %loop]",
+        "  %ps0 = getelementptr float, ptr %s, i64 %i",
+        "  %pb0 = getelementptr float, ptr %b, i64 %i",
+        f"  %ps1 = getelementptr float, ptr %ps0, i64 {LANES}",
+        f"  %pb1 = getelementptr float, ptr %pb0, i64 {LANES}",
+        f"  %s0 = load {v}, ptr %ps0, align 4",
+        f"  %b0 = load {v}, ptr %pb0, align 4",
+        f"  %s1 = load {v}, ptr %ps1, align 4",
+        f"  %b1 = load {v}, ptr %pb1, align 4",
+        f"  %x0 = fadd {v} %s0, %b0",
+        f"  %x1 = fadd {v} %s1, %b1",
         *exp("%x0", "a"), *exp("%x1", "b"),
         f"  %bf = call {vb} @llvm.x86.avx512bf16.cvtne2ps2bf16.512({v} %eb, {v} %ea)",
         "  %q = getelementptr i16, ptr %pb, i64 %i",
@@ -161,7 +226,7 @@ declare {vb} @llvm.x86.avx512bf16.cvtne2ps2bf16.512({v}, {v})
 declare {v} @llvm.x86.avx512bf16.dpbf16ps.512({v}, {vb}, {vb})
 declare float @llvm.vector.reduce.fadd.v16f32(float, {v})
 
-define internal float @{name}(ptr %s, ptr %pb, float %shift) {{
+define internal float @{name}(ptr %s, ptr %b, ptr %pb, float %shift) {{
 entry:
   %shift1 = insertelement {v} poison, float %shift, i64 0
   %shiftv = shufflevector {v} %shift1, {v} poison, <{LANES} x i32> zeroinitializer
@@ -170,7 +235,8 @@ loop:
 {body}
   br i1 %more, label %loop, label %done
 done:
-  %sum = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, {v} %acc1)
+  %both = fadd {v} %acc1, %other
+  %sum = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, {v} %both)
   ret float %sum
 }}
 """
@@ -193,7 +259,6 @@ def bf16_attention_kernel(
     if steps not in STEPS:
         raise ValueError(f"steps must be one of {STEPS}, got {steps!r}")
     b0, h0, i0, j0 = bias_shape
-    lanes = LANES
     rows = min(ROWS, seq_q)
     blocks = -(-seq_q // rows)
     keys = _ceil(seq_k, TILE_K)
@@ -208,12 +273,21 @@ def bf16_attention_kernel(
     else:
         step = dot_steps.function_name(rows)
         step_ir = dot_steps.llvm_ir(rows)
-    exp_row = exp_row_name(keys)
-    ir = join_ir(step_ir, exp_row_ir(keys))
+    exp_row, max_row = exp_row_name(keys), max_row_name(keys)
+    ir = join_ir(step_ir, max_row_ir(keys), exp_row_ir(keys))
     neg_inf = T.float32("-inf")
     kb_head = keys * dim_p // 2  # uint32 pairs of one head's K
     vb_head = keys * dim_vp // 2
     panel_bytes = TILE_K * 4  # one row of a B panel: 32 columns of uint32 pairs
+
+    @T.macro
+    def fill_bias_row(brow, bias, b, row):
+        for k in T.vectorized(keys):
+            brow[k] = T.if_then_else(
+                k < seq_k,
+                bias[b // heads % b0, b % heads % h0, row % i0, T.min(k, seq_k - 1) % j0],
+                neg_inf,
+            )
 
     @T.macro
     def attend(q, kt, v, bias, out):
@@ -248,7 +322,8 @@ def bf16_attention_kernel(
             ctx = T.alloc_buffer((rows, dim_vp), "float32")
             inv = T.alloc_buffer((rows,), "float32")
             shift = T.alloc_buffer((rows,), "float32")
-            part = T.alloc_buffer((lanes,), "float32")
+            brow = T.alloc_buffer((keys,), "float32")
+            top = T.alloc_buffer((1,), "float32")
             b = blk // blocks
             row0 = T.min(blk % blocks * rows, seq_q - rows)
             for r in range(rows):
@@ -256,6 +331,9 @@ def bf16_attention_kernel(
                     qb[r, d] = T.if_then_else(
                         d < dim, round_bf16(q[b, row0 + r, T.min(d, dim - 1)]), T.uint16(0)
                     )
+            # the first row's bias here: the buffer then lives across the scores step, where
+            # TVM would otherwise give it the storage of qb (uint16), which its pointer refuses
+            fill_bias_row(brow, bias, b, row0)
             # scores: one step per 32 keys (the query tiles loaded once per step on AMX)
             if tiles:
                 T.evaluate(T.call_extern(
@@ -275,28 +353,20 @@ def bf16_attention_kernel(
                     T.int64(dim_p // 2), T.int64(panels_k),
                     T.int64(dim_p // 2 * panel_bytes), T.int64(TILE_K * 4),
                 ))  # fmt: skip
-            # guarded softmax, row by row: bias, max, exp in base 2 (attention_kernel's), sum
+            # guarded softmax, row by row: max of the biased scores, exp in base 2, sum. The
+            # bias row (-inf past the keys) is built once per block when it is the same for
+            # every query (FoldAttentionMaskRows gives that), else per row.
             for r in range(rows):
-                for ln in T.vectorized(lanes):
-                    part[ln] = neg_inf
-                for c in range(keys // lanes):
-                    for ln in T.vectorized(lanes):
-                        s[r, c * lanes + ln] = T.if_then_else(
-                            c * lanes + ln < seq_k,
-                            s[r, c * lanes + ln] + bias[
-                                b // heads % b0, b % heads % h0, (row0 + r) % i0,
-                                T.min(c * lanes + ln, seq_k - 1) % j0,
-                            ],
-                            neg_inf,
-                        )  # fmt: skip
-                    for ln in T.vectorized(lanes):
-                        part[ln] = T.max(part[ln], s[r, c * lanes + ln])
-                reduce_lanes(part, lanes, True)
-                inv[r] = T.Select(part[0] == neg_inf, T.float32(0), T.float32(1))
-                shift[r] = T.Select(part[0] == neg_inf, T.float32(0), -part[0] * T.float32(LOG2E))
-                # exp(s - max) rounded to bf16 into pb, and the sum of what was rounded
+                if i0 > 1 and r > 0:
+                    fill_bias_row(brow, bias, b, row0 + r)
+                top[0] = T.call_extern(
+                    "float32", max_row, s.access_ptr("r", offset=r * keys), brow.access_ptr("r")
+                )
+                inv[r] = T.Select(top[0] == neg_inf, T.float32(0), T.float32(1))
+                shift[r] = T.Select(top[0] == neg_inf, T.float32(0), -top[0] * T.float32(LOG2E))
+                # exp(s + bias - max) rounded to bf16 into pb, and the sum of what was rounded
                 inv[r] = inv[r] / T.call_extern(
-                    "float32", exp_row, s.access_ptr("r", offset=r * keys),
+                    "float32", exp_row, s.access_ptr("r", offset=r * keys), brow.access_ptr("r"),
                     pb.access_ptr("w", offset=r * keys), shift[r],
                 )  # fmt: skip
             # context: one step per 32 head dims, over all keys
