@@ -35,11 +35,11 @@ bench's input at 384 tokens is 2.7e-4 with it (2.6e-4 with fp32 attention; OpenV
 
 Speed, alone (4 heads of 32, 1 thread, warm, on a 2-core AMX Xeon): 0.35 ms against the fp32
 kernel's 0.64 at 384 tokens, 42 µs against 72 at 128. The exponentials are most of what is left:
-a row's are one LLVM IR loop (``exp_row_ir``: ``vscalefps`` for the 2^n, two vectors rounded
+a row's are one LLVM IR loop (``softmax_rows.exp_row_ir``: ``vscalefps`` for the 2^n, two vectors rounded
 by one ``vcvtne2ps2bf16``, the sum by one ``vdpbf16ps``), about 10 vector instructions per 16
 scores where the TIR loop before it took 17 (384 tokens: 302 → 278 µs, medians, interleaved;
 without any exponential the kernel takes 158 µs, without the softmax 127). The max is an IR
-loop too (``max_row_ir``), reading the scores and the block's bias row (one row when the mask
+loop too (``softmax_rows.max_row_ir``), reading the scores and the block's bias row (one row when the mask
 is the same for every query, as ``FoldAttentionMaskRows`` makes it) without writing the biased
 scores back; the exponentials add the bias again, and their sum alternates between two
 accumulators (Zen 4, 384 tokens, the kernel alone, interleaved medians: 539 → 516 µs against a
@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import struct
 
-import numpy as np
 import tvm
 from tvm.script import tirx as T
 
@@ -70,19 +68,19 @@ from mbcompile.passes.attention_kernel import (
 from mbcompile.targets.schedules import dot_steps, tile_intrinsics
 from mbcompile.targets.schedules.llvm_text import join_ir
 from mbcompile.targets.schedules.pack_bf16 import round_bf16
+from mbcompile.targets.schedules.softmax_rows import (
+    exp_row_ir,
+    exp_row_name,
+    max_row_ir,
+    max_row_name,
+)
 
 tvmscript.install()  # this module parses TVMScript: without the slow frame walk
 
 logger = logging.getLogger(__name__)
 
 TILE_K = 32  # bf16 values per tile row: keys and head dims are padded to this
-LANES = 16  # fp32 lanes of AVX-512, which every CPU with AVX512_BF16 has
 STEPS = ("tiles", "vectors")  # the products on AMX tiles, or on vdpbf16ps vectors
-# 2^f ≈ 1 + f·(c1 + f·(c2 + f·c3)) on |f| <= 1/2: relative error 1.0e-4, well under the 2^-9
-# of the bf16 rounding that follows (attention_kernel's degree-5 polynomial is for fp32).
-EXP2_POLY3 = (0.69328293, 0.24221097, 0.05500893)
-LOW = -126.0  # exp's argument in base 2 is clamped here: -inf (a masked key) gives 2^-126
-BF16_ONE = "0xR3F80"  # 1.0 as LLVM IR writes a bfloat
 ROWS = tile_intrinsics.BLOCK_ROWS  # query rows per block: 2 row tiles
 
 
@@ -98,148 +96,6 @@ def _bits(value):
 def _pair(low, high):
     """Two fp32 values as one uint32 of two bf16: the k pair of AMX's B layout."""
     return T.bitwise_or(_bits(low), T.shift_left(_bits(high), T.uint32(16)))
-
-
-def _float(value: float) -> str:
-    """An fp32 constant as LLVM IR writes it (the double of the same value, in hex)."""
-    bits = struct.unpack("<Q", struct.pack("<d", float(np.float32(value))))[0]
-    return f"0x{bits:016X}"
-
-
-def exp_row_name(keys: int) -> str:
-    return f"mbc_bf16_softmax_exp_{keys}"
-
-
-def max_row_name(keys: int) -> str:
-    return f"mbc_bf16_softmax_max_{keys}"
-
-
-def _splat(value: float) -> str:
-    return "<" + ", ".join([f"float {_float(value)}"] * LANES) + ">"
-
-
-def max_row_ir(keys: int) -> str:
-    """``float @mbc_bf16_softmax_max_<keys>(ptr s, ptr bias)``: the max of ``s[k] + bias[k]``
-    over a row of ``keys`` scores (a multiple of 32), two vectors of partial maxima::
-
-        m0 = max(m0, s[k : k + 16] + bias[k : k + 16]);  m1 = ... [k + 16 : k + 32]
-        return reduce_max(max(m0, m1))
-
-    The biased scores are not stored: ``exp_row_ir`` adds the bias again as it reads them."""
-    v = f"<{LANES} x float>"
-    name = max_row_name(keys)
-    return f"""
-declare {v} @llvm.maxnum.v16f32({v}, {v})
-declare float @llvm.vector.reduce.fmax.v16f32({v})
-
-define internal float @{name}(ptr %s, ptr %b) {{
-entry:
-  br label %loop
-loop:
-  %i = phi i64 [0, %entry], [%inext, %loop]
-  %m0 = phi {v} [{_splat(float("-inf"))}, %entry], [%m0n, %loop]
-  %m1 = phi {v} [{_splat(float("-inf"))}, %entry], [%m1n, %loop]
-  %ps0 = getelementptr float, ptr %s, i64 %i
-  %pb0 = getelementptr float, ptr %b, i64 %i
-  %ps1 = getelementptr float, ptr %ps0, i64 {LANES}
-  %pb1 = getelementptr float, ptr %pb0, i64 {LANES}
-  %s0 = load {v}, ptr %ps0, align 4
-  %b0 = load {v}, ptr %pb0, align 4
-  %s1 = load {v}, ptr %ps1, align 4
-  %b1 = load {v}, ptr %pb1, align 4
-  %x0 = fadd {v} %s0, %b0
-  %x1 = fadd {v} %s1, %b1
-  %m0n = call nnan {v} @llvm.maxnum.v16f32({v} %m0, {v} %x0)
-  %m1n = call nnan {v} @llvm.maxnum.v16f32({v} %m1, {v} %x1)
-  %inext = add i64 %i, {2 * LANES}
-  %more = icmp ult i64 %inext, {keys}
-  br i1 %more, label %loop, label %done
-done:
-  %m = call nnan {v} @llvm.maxnum.v16f32({v} %m0n, {v} %m1n)
-  %r = call nnan float @llvm.vector.reduce.fmax.v16f32({v} %m)
-  ret float %r
-}}
-"""
-
-
-def exp_row_ir(keys: int) -> str:
-    """``float @mbc_bf16_softmax_exp_<keys>(ptr s, ptr bias, ptr pb, float shift)``: for a row
-    of ``keys`` scores (a multiple of 32), ``pb[k] = bf16(2^((s[k] + bias[k])·log2e + shift))``
-    and the sum of the rounded values, 32 scores per iteration::
-
-        t = max((s + bias) · log2e + shift, -126);  n = roundeven(t);  f = t - n
-        e = scalef(poly3(f), n)                        # vscalefps: e · 2^n, no integer steps
-        pb[k : k + 32] = cvtne2ps2bf16(e[16:], e[:16]) # two vectors rounded in one instruction
-        sum' += dpbf16ps(pb[k : k + 32], 1.0)          # the sum of the rounded values
-
-    The sum alternates between two accumulators (``sum'`` is the one of two iterations back),
-    so each dot product waits on the one before the last, not the last. Inlined into the
-    kernel, where the row's bias stays in registers across the rows: LLVM broadcasts the
-    polynomial's constants from memory in the loop (loads, not vector work)."""
-    v = f"<{LANES} x float>"
-    vb = f"<{2 * LANES} x bfloat>"
-    ones = "<" + ", ".join([f"bfloat {BF16_ONE}"] * (2 * LANES)) + ">"
-    c1, c2, c3 = EXP2_POLY3
-
-    def exp(x: str, tag: str) -> list[str]:
-        return [
-            f"  %t0{tag} = call {v} @llvm.fma.v16f32({v} {x}, {v} {_splat(LOG2E)}, {v} %shiftv)",
-            f"  %low{tag} = fcmp ogt {v} %t0{tag}, {_splat(LOW)}",
-            f"  %t{tag} = select <{LANES} x i1> %low{tag}, {v} %t0{tag}, {v} {_splat(LOW)}",
-            f"  %n{tag} = call {v} @llvm.roundeven.v16f32({v} %t{tag})",
-            f"  %f{tag} = fsub {v} %t{tag}, %n{tag}",
-            f"  %p3{tag} = call {v} @llvm.fma.v16f32({v} {_splat(c3)}, {v} %f{tag}, {v} {_splat(c2)})",
-            f"  %p2{tag} = call {v} @llvm.fma.v16f32({v} %p3{tag}, {v} %f{tag}, {v} {_splat(c1)})",
-            f"  %p1{tag} = call {v} @llvm.fma.v16f32({v} %p2{tag}, {v} %f{tag}, {v} {_splat(1.0)})",
-            f"  %e{tag} = call {v} @llvm.x86.avx512.mask.scalef.ps.512({v} %p1{tag}, {v} %n{tag}, "
-            f"{v} zeroinitializer, i16 -1, i32 4)",
-        ]
-
-    name = exp_row_name(keys)
-    body = "\n".join([
-        "  %i = phi i64 [0, %entry], [%inext, %loop]",
-        f"  %acc = phi {v} [zeroinitializer, %entry], [%other, %loop]",
-        f"  %other = phi {v} [zeroinitializer, %entry], [%acc1, %loop]",
-        "  %ps0 = getelementptr float, ptr %s, i64 %i",
-        "  %pb0 = getelementptr float, ptr %b, i64 %i",
-        f"  %ps1 = getelementptr float, ptr %ps0, i64 {LANES}",
-        f"  %pb1 = getelementptr float, ptr %pb0, i64 {LANES}",
-        f"  %s0 = load {v}, ptr %ps0, align 4",
-        f"  %b0 = load {v}, ptr %pb0, align 4",
-        f"  %s1 = load {v}, ptr %ps1, align 4",
-        f"  %b1 = load {v}, ptr %pb1, align 4",
-        f"  %x0 = fadd {v} %s0, %b0",
-        f"  %x1 = fadd {v} %s1, %b1",
-        *exp("%x0", "a"), *exp("%x1", "b"),
-        f"  %bf = call {vb} @llvm.x86.avx512bf16.cvtne2ps2bf16.512({v} %eb, {v} %ea)",
-        "  %q = getelementptr i16, ptr %pb, i64 %i",
-        f"  store {vb} %bf, ptr %q, align 2",
-        f"  %acc1 = call {v} @llvm.x86.avx512bf16.dpbf16ps.512({v} %acc, {vb} %bf, {vb} {ones})",
-        f"  %inext = add i64 %i, {2 * LANES}",
-        f"  %more = icmp ult i64 %inext, {keys}",
-    ])
-    return f"""
-declare {v} @llvm.fma.v16f32({v}, {v}, {v})
-declare {v} @llvm.roundeven.v16f32({v})
-declare {v} @llvm.x86.avx512.mask.scalef.ps.512({v}, {v}, {v}, i16, i32)
-declare {vb} @llvm.x86.avx512bf16.cvtne2ps2bf16.512({v}, {v})
-declare {v} @llvm.x86.avx512bf16.dpbf16ps.512({v}, {vb}, {vb})
-declare float @llvm.vector.reduce.fadd.v16f32(float, {v})
-
-define internal float @{name}(ptr %s, ptr %b, ptr %pb, float %shift) {{
-entry:
-  %shift1 = insertelement {v} poison, float %shift, i64 0
-  %shiftv = shufflevector {v} %shift1, {v} poison, <{LANES} x i32> zeroinitializer
-  br label %loop
-loop:
-{body}
-  br i1 %more, label %loop, label %done
-done:
-  %both = fadd {v} %acc1, %other
-  %sum = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, {v} %both)
-  ret float %sum
-}}
-"""
 
 
 @functools.lru_cache(maxsize=256)  # as attention_kernel: the same shapes, the same PrimFunc
