@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import time
 import warnings
 from collections import Counter
@@ -47,6 +48,14 @@ FORMAT = "mbcompile-tuning-db"
 # Fields of the LLVM target a tuned schedule depends on.
 TARGET_KEYS = ("mtriple", "mcpu", "mattr")
 SHIPPED = Path(__file__).resolve().parent / "databases"
+# MetaSchedule databases read for applying, by folder and the files' identity (inode, size,
+# mtime): opening one parses every kernel of the workload file, 2.8 s for the shipped Zen 4
+# database, paid by every compile with it, not only the first one of a process. Clean folders
+# only (a damaged one warns at every open). Applying only reads them (a query of a kernel the
+# database has adds nothing).
+_OPENED: dict[tuple, object] = {}
+_OPENED_MAX = 4
+_OPENED_LOCK = threading.Lock()
 
 
 def target_key(target: tvm.target.Target) -> dict:
@@ -280,8 +289,27 @@ class Database:
     def ms_database(self, *, repair: bool = False):
         """MetaSchedule's ``JSONDatabase`` of this folder; damaged lines are skipped with a
         warning naming the file and the line. ``repair=True`` (for appending to it) rewrites the
-        files without them; otherwise a cleaned copy is read and the folder left as it is."""
+        files without them; otherwise a cleaned copy is read and the folder left as it is.
+        Read for applying (no ``repair``), a clean folder's database is kept for the next call
+        while its files stay the same."""
+        key = None if repair else self._identity()
+        with _OPENED_LOCK:
+            if key is not None and key in _OPENED:
+                return _OPENED[key]
         lines = read_lines(self.path)
+        if key is not None and lines.clean:
+            try:
+                opened = self._open(lines, repair)
+            except OSError:
+                raise
+            except Exception:  # noqa: BLE001 - MetaSchedule refused a line: found below
+                opened = None
+            if opened is not None:
+                with _OPENED_LOCK:
+                    while len(_OPENED) >= _OPENED_MAX:
+                        del _OPENED[next(iter(_OPENED))]
+                    _OPENED[key] = opened
+                return opened
         for bad in lines.bad:
             bad.warn()
         try:
@@ -300,6 +328,15 @@ class Database:
                 f"MetaSchedule cannot read the tuning database {self.path} ({err}); tune again "
                 f"into a new folder with `mbcompile tune`"
             ) from None
+
+    def _identity(self) -> tuple | None:
+        """The folder and its two files' inode, size and modification time (None if missing)."""
+        try:
+            stats = [os.stat(self.path / name) for name in (WORKLOADS, RECORDS)]
+        except OSError:
+            return None
+        return (str(self.path.resolve()),
+                *((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats))
 
     def _open(self, lines: Lines, repair: bool):
         if lines.clean:

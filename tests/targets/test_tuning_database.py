@@ -140,3 +140,22 @@ def test_a_manifest_of_another_shape_is_a_target_error_naming_it(db_copy, manife
     (db_copy / MANIFEST).write_text(manifest)
     with pytest.raises(TargetError, match=rf"{db_copy / MANIFEST}"):
         resolve_database(db_copy, host())
+
+
+def test_a_clean_database_is_read_once_while_its_files_stay_the_same(db_copy):
+    """Opening parses every kernel (seconds for a shipped database): a second compile in the
+    process gets the database read before, until a tune changes the files."""
+    first = Database.open(db_copy).ms_database()
+    assert Database.open(db_copy).ms_database() is first
+    records = lines_of(db_copy / RECORDS)
+    write_lines(db_copy / RECORDS, records[:-1])  # as if another run rewrote it
+    again = Database.open(db_copy).ms_database()
+    assert again is not first
+    assert len(again.get_all_tuning_records()) == len(records) - 1
+
+
+def test_a_damaged_database_warns_at_every_open(db_copy):
+    tear_last_record(db_copy)
+    for _ in range(2):
+        with pytest.warns(RuntimeWarning, match="not JSON"):
+            Database.open(db_copy).ms_database()
