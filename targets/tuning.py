@@ -122,8 +122,11 @@ def tune_module(
     log(f"tune: {len(extracted)} distinct kernels, {len(tasks)} to tune, {budget}")
     job["deadline"] = time.time() + minutes * 60 if minutes else None
     stopped = _run_search(job, db, log)
-    if stopped == "time budget":
-        log("tune: time budget spent; the database holds every trial measured so far")
+    if stopped is not None:  # the time budget, or a SIGTERM to the search from outside
+        why = ("time budget spent" if stopped == "time budget"
+               else "the search process was stopped (SIGTERM)")
+        log(f"tune: {why}; the database holds every trial measured so far; run the same "
+            f"command again to resume")
         summary["stopped"] = stopped
     summary["records"] = db.records()
     return summary

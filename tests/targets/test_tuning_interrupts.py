@@ -224,3 +224,36 @@ def test_an_interrupted_tune_raises_keyboard_interrupt_and_resumes_with_what_is_
     again = tune_module(mod, prepared.tvm_target, db, trials=8, max_tasks=1, log=lines.append)
     assert list(_records_per_task(db.path).values()) == [8]
     assert again["tuned"] == (1 if measured < 8 else 0)
+
+
+def test_a_search_stopped_from_outside_says_so_in_the_summary(tmp_path):
+    """A SIGTERM to the search process (a service manager, ``kill`` of a background tune, whose
+    shell ignores SIGINT) stops it after the batch: the tune ends normally, its summary says
+    ``stopped``, and the database loads and resumes."""
+    from helpers import make_model, tiny_config
+
+    from mbcompile.compiler import prepare
+    from mbcompile.options import CompileOptions
+    from mbcompile.targets.pipeline import fused_module
+    from mbcompile.targets.tuning import tune_module
+
+    model = make_model("base", tiny_config(num_hidden_layers=1))
+    prepared = prepare(model, CompileOptions(seq_len=16))
+    mod = fused_module(prepared.mod, prepared.tvm_target)
+    db = Database.create(tmp_path / "db", prepared.tvm_target)
+    lines: list[str] = []
+
+    def terminate_after_first_batch(line: str) -> None:
+        lines.append(line)
+        if line.startswith("tune: 2/4 trials"):
+            for child in psutil.Process().children(recursive=True):
+                if "mbcompile.targets.tuning_search" in " ".join(child.cmdline()):
+                    child.terminate()
+
+    summary = tune_module(mod, prepared.tvm_target, db, trials=4, max_tasks=1,
+                          trials_per_batch=2, log=terminate_after_first_batch)
+    assert summary["stopped"] == "interrupted", (summary, lines)
+    assert any("the search process was stopped (SIGTERM)" in line
+               and "run the same command again to resume" in line for line in lines), lines
+    _assert_loads_cleanly(db.path)
+    assert 2 <= summary["records"] <= 4
