@@ -22,13 +22,15 @@ attention kernel alone with caches flushed: 0.70 → 0.63 ms, medians; ``bench/`
 
 The proof walks the bias's expression through bindings: a tensor of one query row (or of rank
 below 2) is fine as it is; an expression of constants only (the ops of ``_EVALUATED``) is
-evaluated and must have equal rows; an elementwise op (``_ELEMENTWISE``, ``where``, ``astype``)
-(and ``broadcast_to``) is fine when its operands are. It bails (``refusals`` says why) on
+evaluated and must have equal rows; an elementwise op (``_ELEMENTWISE``: arithmetic, compare,
+logic, ``where``, ``astype``) or a ``broadcast_to`` is fine when its operands are. It bails (``refusals`` says why) on
 anything else: a mask that depends on the query (causal, or a 4-D mask the user passes), or an
 op it does not know.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import tvm
@@ -77,6 +79,16 @@ _EVALUATED = frozenset(
 _QUERY_AXIS = -2  # (…, Sq, Sk): the rows of the scores
 
 
+@dataclass
+class _Sum:
+    """A matched ``softmax(add(·, ·))`` and, once ``why_not`` accepts it, which operand is the
+    mask (a pattern of ``found``) and the mask with one query row."""
+
+    found: dict
+    mask: object = None
+    folded: relax.Expr | None = None
+
+
 class FoldAttentionMaskRows(MobileBertPass):
     """``softmax(add(scores, bias(B, 1, Sq, Sk)))`` → ``softmax(add(scores, bias(B, 1, 1, Sk)))``
     when every query row of the bias is the same."""
@@ -96,7 +108,7 @@ class FoldAttentionMaskRows(MobileBertPass):
         self._folded: dict[relax.Expr, tuple[relax.Expr | None, str]] = {}
         return super().find_rewrites(graph)
 
-    def match(self, graph: Graph, var: relax.Var, value: relax.Expr) -> dict | None:
+    def match(self, graph: Graph, var: relax.Var, value: relax.Expr) -> _Sum | None:
         m = super().match(graph, var, value)
         if m is None:
             return None
@@ -105,25 +117,26 @@ class FoldAttentionMaskRows(MobileBertPass):
             return None
         if any(s[_QUERY_AXIS] == 1 for s in shapes):
             return None  # a mask of one row already (or scores of one row: nothing to fold)
-        return m
+        return _Sum(m)
 
-    def why_not(self, graph: Graph, var: relax.Var, m: dict) -> str | None:
+    def why_not(self, graph: Graph, var: relax.Var, match: _Sum) -> str | None:
         # Both operands have every query row (``match``): either may be the mask.
-        folded, why = self._fold(graph, m[self.right])
-        bias = self.right
-        if folded is None:
-            folded, _ = self._fold(graph, m[self.left])
-            bias = self.left
-        if folded is None:
-            return why
-        m["folded"], m["bias"] = folded, bias
-        return None
+        why = ""
+        for mask in (self.right, self.left):
+            folded, reason = self._fold(graph, match.found[mask])
+            why = why or reason
+            if folded is not None:
+                match.mask, match.folded = mask, folded
+                return None
+        return why
 
-    def rewrite(self, graph: Graph, var: relax.Var, m: dict) -> dict[relax.Var, relax.Expr]:
+    def rewrite(self, graph: Graph, var: relax.Var, match: _Sum) -> dict[relax.Var, relax.Expr]:
+        m = match.found
         biased = m[self.biased]
-        args = (
-            [m[self.left], m["folded"]] if m["bias"] is self.right else [m["folded"], m[self.right]]
-        )
+        if match.mask is self.right:
+            args = [m[self.left], match.folded]
+        else:
+            args = [match.folded, m[self.right]]
         target = graph.var_of(biased)
         if target is None:  # the sum is nested in the softmax's value: rebuild both
             return {var: call(graph.value(var), call(biased, *args))}
