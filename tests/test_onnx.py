@@ -28,7 +28,8 @@ NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # The MobileBERT passes that rewrite the model; the clean-up passes (RemoveLinearReshapes,
 # RemoveLayoutNoise) fire on what layout noise each importer leaves, and are judged by the
 # layout ops left in the end.
-REWRITING = ("FoldNoNorm", "FoldAttentionScale", "MergeSharedInputLinears", "FuseAttention")
+REWRITING = ("FoldNoNorm", "FoldAttentionScale", "MergeSharedInputLinears", "FoldAttentionMaskRows",
+             "FuseAttention")
 
 
 def export(model, path, exporter: str = "opset14", *, dynamic: bool = True, names=None):
