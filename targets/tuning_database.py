@@ -13,8 +13,8 @@ Its files:
 
 A line can be damaged: cut short when the process appending it was killed, or garbage from
 elsewhere. MetaSchedule then refuses the whole database with a bare RuntimeError; here such a line
-is skipped with a warning naming the file and the line (records keep pointing at the right kernel
-when a workload line before theirs is skipped). ``compile`` reads a cleaned copy and leaves the
+is skipped with a warning naming the file and the line (``database_lines.py`` reads the files
+line by line). ``compile`` reads a cleaned copy and leaves the
 folder as it is (it may be read-only, as the shipped databases are); ``tune``, which appends,
 rewrites the files without those lines first.
 """
@@ -34,12 +34,19 @@ from pathlib import Path
 import tvm
 
 from mbcompile.errors import TargetError
-from mbcompile.targets.metaschedule import meta_schedule
+from mbcompile.targets.database_lines import (
+    RECORDS,
+    WORKLOADS,
+    Lines,
+    json_database,
+    parse_line,
+    read_lines,
+    unreadable,
+    write_lines,
+)
 from mbcompile.targets.schedules import dot_intrinsics  # noqa: F401 - records name its intrinsics
 
 MANIFEST = "manifest.json"
-WORKLOADS = "database_workload.json"
-RECORDS = "database_tuning_record.json"
 # Tasks whose search ended on its own (their design space ran out of new candidates before the
 # trial budget): {structural hash of the task: the per-task budget of that run}. Without it a
 # resumed run would search such a task again, for nothing.
@@ -68,156 +75,6 @@ def target_key(target: tvm.target.Target) -> dict:
             value = sorted(str(v) for v in value)
         key[field] = value if value is None or isinstance(value, list) else str(value)
     return key
-
-
-@dataclass(frozen=True)
-class BadLine:
-    """A line of a database file that is skipped, and why."""
-
-    file: Path
-    line: int  # counted from 1, as an editor shows it
-    why: str
-
-    def warn(self) -> None:
-        warnings.warn(
-            f"tuning database file {self.file}, line {self.line}: {self.why}; skipped it",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-
-@dataclass
-class Lines:
-    """The usable lines of a database's two files."""
-
-    workloads: list[tuple[int, str]]  # (line number, text)
-    records: list[tuple[int, int, str]]  # (line number, index into workloads, text)
-    bad: list[BadLine]
-    clean: bool  # the files hold exactly these lines, each ending with a newline
-
-    def workload_lines(self) -> list[str]:
-        return [text for _, text in self.workloads]
-
-    def record_lines(self) -> list[str]:
-        return [_with_index(text, index) for _, index, text in self.records]
-
-
-def _with_index(record: str, index: int) -> str:
-    """A record line ``[workload index, record]`` pointing at workload ``index``; unchanged
-    when it does already (the index is the number before the first comma)."""
-    old, rest = record.split(",", 1)
-    return record if int(old.strip().lstrip("[")) == index else f"[{index},{rest}"
-
-
-def _split(file: Path) -> tuple[list[bytes], bool]:
-    """The lines of ``file``, and whether the last one ends with a newline (or there is none)."""
-    if not file.exists():
-        return [], True
-    lines = file.read_bytes().split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-        return lines, True
-    return lines, False
-
-
-def _parse(raw: bytes, unterminated: bool) -> tuple[object, str | None]:
-    """The JSON value of a line, or why it has none."""
-    try:
-        return json.loads(raw.decode("utf-8")), None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        if not raw.strip():
-            return None, "an empty line"
-        if unterminated:
-            return None, "not JSON: the last line, cut short (a write interrupted by a kill?)"
-        return None, "not JSON"
-
-
-def read_lines(path: Path) -> Lines:
-    """Parse both files of the database folder ``path``, setting aside the damaged lines."""
-    bad: list[BadLine] = []
-    raw_workloads, workloads_end = _split(path / WORKLOADS)
-    index: dict[int, int] = {}  # workload line (from 0) -> its index among the usable ones
-    workloads: list[tuple[int, str]] = []
-    for i, raw in enumerate(raw_workloads):
-        obj, why = _parse(raw, not workloads_end and i == len(raw_workloads) - 1)
-        if why is None and not (
-            isinstance(obj, list) and len(obj) == 2 and all(isinstance(x, str) for x in obj)
-        ):
-            why = "not a MetaSchedule workload ([structural hash, module])"
-        if why is not None:
-            bad.append(BadLine(path / WORKLOADS, i + 1, why))
-            continue
-        index[i] = len(workloads)
-        workloads.append((i + 1, raw.decode("utf-8")))
-    raw_records, records_end = _split(path / RECORDS)
-    records: list[tuple[int, int, str]] = []
-    for i, raw in enumerate(raw_records):
-        obj, why = _parse(raw, not records_end and i == len(raw_records) - 1)
-        if why is None:
-            if not (
-                isinstance(obj, list) and len(obj) == 2 and type(obj[0]) is int
-                and isinstance(obj[1], list)
-            ):
-                why = "not a MetaSchedule tuning record ([workload line, record])"
-            elif obj[0] not in index:
-                why = f"its kernel, line {obj[0] + 1} of {WORKLOADS}, is missing or skipped"
-        if why is not None:
-            bad.append(BadLine(path / RECORDS, i + 1, why))
-            continue
-        records.append((i + 1, index[obj[0]], raw.decode("utf-8")))
-    clean = not bad and workloads_end and records_end
-    return Lines(workloads, records, bad, clean)
-
-
-def _write_lines(file: Path, lines: list[str]) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, file)  # a kill never leaves half a file
-
-
-def _json_database(folder: Path):
-    return meta_schedule().database.JSONDatabase(
-        path_workload=str(folder / WORKLOADS),
-        path_tuning_record=str(folder / RECORDS),
-        module_equality="structural",
-    )
-
-
-def _unreadable(lines: Lines, path: Path) -> Lines:
-    """``lines`` without those that are JSON of the right shape and that MetaSchedule still
-    cannot read (a module or a trace it cannot parse), found one at a time."""
-    bad = []
-    with tempfile.TemporaryDirectory(prefix="mbcompile-tuning-db-") as tmp:
-        folder = Path(tmp)
-
-        def readable(workload: str, records: list[str]) -> bool:
-            _write_lines(folder / WORKLOADS, [workload])
-            _write_lines(folder / RECORDS, records)
-            try:
-                _json_database(folder)
-            except Exception:  # noqa: BLE001 - any refusal by MetaSchedule means: unreadable
-                return False
-            return True
-
-        kept: dict[int, int] = {}
-        workloads = []
-        for i, (line, text) in enumerate(lines.workloads):
-            if readable(text, []):
-                kept[i] = len(workloads)
-                workloads.append((line, text))
-            else:
-                bad.append(BadLine(path / WORKLOADS, line, "MetaSchedule cannot read this kernel"))
-        records = []
-        for line, index, record in lines.records:
-            if index not in kept:
-                why = "its kernel was skipped"
-            elif readable(workloads[kept[index]][1], [_with_index(record, 0)]):
-                records.append((line, kept[index], record))
-                continue
-            else:
-                why = "MetaSchedule cannot read this record"
-            bad.append(BadLine(path / RECORDS, line, why))
-    return Lines(workloads, records, bad, clean=False)
 
 
 def count_trials(ms_db) -> Counter:
@@ -318,7 +175,7 @@ class Database:
             raise
         except Exception:  # noqa: BLE001 - MetaSchedule refused a line: find which, below
             pass
-        lines = _unreadable(lines, self.path)
+        lines = unreadable(lines, self.path)
         for bad in lines.bad:
             bad.warn()
         try:
@@ -340,15 +197,15 @@ class Database:
 
     def _open(self, lines: Lines, repair: bool):
         if lines.clean:
-            return _json_database(self.path)
+            return json_database(self.path)
         if repair:
-            _write_lines(self.path / WORKLOADS, lines.workload_lines())
-            _write_lines(self.path / RECORDS, lines.record_lines())
-            return _json_database(self.path)
+            write_lines(self.path / WORKLOADS, lines.workload_lines())
+            write_lines(self.path / RECORDS, lines.record_lines())
+            return json_database(self.path)
         with tempfile.TemporaryDirectory(prefix="mbcompile-tuning-db-") as tmp:
-            _write_lines(Path(tmp) / WORKLOADS, lines.workload_lines())
-            _write_lines(Path(tmp) / RECORDS, lines.record_lines())
-            return _json_database(Path(tmp))  # it reads both files now: for reading only
+            write_lines(Path(tmp) / WORKLOADS, lines.workload_lines())
+            write_lines(Path(tmp) / RECORDS, lines.record_lines())
+            return json_database(Path(tmp))  # it reads both files now: for reading only
 
     def cut_torn_tails(self) -> None:
         """End both files at their last whole line, after the process appending to them was
@@ -363,7 +220,7 @@ class Database:
                 data.seek(0)
                 whole = data.read()
                 tail = whole[whole.rfind(b"\n") + 1:]
-                if _parse(tail, True)[1] is None:
+                if parse_line(tail, True)[1] is None:
                     data.write(b"\n")
                 else:
                     data.truncate(len(whole) - len(tail))
