@@ -39,7 +39,7 @@ bf16 on 512-bit ``vdpbf16ps`` and int8 on 512-bit ``vpdpbusd``, with K a multipl
 (every matmul of the default architecture), take another form, ``_schedule_panels``: a
 parallel task is a block of 8 rows × a chunk of columns; per 32-column panel of it,
 ``panel_intrinsics``' steps (8 rows × 32 columns × 128 k values, the sums in registers) fill
-the panel's part of an accumulator buffer (any size: one heap workspace per call), then the
+the panel's 8 × 32 accumulator buffer (on the stack), then the
 epilogue runs over the panel. The stack tile capped the rows at 7 (4 at 128 tokens, where M
 does not divide by 6); alone on a Zen 5 core the steps run 8 × 2 at 447 GFLOP/s against 318
 for 4 × 2.
@@ -67,6 +67,7 @@ from mbcompile.targets.schedules.gemm_tile import (
     stage_rows,
     vectorize_tile,
 )
+from mbcompile.targets.schedules.prefetch_epilogue import prefetch_epilogue
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,8 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
     """Panel steps (``panel_intrinsics``)::
 
         for b, io, jc in parallel (fused):          # a block of rows × a chunk of columns
-            for jo in panels of the chunk:                # acc: one M × N workspace per call
+            for jo in panels of the chunk:                # acc: 8 × 32, on the stack
+                prefetch(epilogue's lines)           # prefetch_epilogue.py
                 acc[:, panel] = 0                    # the steps hold the sums in registers
                 for kb in K / 128 (unrolled):
                     acc[:, panel] += step(A[rows, kb·128 :], Wp[jo, kb·64 :])
@@ -319,8 +321,10 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
 
     The epilogue runs per panel, right after its steps, where the out-of-order core overlaps it
     with the next panel's dot products, and the zeros of a panel's accumulators are stored just
-    before its first step, which LLVM then starts from registers (the stores stay: the buffer
-    is the whole matmul's, one workspace per call, of which each panel uses its 8 × 32). Alone
+    before its first step, which LLVM then starts from registers (the stores stay; TVM's
+    lowering shrinks the buffer to the panel's 8 × 32, which ``tiles_on_stack`` puts on the
+    stack). The panel first prefetches the epilogue's lines of the output and of a residual
+    (``prefetch_epilogue``). Alone
     on one Zen 5 core, interleaved minimums, a bias epilogue: 384 × 128 → 512 400 → 454 GFLOP/s
     (against the epilogue after the whole block and the zeros loaded back), 384 × 512 → 384
     454 → 472, 128 × 512 → 128 460 → 481."""
@@ -353,3 +357,4 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
         sch.unroll(kb)
     sch.tensorize(ii, panel_intrinsics.intrinsic_name(rows, instruction))
     sch.annotate(outer, "pragma_import_llvm", panel_intrinsics.llvm_ir(rows, instruction))
+    prefetch_epilogue(sch, jo, writer)
