@@ -39,10 +39,9 @@ bf16 on 512-bit ``vdpbf16ps`` and int8 on 512-bit ``vpdpbusd``, with K a multipl
 (every matmul of the default architecture), take another form, ``_schedule_panels``: a
 parallel task is a block of 8 rows × a chunk of columns; per 32-column panel of it,
 ``panel_intrinsics``' steps (8 rows × 32 columns × 128 k values, the sums in registers) fill
-the panel's 8 × 32 accumulator buffer (on the stack), then the
-epilogue runs over the panel. The stack tile capped the rows at 7 (4 at 128 tokens, where M
-does not divide by 6); alone on a Zen 5 core the steps run 8 × 2 at 447 GFLOP/s against 318
-for 4 × 2.
+the panel's 8 × 32 accumulator buffer (on the stack), then the epilogue runs over the panel.
+The stack tile capped the rows at 7 (4 at 128 tokens, where M does not divide by 6); alone on
+a Zen 5 core the steps run 8 × 2 at 447 GFLOP/s against 318 for 4 × 2.
 
 Bails (returns None) on any other PrimFunc, on a CPU without the instruction, or when a
 schedule primitive refuses.
@@ -324,10 +323,9 @@ def _schedule_panels(sch: s_tir.Schedule, block, consumers: list, instruction: s
     before its first step, which LLVM then starts from registers (the stores stay; TVM's
     lowering shrinks the buffer to the panel's 8 × 32, which ``tiles_on_stack`` puts on the
     stack). The panel first prefetches the epilogue's lines of the output and of a residual
-    (``prefetch_epilogue``). Alone
-    on one Zen 5 core, interleaved minimums, a bias epilogue: 384 × 128 → 512 400 → 454 GFLOP/s
-    (against the epilogue after the whole block and the zeros loaded back), 384 × 512 → 384
-    454 → 472, 128 × 512 → 128 460 → 481."""
+    (``prefetch_epilogue``). Alone on one Zen 5 core, interleaved minimums, a bias epilogue:
+    384 × 128 → 512 400 → 454 GFLOP/s (against the epilogue after the whole block and the
+    zeros loaded back), 384 × 512 → 384 454 → 472, 128 × 512 → 128 460 → 481."""
     *batch, i, j, k = sch.get_loops(block)
     m, n = const_int(sch.get(i).extent), const_int(sch.get(j).extent)
     rows = _panel_rows(m)

@@ -77,7 +77,10 @@ def _lines(sch: s_tir.Schedule, panel: tirx.For, writer) -> list[tirx.Stmt]:
                 and str(load.source.dtype) == "float32"
                 and not any(load.source.same_as(buffer) for buffer in scratch)]
     operands.append((store.buffer, store.indices, 1))  # 1: for writing
-    values = dict(zip((iv.var for iv in sch.get(writer).iter_vars), _realize_values(sch, writer)))
+    bound = _realize_values(sch, writer)
+    if bound is None:
+        return []
+    values = dict(zip((iv.var for iv in sch.get(writer).iter_vars), bound))
     combos = [[]]
     for loop in inner[:-1]:
         combos = [combo + [n] for combo in combos for n in range(const_int(loop.extent))]
@@ -95,8 +98,8 @@ def _lines(sch: s_tir.Schedule, panel: tirx.For, writer) -> list[tirx.Stmt]:
     return prefetches
 
 
-def _realize_values(sch: s_tir.Schedule, block) -> list:
-    """The iter values binding ``block``'s variables to its loops."""
+def _realize_values(sch: s_tir.Schedule, block) -> list | None:
+    """The iter values binding ``block``'s variables to its loops (None if not found)."""
     found = []
 
     def visit(stmt):
@@ -110,7 +113,7 @@ def _realize_values(sch: s_tir.Schedule, block) -> list:
 
     loop = sch.get_loops(block)[0]
     visit(sch.get(loop))
-    return found[0]
+    return found[0] if found else None
 
 
 def prefetch_epilogue(sch: s_tir.Schedule, panel_loop, writer) -> int:

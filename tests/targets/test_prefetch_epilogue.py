@@ -57,6 +57,30 @@ def test_each_panel_asks_for_its_residual_and_output_lines_first():
     assert any("+ 16]" in line for line in lines)  # the second line of each row
 
 
+def test_an_int8_panel_kernel_asks_for_its_output_lines_too():
+    """int8 on ``vpdpbusd`` panels: its dequantized fp32 output, 8 rows × 2 lines a panel."""
+    from mbcompile.targets.schedules.pack_int8 import (
+        dense_int8,
+        pack_weight_int8,
+        quantize_weight,
+        weight_qmax,
+        zero_point,
+    )
+
+    m, k, n = 32, 128, 96
+    w = np.random.default_rng(0).standard_normal((k, n), np.float32)
+    q, sw = quantize_weight(w, weight_qmax("vpdpbusd"))
+    wp = pack_weight_int8(q, packed_block_width(ZEN4, "float32", n, "int8"))
+    tx, ts = te.placeholder((m, k), "uint8", "x"), te.placeholder((m,), "float32", "sx")
+    tw, tsw = te.placeholder(wp.shape, "int8", "w"), te.placeholder(sw.shape, "float32", "sw")
+    tc = te.placeholder((n,), "int32", "cw")
+    out = dense_int8(tx, ts, tw, tsw, n=n, cw=tc, zero=zero_point("vpdpbusd"))
+    sch = DenseDot().apply(te.create_prim_func([tx, ts, tw, tsw, tc, out]), ZEN4, False)
+    assert "mbc_vpdpbusd" in sch.mod.script()
+    lines = _prefetches(sch)
+    assert len(lines) == 16 and all(line.endswith(", 1, 3, 1)") for line in lines), lines
+
+
 def test_a_bf16_output_with_no_full_size_operand_gets_none():
     sch = DenseDot().apply(_output_bottleneck(ZEN4, bf16_out=True)[0], ZEN4, False)
     assert "mbc_vdpbf16ps" in sch.mod.script()
