@@ -9,41 +9,85 @@ import numpy as np
 # when it is installed, several seconds), and the runtime never needs this module.
 
 
-def _calls(func) -> list:
+def _walk(func) -> tuple[list, list]:
+    """(calls, constants) of ``func``, in one walk (each walk of the default model's function
+    reads some 200,000 expressions through TVM's containers)."""
+    import tvm
     from tvm import relax
 
-    calls = []
-    relax.analysis.post_order_visit(
-        func, lambda e: calls.append(e) if isinstance(e, relax.Call) else None
-    )
-    return calls
+    calls, constants = [], []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call):
+            calls.append(expr)
+        elif isinstance(expr, tvm.ir.Constant):
+            constants.append(expr)
+
+    relax.analysis.post_order_visit(func, visit)
+    return calls, constants
 
 
-def matmul_calls(mod) -> int:
-    """``R.matmul`` calls in ``main`` (a fused attention counts as one)."""
-    from mbcompile.passes import count_matmuls
-
-    return count_matmuls(mod)
+def _calls(func) -> list:
+    return _walk(func)[0]
 
 
-def matmul_flops(mod) -> int:
-    """Multiply-add FLOPs (2·M·N·K per output) of the ``R.matmul`` calls in ``main``."""
+def _attention_calls(mod, calls: list) -> list:
+    """The calls of fused attention kernels (FuseAttention's) among ``calls``."""
+    from mbcompile.passes.attention_kernel import KIND, KIND_ATTR
+
+    found = []
+    for call in calls:
+        if getattr(call.op, "name", None) == "relax.call_tir":
+            attrs = mod[call.args[0]].attrs
+            if attrs is not None and attrs.get(KIND_ATTR) == KIND:
+                found.append(call)
+    return found
+
+
+def _matmul_calls(calls: list, attention: list) -> int:
+    from mbcompile.passes.count import MATMUL_OPS
+
+    return sum(1 for c in calls if getattr(c.op, "name", None) in MATMUL_OPS) + len(attention)
+
+
+def _matmul_flops(calls: list, attention: list) -> int:
     total = 0
-    for call in _calls(mod["main"]):
+    for call in calls:
         if getattr(call.op, "name", None) != "relax.matmul":
             continue
         a_shape = [int(d) for d in call.args[0].ty.shape]
         out_shape = [int(d) for d in call.ty.shape]
         total += 2 * int(np.prod(out_shape)) * a_shape[-1]
-    from mbcompile.passes import fused_attention_calls
-
-    for call in fused_attention_calls(mod):  # q·kᵀ and p·v
+    for call in attention:  # q·kᵀ and p·v
         # kt is (batch·heads, dim, seq_k) in both layouts; the output (batch·heads, seq_q, dim_v)
         # or, in the rows layout, (1, seq_q, heads·dim_v).
         bh, dim, seq_k = (int(d) for d in call.args[1].fields[1].ty.shape)
         out = [int(d) for d in call.ty.shape]
         total += 2 * seq_k * (bh * out[-2] * dim + int(np.prod(out)))
     return total
+
+
+def _weight_bytes(constants: list) -> int:
+    import tvm
+
+    seen: dict = {}
+    for expr in constants:
+        value = getattr(expr, "value", None)
+        if isinstance(value, tvm.runtime.Tensor):
+            seen[expr] = int(np.prod(value.shape)) * np.dtype(str(value.dtype)).itemsize
+    return sum(seen.values())
+
+
+def matmul_calls(mod) -> int:
+    """``R.matmul`` calls in ``main`` (a fused attention counts as one)."""
+    calls = _calls(mod["main"])
+    return _matmul_calls(calls, _attention_calls(mod, calls))
+
+
+def matmul_flops(mod) -> int:
+    """Multiply-add FLOPs (2·M·N·K per output) of the ``R.matmul`` calls in ``main``."""
+    calls = _calls(mod["main"])
+    return _matmul_flops(calls, _attention_calls(mod, calls))
 
 
 def kernel_calls(mod) -> int:
@@ -53,25 +97,17 @@ def kernel_calls(mod) -> int:
 
 def weight_bytes(mod) -> int:
     """Bytes of the distinct constants ``main`` uses (the weights)."""
-    import tvm
-    from tvm import relax
-
-    seen: dict = {}
-
-    def visit(expr):
-        value = getattr(expr, "value", None) if isinstance(expr, tvm.ir.Constant) else None
-        if isinstance(value, tvm.runtime.Tensor):
-            seen[expr] = int(np.prod(value.shape)) * np.dtype(str(value.dtype)).itemsize
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return sum(seen.values())
+    return _weight_bytes(_walk(mod["main"])[1])
 
 
 def module_stats(mod) -> dict[str, int]:
+    """Matmul calls, their FLOPs and the weight bytes of ``main``, from one walk of it."""
+    calls, constants = _walk(mod["main"])
+    attention = _attention_calls(mod, calls)
     return {
-        "matmul_calls": matmul_calls(mod),
-        "matmul_flops": matmul_flops(mod),
-        "weight_bytes": weight_bytes(mod),
+        "matmul_calls": _matmul_calls(calls, attention),
+        "matmul_flops": _matmul_flops(calls, attention),
+        "weight_bytes": _weight_bytes(constants),
     }
 
 

@@ -8,7 +8,7 @@ from tvm import relax
 from mbcompile.passes.attention_kernel import KIND, KIND_ATTR
 from mbcompile.passes.graph import is_call
 
-_MATMUL_OPS = ("relax.matmul", "relax.nn.attention", "relax.nn.attention_bias")
+MATMUL_OPS = ("relax.matmul", "relax.nn.attention", "relax.nn.attention_bias")
 
 
 def fused_attention_calls(mod: tvm.IRModule, func_name: str = "main") -> list[relax.Call]:
@@ -32,7 +32,7 @@ def count_matmuls(mod: tvm.IRModule, func_name: str = "main") -> int:
 
     def visit(expr: relax.Expr) -> None:
         nonlocal count
-        count += int(is_call(expr, *_MATMUL_OPS))
+        count += int(is_call(expr, *MATMUL_OPS))
 
     relax.analysis.post_order_visit(mod[func_name], visit)
     return count + len(fused_attention_calls(mod, func_name))
