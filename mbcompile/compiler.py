@@ -147,6 +147,7 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     line as each stage starts and ends."""
     from mbcompile.capture import OnnxModel, capture, capture_onnx, check_model
     from mbcompile.cpu import check_precision
+    from mbcompile.passes.base import forget_graphs
     from mbcompile.targets.metaschedule import sigint_held
     from mbcompile.targets.registry import resolve_target
 
@@ -186,10 +187,13 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
             captured, row = prune_masked_lm_head(captured, prune)
             report["passes"].append(row)
         mod = captured.mod
-        for i, p in enumerate(passes):
-            log(f"passes: {p.name} ({i + 1}/{len(passes)}) ...")
-            mod, row = _run_pass(p, mod)
-            report["passes"].append(row)
+        try:
+            for i, p in enumerate(passes):
+                log(f"passes: {p.name} ({i + 1}/{len(passes)}) ...")
+                mod, row = _run_pass(p, mod)
+                report["passes"].append(row)
+        finally:
+            forget_graphs()  # the passes' Graphs hold the functions they read
     timings["passes"] = time.perf_counter() - start
     log(f"passes: done in {timings['passes']:.1f} s")
     return Prepared(spec, tvm_target, captured, mod, report, timings)

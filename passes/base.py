@@ -17,6 +17,7 @@ rely on are in ``passes/README.md``; reading the graph is ``graph.py``, linears 
 
 from __future__ import annotations
 
+import threading
 from typing import Any, ClassVar
 
 import tvm
@@ -33,6 +34,38 @@ MAX_ROUNDS = 8
 
 _REGISTRY: dict[str, type[MobileBertPass]] = {}
 
+
+
+# The Graph of each function as a pass left it: the pass's last round read it, and the next
+# pass's first round reads that same function (the default passes on the default model, 8
+# lengths, built 136 Graphs of ~25 ms each, 48 of them again for a function just read). A
+# Graph is only read by the passes; ``compiler.prepare`` forgets them after its passes.
+_GRAPHS: dict[int, tuple[relax.Function, Graph]] = {}
+_GRAPHS_MAX = 16  # a module holds one function per compiled length (8 by default)
+_GRAPHS_LOCK = threading.Lock()
+
+
+def forget_graphs() -> None:
+    """Drop the kept Graphs (and the functions, weights and all, that they hold)."""
+    with _GRAPHS_LOCK:
+        _GRAPHS.clear()
+
+
+def graph_of(func: relax.Function) -> Graph:
+    """``Graph(func)``, the kept one while ``func`` is the very function it was built for."""
+    with _GRAPHS_LOCK:
+        cached = _GRAPHS.get(func.__chandle__())
+    if cached is not None and cached[0].same_as(func):
+        return cached[1]
+    return Graph(func)
+
+
+def keep_graph(graph: Graph) -> None:
+    """Keep ``graph`` for the next pass (a function a pass leaves as it is)."""
+    with _GRAPHS_LOCK:
+        while len(_GRAPHS) >= _GRAPHS_MAX:
+            del _GRAPHS[next(iter(_GRAPHS))]
+        _GRAPHS[graph.func.__chandle__()] = (graph.func, graph)
 
 class MobileBertPass:
     """A graph rewrite on the Relax module of a captured MobileBERT.
@@ -97,8 +130,10 @@ class MobileBertPass:
         fired = 0
         for _ in range(MAX_ROUNDS):
             mark = len(self.refusals)
-            rewrites = self.find_rewrites(Graph(func))
+            graph = graph_of(func)
+            rewrites = self.find_rewrites(graph)
             if not rewrites:
+                keep_graph(graph)  # the function leaves as it is: the next pass reads it
                 break
             del self.refusals[mark:]  # the next round may accept them; keep the last round's
             merged: dict[relax.Var, relax.Expr] = {}

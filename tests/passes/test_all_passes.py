@@ -153,3 +153,34 @@ def test_the_passes_folder_refuses_to_load_under_another_name():
     spec = importlib.util.spec_from_file_location("passes", init)
     with pytest.raises(ImportError, match=r"import mbcompile\.passes, not passes: "):
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+
+def test_a_pass_reads_the_graph_the_pass_before_left_and_prepare_forgets_them(tiny_base, monkeypatch):
+    """A function a pass leaves as it is was just read by that pass's last round: the next
+    pass reads the same Graph instead of building it again (the passes only read a Graph);
+    ``forget_graphs`` drops them, as ``compiler.prepare`` does after its passes."""
+    from mbcompile import compiler
+    from mbcompile.options import CompileOptions
+    from mbcompile.passes import base
+    from mbcompile.passes.graph import Graph
+
+    built = []
+    original = Graph.__init__
+
+    def counting(self, func):
+        built.append(func)
+        original(self, func)
+
+    monkeypatch.setattr(Graph, "__init__", counting)
+    base.forget_graphs()
+    mod, fired = FoldAttentionMaskRows()(tiny_base.fresh().mod)
+    assert fired == 1 and len(built) == 2  # a round that rewrote, a round that found nothing
+    again, fired = FoldAttentionMaskRows()(mod)
+    assert fired == 0 and again.same_as(mod) and len(built) == 2  # the kept Graph read
+    base.forget_graphs()
+    FoldAttentionMaskRows()(mod)
+    assert len(built) == 3
+    options = CompileOptions(seq_len=8, passes="default")
+    compiler.prepare(tiny_model("MobileBertModel"), options)
+    assert base._GRAPHS == {}
