@@ -35,7 +35,6 @@ MAX_ROUNDS = 8
 _REGISTRY: dict[str, type[MobileBertPass]] = {}
 
 
-
 # The Graph of each function as a pass left it: the pass's last round read it, and the next
 # pass's first round reads that same function (the default passes on the default model, 8
 # lengths, built 136 Graphs of ~25 ms each, 48 of them again for a function just read). A
@@ -66,6 +65,7 @@ def keep_graph(graph: Graph) -> None:
         while len(_GRAPHS) >= _GRAPHS_MAX:
             del _GRAPHS[next(iter(_GRAPHS))]
         _GRAPHS[graph.func.__chandle__()] = (graph.func, graph)
+
 
 class MobileBertPass:
     """A graph rewrite on the Relax module of a captured MobileBERT.
