@@ -31,23 +31,12 @@ def _calls(func) -> list:
     return _walk(func)[0]
 
 
-def _attention_calls(mod, calls: list) -> list:
-    """The calls of fused attention kernels (FuseAttention's) among ``calls``."""
-    from mbcompile.passes.attention_kernel import KIND, KIND_ATTR
+def _main(mod) -> tuple[list, list, list]:
+    """(calls, fused attention calls, constants) of ``main``, from one walk."""
+    from mbcompile.passes.count import attention_calls_among
 
-    found = []
-    for call in calls:
-        if getattr(call.op, "name", None) == "relax.call_tir":
-            attrs = mod[call.args[0]].attrs
-            if attrs is not None and attrs.get(KIND_ATTR) == KIND:
-                found.append(call)
-    return found
-
-
-def _matmul_calls(calls: list, attention: list) -> int:
-    from mbcompile.passes.count import MATMUL_OPS
-
-    return sum(1 for c in calls if getattr(c.op, "name", None) in MATMUL_OPS) + len(attention)
+    calls, constants = _walk(mod["main"])
+    return calls, attention_calls_among(mod, calls), constants
 
 
 def _matmul_flops(calls: list, attention: list) -> int:
@@ -80,14 +69,15 @@ def _weight_bytes(constants: list) -> int:
 
 def matmul_calls(mod) -> int:
     """``R.matmul`` calls in ``main`` (a fused attention counts as one)."""
-    calls = _calls(mod["main"])
-    return _matmul_calls(calls, _attention_calls(mod, calls))
+    from mbcompile.passes.count import count_matmuls
+
+    return count_matmuls(mod)
 
 
 def matmul_flops(mod) -> int:
     """Multiply-add FLOPs (2·M·N·K per output) of the ``R.matmul`` calls in ``main``."""
-    calls = _calls(mod["main"])
-    return _matmul_flops(calls, _attention_calls(mod, calls))
+    calls, attention, _ = _main(mod)
+    return _matmul_flops(calls, attention)
 
 
 def kernel_calls(mod) -> int:
@@ -102,10 +92,11 @@ def weight_bytes(mod) -> int:
 
 def module_stats(mod) -> dict[str, int]:
     """Matmul calls, their FLOPs and the weight bytes of ``main``, from one walk of it."""
-    calls, constants = _walk(mod["main"])
-    attention = _attention_calls(mod, calls)
+    from mbcompile.passes.count import matmuls_among
+
+    calls, attention, constants = _main(mod)
     return {
-        "matmul_calls": _matmul_calls(calls, attention),
+        "matmul_calls": matmuls_among(mod, calls),
         "matmul_flops": _matmul_flops(calls, attention),
         "weight_bytes": _weight_bytes(constants),
     }

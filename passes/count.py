@@ -11,28 +11,36 @@ from mbcompile.passes.graph import is_call
 MATMUL_OPS = ("relax.matmul", "relax.nn.attention", "relax.nn.attention_bias")
 
 
+def attention_calls_among(mod: tvm.IRModule, calls) -> list[relax.Call]:
+    """The ``call_tir`` calls of fused attention kernels (made by FuseAttention) among ``calls``."""
+    found: list[relax.Call] = []
+    for call in calls:
+        if is_call(call, "relax.call_tir"):
+            attrs = mod[call.args[0]].attrs
+            if attrs is not None and attrs.get(KIND_ATTR) == KIND:
+                found.append(call)
+    return found
+
+
 def fused_attention_calls(mod: tvm.IRModule, func_name: str = "main") -> list[relax.Call]:
     """The ``call_tir`` calls of fused attention kernels (made by FuseAttention) in ``func_name``."""
-    found: list[relax.Call] = []
+    return attention_calls_among(mod, _expressions(mod[func_name]))
 
-    def visit(expr: relax.Expr) -> None:
-        if is_call(expr, "relax.call_tir"):
-            attrs = mod[expr.args[0]].attrs
-            if attrs is not None and attrs.get(KIND_ATTR) == KIND:
-                found.append(expr)
 
-    relax.analysis.post_order_visit(mod[func_name], visit)
-    return found
+def matmuls_among(mod: tvm.IRModule, calls) -> int:
+    """How many of ``calls`` are matmuls; a fused attention (``R.nn.attention`` or a kernel
+    FuseAttention made) counts as one."""
+    return sum(1 for call in calls if is_call(call, *MATMUL_OPS)) + len(
+        attention_calls_among(mod, calls))
 
 
 def count_matmuls(mod: tvm.IRModule, func_name: str = "main") -> int:
     """``R.matmul`` calls in ``func_name``; a fused attention (``R.nn.attention`` or a kernel
     FuseAttention made) counts as one."""
-    count = 0
+    return matmuls_among(mod, _expressions(mod[func_name]))
 
-    def visit(expr: relax.Expr) -> None:
-        nonlocal count
-        count += int(is_call(expr, *MATMUL_OPS))
 
-    relax.analysis.post_order_visit(mod[func_name], visit)
-    return count + len(fused_attention_calls(mod, func_name))
+def _expressions(func: relax.Function) -> list[relax.Expr]:
+    found: list[relax.Expr] = []
+    relax.analysis.post_order_visit(func, found.append)
+    return found

@@ -187,20 +187,25 @@ def test_ctrl_c_in_tune_exits_130_within_seconds_leaving_nothing_running(
     _assert_loads_cleanly(tmp_path / "db")
 
 
-def test_an_interrupted_tune_raises_keyboard_interrupt_and_resumes_with_what_is_lacking(tmp_path):
-    """The API: Ctrl-C (here from the progress log, after the first of two batches) raises
-    KeyboardInterrupt once the search has ended; the same call then completes the budget."""
+def _one_layer_task(tmp_path: Path):
+    """(fused module, target, new empty database) of a one-layer model at 16 tokens."""
     from helpers import make_model, tiny_config
 
     from mbcompile.compiler import prepare
     from mbcompile.options import CompileOptions
     from mbcompile.targets.pipeline import fused_module
+
+    prepared = prepare(make_model("base", tiny_config(num_hidden_layers=1)), CompileOptions(seq_len=16))
+    mod = fused_module(prepared.mod, prepared.tvm_target)
+    return mod, prepared.tvm_target, Database.create(tmp_path / "db", prepared.tvm_target)
+
+
+def test_an_interrupted_tune_raises_keyboard_interrupt_and_resumes_with_what_is_lacking(tmp_path):
+    """The API: Ctrl-C (here from the progress log, after the first of two batches) raises
+    KeyboardInterrupt once the search has ended; the same call then completes the budget."""
     from mbcompile.targets.tuning import tune_module
 
-    model = make_model("base", tiny_config(num_hidden_layers=1))
-    prepared = prepare(model, CompileOptions(seq_len=16))
-    mod = fused_module(prepared.mod, prepared.tvm_target)
-    db = Database.create(tmp_path / "db", prepared.tvm_target)
+    mod, target, db = _one_layer_task(tmp_path)
     lines: list[str] = []
 
     def ctrl_c_after_first_batch(line: str) -> None:
@@ -210,7 +215,7 @@ def test_an_interrupted_tune_raises_keyboard_interrupt_and_resumes_with_what_is_
 
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     with pytest.raises(KeyboardInterrupt, match="run the same command again to resume") as info:
-        tune_module(mod, prepared.tvm_target, db, trials=8, max_tasks=1, trials_per_batch=4,
+        tune_module(mod, target, db, trials=8, max_tasks=1, trials_per_batch=4,
                     log=ctrl_c_after_first_batch)
     assert str(info.value).startswith("tune: stopped by Ctrl-C"), lines
     time.sleep(0.5)
@@ -221,7 +226,7 @@ def test_an_interrupted_tune_raises_keyboard_interrupt_and_resumes_with_what_is_
     measured = sum(_records_per_task(db.path).values())
     assert 4 <= measured <= 8, measured  # the first batch, and the second if it ended in time
 
-    again = tune_module(mod, prepared.tvm_target, db, trials=8, max_tasks=1, log=lines.append)
+    again = tune_module(mod, target, db, trials=8, max_tasks=1, log=lines.append)
     assert list(_records_per_task(db.path).values()) == [8]
     assert again["tuned"] == (1 if measured < 8 else 0)
 
@@ -230,17 +235,9 @@ def test_a_search_stopped_from_outside_says_so_in_the_summary(tmp_path):
     """A SIGTERM to the search process (a service manager, ``kill`` of a background tune, whose
     shell ignores SIGINT) stops it after the batch: the tune ends normally, its summary says
     ``stopped``, and the database loads and resumes."""
-    from helpers import make_model, tiny_config
-
-    from mbcompile.compiler import prepare
-    from mbcompile.options import CompileOptions
-    from mbcompile.targets.pipeline import fused_module
     from mbcompile.targets.tuning import tune_module
 
-    model = make_model("base", tiny_config(num_hidden_layers=1))
-    prepared = prepare(model, CompileOptions(seq_len=16))
-    mod = fused_module(prepared.mod, prepared.tvm_target)
-    db = Database.create(tmp_path / "db", prepared.tvm_target)
+    mod, target, db = _one_layer_task(tmp_path)
     lines: list[str] = []
 
     def terminate_after_first_batch(line: str) -> None:
@@ -250,7 +247,7 @@ def test_a_search_stopped_from_outside_says_so_in_the_summary(tmp_path):
                 if "mbcompile.targets.tuning_search" in " ".join(child.cmdline()):
                     child.terminate()
 
-    summary = tune_module(mod, prepared.tvm_target, db, trials=4, max_tasks=1,
+    summary = tune_module(mod, target, db, trials=4, max_tasks=1,
                           trials_per_batch=2, log=terminate_after_first_batch)
     assert summary["stopped"] == "interrupted", (summary, lines)
     assert any("the search process was stopped (SIGTERM)" in line
