@@ -156,6 +156,7 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     check_precision(options.precision, tvm_target, spec.name)
     passes = listed_passes(options.passes, tvm_target)  # checked before the slow work
     check_model(model)
+    model = float32(model, log)
     fixed = getattr(model, "fixed_seq_len", None)  # an ONNX file exported at one length
     if fixed is not None and options.seq_len is None and options.max_seq_len is None:
         options = dataclasses.replace(options, seq_len=fixed)
@@ -232,7 +233,8 @@ def compile(
     ``source``); or an ONNX file (``"model.onnx"``, exported by ``torch.onnx`` or Optimum with
     static or dynamic axes): imported with TVM's Relax ONNX frontend into the same interface,
     its head taken from ``head``, a ``config.json`` beside it or its outputs, and checked
-    against ONNX Runtime instead of PyTorch (``mbcompile.capture.onnx_model``).
+    against ONNX Runtime instead of PyTorch (``mbcompile.capture.onnx_model``). Weights stored
+    or held in float16 or bfloat16 are compiled (and checked) from a float32 copy.
 
     The options before ``tuning_db`` are :class:`mbcompile.options.CompileOptions` (see it for
     each; ``mbcompile.tune`` takes the same). ``target`` is a name (``mbcompile targets``) or a
@@ -273,7 +275,7 @@ def compile(
     log = log or _quiet
     if isinstance(model, (str, os.PathLike)):
         log(f"loading {os.fspath(model)} ...")
-    model = resolve_model(model, head)
+    model = float32(resolve_model(model, head), log)  # the accuracy reference too
     return _compile(model, options, tuning_db, tokenizer, log)
 
 
@@ -292,6 +294,21 @@ def resolve_model(model, head: str | None):
             f"{type(model).__name__} (head {check_model(model)!r})"
         )
     return model
+
+
+def float32(model, log: Callable[[str], None] = _quiet):
+    """A PyTorch ``model`` with float16/bfloat16/float64 weights → a float32 copy
+    (``capture.float32_model``), said in ``log``; anything else as it is."""
+    from mbcompile.capture import OnnxModel, float32_model
+    from mbcompile.capture.models import weights_dtype
+
+    if isinstance(model, OnnxModel):
+        return model
+    converted = float32_model(model)
+    if converted is not model:
+        log(f"capture: the model's weights are {weights_dtype(model)}; compiling a float32 "
+            "copy of it (precision= picks the matmuls' dtype)")
+    return converted
 
 
 def _compile(

@@ -49,6 +49,31 @@ def random_model(config, head: str = "base", seed: int = 0):
     return _head_class(head)(config).eval()
 
 
+def float32_model(model):
+    """``model`` with float32 weights: ``model`` itself when every floating parameter and
+    buffer is float32, else a converted copy (the caller's model is left as it is).
+
+    Checkpoints on the hub are often stored in float16 or bfloat16, and transformers 5 loads
+    them in the stored dtype; a model may also have been ``.half()``-ed by its user. mbcompile
+    captures float32 numerics (``precision`` then picks the matmuls' dtype), and the accuracy
+    check compares with this float32 model."""
+    import copy
+
+    import torch
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).float()
+
+
+def weights_dtype(model) -> str:
+    """The dtype(s) of ``model``'s floating parameters, e.g. ``"float16"``."""
+    names = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                    if p.is_floating_point()})
+    return "+".join(names) or "none"
+
+
 def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: str | None = None):
     """Load a MobileBERT checkpoint as ``head``: a local folder (config.json + weights), or a
     Hugging Face hub id (``google/mobilebert-uncased``) resolved as transformers does: the local
@@ -57,6 +82,7 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: 
 
     Without ``head``, the head is the one named in the checkpoint's ``architectures``.
     """
+    import torch
     from transformers import AutoConfig
 
     name = os.fspath(path)
@@ -89,7 +115,8 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = cls.from_pretrained(source, **hub).eval()
+        # in float32 whatever dtype the weights are stored in (see float32_model)
+        model = cls.from_pretrained(source, dtype=torch.float32, **hub).eval()
     except (OSError, ValueError) as err:
         raise ModelError(_not_found(name, hub, err)) from None
     finally:
