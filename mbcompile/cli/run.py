@@ -34,6 +34,7 @@ class PipelineArgs:
     pair: str | None = None  # text-classification, next-sentence-prediction
     aggregation: str = "simple"  # token-classification
     stride: int | None = None
+    truncation: bool = False  # text-classification, fill-mask, next-sentence-prediction
 
 
 PIPELINE_HELP = {
@@ -77,6 +78,9 @@ def register(sub) -> None:
             s.add_argument("--pair", default=None, help="second text of a pair")
         if task != "next-sentence-prediction":
             s.add_argument("--top-k", type=positive_int, default=None)
+        if task in ("text-classification", "fill-mask", "next-sentence-prediction"):
+            s.add_argument("--truncation", action="store_true",
+                           help="cut texts longer than the compiled length (else refused)")
         if task == "token-classification":
             s.add_argument("--aggregation", default="simple",
                            choices=["none", "simple", "first", "average", "max"])
@@ -149,6 +153,8 @@ def _pipeline(args: PipelineArgs) -> int:
 
     run = mbcompile.pipeline(args.task, args.artifact, tokenizer=args.tokenizer)
     options = {} if args.top_k is None else {"top_k": args.top_k}
+    if args.truncation:
+        options["truncation"] = True
     one = len(args.texts) == 1
     if args.task == "question-answering":
         out = run(question=args.question, context=args.context, **options)
@@ -159,7 +165,7 @@ def _pipeline(args: PipelineArgs) -> int:
         if args.pair is None:
             raise PipelineError("next-sentence-prediction needs --pair (the second sentence)")
         out = run(args.texts[0] if one else args.texts,
-                  args.pair if one else [args.pair] * len(args.texts))
+                  args.pair if one else [args.pair] * len(args.texts), **options)
     elif args.task == "token-classification":
         out = run(args.texts[0] if one else args.texts,
                   aggregation_strategy=args.aggregation, stride=args.stride)

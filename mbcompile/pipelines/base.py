@@ -2,7 +2,8 @@
 
 A pipeline holds a compiled MobileBERT and a transformers tokenizer. The base class checks that
 they fit each other and the task (head, vocabulary size, fast tokenizer), tokenizes one text or
-pair without truncation (refusing what is longer than the compiled ``seq_len``, the longest),
+pair (refusing what is longer than the compiled ``seq_len``, the longest, unless the caller
+asks for transformers' ``truncation``),
 runs token rows right-padded to the longest of each group of the compiled batch size (the model
 then runs the shortest compiled length that holds them), and saves the model with its tokenizer.
 
@@ -39,10 +40,34 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+# transformers' truncation strategies (besides True, which is "longest_first")
+TRUNCATIONS = ("longest_first", "only_first", "only_second")
+
+
 def _check_positive(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise PipelineError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _truncation_args(task: str, name: str, kwargs: dict | None, truncation, max_length) -> tuple:
+    """``(truncation, max_length)`` from keyword arguments or transformers' dict of tokenizer
+    arguments (``name``: ``tokenizer_kwargs`` for fill-mask, ``tokenize_kwargs`` for
+    feature-extraction), which may hold only those two."""
+    if kwargs is None:
+        return truncation, max_length
+    if not isinstance(kwargs, dict):
+        raise PipelineTypeError(f"{task}: {name} must be a dict, got {type(kwargs).__name__}")
+    unknown = sorted(set(kwargs) - {"truncation", "max_length"})
+    if unknown:
+        raise PipelineError(
+            f"{task}: {name} may set 'truncation' and 'max_length' only, got {unknown}"
+        )
+    both = [k for k, v in (("truncation", truncation), ("max_length", max_length))
+            if v is not None and k in kwargs]
+    if both:
+        raise PipelineError(f"{task}: {both[0]} is given both in {name} and on its own")
+    return kwargs.get("truncation", truncation), kwargs.get("max_length", max_length)
 
 
 def _config_of(model: CompiledModel) -> dict:
@@ -161,7 +186,8 @@ class Pipeline:
 
     # -- shared steps ---------------------------------------------------------------------------
     def _encode(self, text: str, pair: str | None = None, *, what: str = "input", **kwargs):
-        """Tokenize one text (or pair) without truncation; refuse it if longer than seq_len."""
+        """Tokenize one text (or pair), without truncation unless ``kwargs`` ask for it
+        (``_truncation``); refuse it if longer than seq_len."""
         for value in (text, pair) if pair is not None else (text,):
             if not isinstance(value, str):
                 raise PipelineTypeError(
@@ -178,6 +204,25 @@ class Pipeline:
                 f"with {option}>={n}"
             )
         return enc
+
+    def _truncation(self, truncation: bool | str | None, max_length: int | None) -> dict:
+        """The tokenizer arguments for transformers' ``truncation=`` and ``max_length=``: an
+        input longer than ``max_length`` tokens (default: the longest compiled length) is cut
+        to it as transformers' tokenizers cut (``True`` is ``"longest_first"``; a pair may name
+        ``"only_first"`` or ``"only_second"``). Without truncation a longer input is refused."""
+        if truncation is None or truncation is False or truncation == "do_not_truncate":
+            if max_length is not None:
+                raise PipelineError(
+                    f"{self.task}: max_length={max_length!r} applies with truncation=True"
+                )
+            return {}
+        if truncation is not True and truncation not in TRUNCATIONS:
+            raise PipelineError(
+                f"{self.task}: truncation must be True, False or one of {list(TRUNCATIONS)}, "
+                f"got {truncation!r}"
+            )
+        limit = self.seq_len if max_length is None else _check_positive("max_length", max_length)
+        return {"truncation": truncation, "max_length": limit}
 
     def _tokenize(self, *args, **kwargs):
         """The tokenizer's encoding; PipelineError if the tokenizer itself fails (damaged

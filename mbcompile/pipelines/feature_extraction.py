@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _texts
+from mbcompile.pipelines.base import Pipeline, _texts, _truncation_args
 
 POOLINGS = ("mean", "cls")
 
@@ -19,7 +19,8 @@ class FeatureExtractionPipeline(Pipeline):
     the text's tokens, special tokens included, as sentence-transformers does) or ``"cls"`` (the
     first token's state) gives one vector per text; ``normalize=True`` scales it to unit L2
     norm. ``return_tensors=True`` gives numpy arrays instead of lists. One text gives one
-    result, a list of texts a list.
+    result, a list of texts a list. ``truncation=True`` (or transformers'
+    ``tokenize_kwargs={"truncation": True}``) cuts longer texts to the compiled length.
     """
 
     task = "feature-extraction"
@@ -33,6 +34,9 @@ class FeatureExtractionPipeline(Pipeline):
         pooling: str | None = "default",
         normalize: bool = False,
         return_tensors: bool = False,
+        tokenize_kwargs: dict | None = None,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
     ):
         pooling = self.default_pooling if pooling == "default" else pooling
         if pooling is not None and pooling not in POOLINGS:
@@ -43,8 +47,10 @@ class FeatureExtractionPipeline(Pipeline):
             raise PipelineTypeError(f"{self.task}: normalize must be True or False")
         if normalize and pooling is None:
             raise PipelineError(f"{self.task}: normalize=True needs pooling='mean' or 'cls'")
+        cut = self._truncation(*_truncation_args(self.task, "tokenize_kwargs", tokenize_kwargs,
+                                                 truncation, max_length))
         texts = _texts(inputs, self.task)
-        rows = [self._encode(t, what=f"input {i}") for i, t in enumerate(texts)]
+        rows = [self._encode(t, what=f"input {i}", **cut) for i, t in enumerate(texts)]
         results = []
         for batch in self._batches(rows):
             hidden = self._run(batch).last_hidden_state

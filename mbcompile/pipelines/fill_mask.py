@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _check_positive, _check_unicode, _softmax, _texts
+from mbcompile.pipelines.base import (
+    Pipeline,
+    _check_positive,
+    _check_unicode,
+    _softmax,
+    _texts,
+    _truncation_args,
+)
 from mbcompile.runtime import CompiledModel
 
 
@@ -26,6 +33,8 @@ class FillMaskPipeline(Pipeline):
     text: one such list per mask. A list of texts gives one result per text (a list of one text
     gives that text's result, as transformers does). Works with the pruned build
     (``logits_for="masked"``): the mask positions are passed to it explicitly.
+    ``tokenizer_kwargs={"truncation": True}`` (transformers' form) or ``truncation=True``
+    cuts longer texts to the compiled length (a mask cut off is then reported missing).
     """
 
     task = "fill-mask"
@@ -44,8 +53,13 @@ class FillMaskPipeline(Pipeline):
         *,
         top_k: int = 5,
         targets: str | list[str] | None = None,
+        tokenizer_kwargs: dict | None = None,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
     ) -> list[dict[str, Any]] | list[list]:
         top_k = _check_positive("top_k", top_k)
+        cut = self._truncation(*_truncation_args(self.task, "tokenizer_kwargs", tokenizer_kwargs,
+                                                 truncation, max_length))
         texts = _texts(inputs, self.task)
         target_ids = None if targets is None else self._target_ids(targets)
         mask_id = self.tokenizer.mask_token_id
@@ -53,7 +67,7 @@ class FillMaskPipeline(Pipeline):
         rows, positions = [], []
         for i, text in enumerate(texts):
             what = f"input {i}" if len(texts) > 1 else "the input"
-            enc = self._encode(text, what=what)
+            enc = self._encode(text, what=what, **cut)
             pos = np.flatnonzero(np.asarray(enc["input_ids"]) == mask_id)
             if pos.size == 0:
                 raise PipelineError(

@@ -12,21 +12,28 @@ from mbcompile.pipelines.base import Pipeline, _softmax, _texts
 
 class NextSentencePredictionPipeline(Pipeline):
     """Does ``text_pair`` follow ``text``? {label: "is_next" | "not_next", score} per pair
-    (MobileBERT's next-sentence head: logit 0 is "is next")."""
+    (MobileBERT's next-sentence head: logit 0 is "is next"). ``truncation=True`` (or a
+    strategy such as ``"only_second"``) cuts a longer pair to the compiled length."""
 
     task = "next-sentence-prediction"
     heads = ("next-sentence", "pretraining")
 
     def __call__(
-        self, text: str | list[str], text_pair: str | list[str]
+        self,
+        text: str | list[str],
+        text_pair: str | list[str],
+        *,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
+        cut = self._truncation(truncation, max_length)
         single = isinstance(text, str)
         texts = _texts(text, self.task)
         pairs = [text_pair] if isinstance(text_pair, str) else list(text_pair)
         if len(pairs) != len(texts):
             raise PipelineError(f"{self.task}: give one text_pair per text ({len(texts)} texts)")
         rows = [
-            self._encode(a, b, what=f"pair {i}" if len(texts) > 1 else "the pair")
+            self._encode(a, b, what=f"pair {i}" if len(texts) > 1 else "the pair", **cut)
             for i, (a, b) in enumerate(zip(texts, pairs))
         ]
         pretraining = self.model.signature.head == "pretraining"

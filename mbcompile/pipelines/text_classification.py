@@ -20,7 +20,9 @@ class TextClassificationPipeline(Pipeline):
     ``multi_label_classification``, softmax for several labels, none for ``regression`` (or
     ``function_to_apply="sigmoid" | "softmax" | "none"``). A text gives ``[{label, score}]`` (the
     best label); a pair is given as ``{"text": ..., "text_pair": ...}``; ``top_k=n`` gives the
-    ``n`` best labels per input, ``top_k=None`` all of them.
+    ``n`` best labels per input, ``top_k=None`` all of them. ``truncation=True`` (and
+    ``max_length``) cuts longer inputs to the compiled length, as transformers' tokenizer
+    arguments do; without it they are refused.
     """
 
     task = "text-classification"
@@ -32,11 +34,14 @@ class TextClassificationPipeline(Pipeline):
         *,
         top_k: Any = _LEGACY,
         function_to_apply: str | None = None,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
     ) -> list | dict:
         legacy = top_k is _LEGACY
         if not legacy and top_k is not None:
             top_k = _check_positive("top_k", top_k)
         function = self._function(function_to_apply)
+        cut = self._truncation(truncation, max_length)
         if not isinstance(inputs, (str, dict, list, tuple)):
             raise PipelineTypeError(
                 f"text-classification: expected a text, a {{'text', 'text_pair'}} dict or a list "
@@ -55,9 +60,9 @@ class TextClassificationPipeline(Pipeline):
                         f"text-classification: a pair is {{'text': ..., 'text_pair': ...}}, got "
                         f"keys {sorted(item)}"
                     )
-                rows.append(self._encode(item["text"], item.get("text_pair"), what=what))
+                rows.append(self._encode(item["text"], item.get("text_pair"), what=what, **cut))
             else:
-                rows.append(self._encode(item, what=what))
+                rows.append(self._encode(item, what=what, **cut))
         logits = np.concatenate([self._run(b).logits for b in self._batches(rows)], axis=0)
         labels = _id2label(self._config, logits.shape[-1])
         scores = {"sigmoid": _sigmoid, "softmax": _softmax, "none": np.asarray}[function](logits)
