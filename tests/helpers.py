@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -168,3 +169,37 @@ def host_server(tracker_address: str, key: str):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# -- the command line ----------------------------------------------------------------------
+
+ARGPARSE_ERROR = re.compile(r"^mbcompile( [\w-]+)*: error: ")
+
+
+def assert_one_error_line(err: str, fragment: str) -> str:
+    """stderr is one ``mbcompile: error:`` line, or argparse's usage block and its error line;
+    that line contains ``fragment``. Returns the line."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    if lines[0].startswith("usage: mbcompile"):
+        line = lines[-1]
+        assert ARGPARSE_ERROR.match(line), lines
+    else:
+        assert len(lines) == 1, f"{len(lines)} lines on stderr, expected one:\n{err}"
+        line = lines[0]
+        assert line.startswith("mbcompile: error: "), line
+    assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit status and stderr of ``mbcompile.cli.main(argv)`` in this process."""
+    from mbcompile.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # argparse's usage errors
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.err

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,14 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import make_model, tiny_config
+from helpers import assert_one_error_line, make_model, run_main, tiny_config
 
 from mbcompile import artifact
-from mbcompile.cli import main
 from mbcompile.signature import OutputSpec
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "."]
-ARGPARSE_ERROR = re.compile(r"^mbcompile( [\w-]+)*: error: ")
 
 
 @pytest.fixture(scope="module")
@@ -72,32 +69,6 @@ def files(tiny_qa_artifact, tmp_path_factory) -> dict[str, Path]:
         "checkpoint": checkpoint, "vocab": vocab, "bad_tokenizer": bad_tokenizer,
         "out": root / "out.mbc", "work": root / "tuning",
     }
-
-
-def assert_one_error_line(err: str, fragment: str) -> str:
-    """stderr is one ``mbcompile: error:`` line, or argparse's usage block and its error line;
-    that line contains ``fragment``. Returns the line."""
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines, "nothing on stderr"
-    if lines[0].startswith("usage: mbcompile"):
-        line = lines[-1]
-        assert ARGPARSE_ERROR.match(line), lines
-    else:
-        assert len(lines) == 1, f"{len(lines)} lines on stderr, expected one:\n{err}"
-        line = lines[0]
-        assert line.startswith("mbcompile: error: "), line
-    assert fragment in line, f"{fragment!r} not in {line!r}"
-    return line
-
-
-def run_main(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit:  # argparse's usage errors
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.err
 
 
 # (arguments, a fragment the error line must contain); {name} is a path from ``files``.

@@ -96,8 +96,8 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: 
         source, hub = name, {"local_files_only": offline, "revision": revision}
     try:
         config = AutoConfig.from_pretrained(source, **hub)
-    except (OSError, ValueError) as err:
-        raise ModelError(_not_found(name, hub, err)) from None
+    except Exception as err:  # noqa: BLE001 - whatever transformers raises on a bad config.json
+        raise ModelError(_cannot_load(name, hub, err)) from None
     if config.model_type != "mobilebert":
         raise ModelError(f"{name}: model_type is {config.model_type!r}, not 'mobilebert'")
     if head is None:
@@ -117,8 +117,8 @@ def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: 
     try:
         # in float32 whatever dtype the weights are stored in (see float32_model)
         model = cls.from_pretrained(source, dtype=torch.float32, **hub).eval()
-    except (OSError, ValueError) as err:
-        raise ModelError(_not_found(name, hub, err)) from None
+    except Exception as err:  # noqa: BLE001 - a damaged weights file raises anything
+        raise ModelError(_cannot_load(name, hub, err)) from None
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -135,8 +135,10 @@ def _cached_commit(repo_id: str, revision: str | None) -> str | None:
     return Path(cached).parent.name if isinstance(cached, str) else None
 
 
-def _not_found(name: str, hub: dict, err: Exception) -> str:
+def _cannot_load(name: str, hub: dict, err: Exception) -> str:
     reason = " ".join(str(err).split())[:300]
+    if not isinstance(err, (OSError, ValueError)):  # damaged, not missing: say what broke
+        return f"{name}: cannot load the checkpoint ({type(err).__name__}: {reason})"
     if "revision" not in hub:
         return f"{name}: cannot load the checkpoint ({reason})"
     where = (
