@@ -254,6 +254,10 @@ def test_bad_onnx_files_are_refused_naming_what_is_wrong(tmp_path):
         mbcompile.compile(no_mask)
     with pytest.raises(ModelError, match="Unknown head"):
         mbcompile.compile(good, head="translation")
+    half = export(make_model("masked-lm", tiny_config(), seed=8).half(), tmp_path / "half.onnx")
+    with pytest.raises(ModelError, match="half.onnx: its weights are float16; mbcompile imports "
+                                         "float32 ONNX exports"):
+        mbcompile.compile(half)
 
 
 def test_the_cli_compiles_an_onnx_file_and_refuses_a_damaged_one_in_one_line(tmp_path):

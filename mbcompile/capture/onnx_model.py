@@ -153,6 +153,7 @@ def load_onnx(path: str | os.PathLike, head: str | None = None) -> OnnxModel:
     for name in inputs:
         if len(_axes(by_name[name])) != len(axes):
             raise ModelError(f"{path}: {name} and input_ids have different ranks")
+    _check_float32(path, graph)
     tables = _embedding_tables(proto)
     if "input_ids" not in tables:
         raise ModelError(
@@ -168,6 +169,22 @@ def load_onnx(path: str | os.PathLike, head: str | None = None) -> OnnxModel:
         path, proto, head, inputs, tuple(axes), out_names, fields, config,
         tables["input_ids"].gathered,
     )
+
+
+def _check_float32(path: Path, graph) -> None:
+    """ModelError when the graph's weights are float16 or bfloat16 (an fp16 export, e.g.
+    Optimum's ``--dtype fp16``): its import is float32's."""
+    import onnx
+
+    half = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+    found = sorted({half[i.data_type] for i in graph.initializer if i.data_type in half})
+    if found:
+        raise ModelError(
+            f"{path}: its weights are {' and '.join(found)}; mbcompile imports float32 ONNX "
+            "exports (precision='bf16' or 'int8' then picks the matmuls' dtype): export the "
+            "model in float32, or compile its PyTorch checkpoint, whose half-precision weights "
+            "are converted"
+        )
 
 
 def _axes(value_info) -> list[Axis]:
