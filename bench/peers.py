@@ -118,7 +118,7 @@ def openvino(model, example, threads: int, precision: str | None = None,
 
 def mbcompiled(compiled) -> Runner:
     def run(ids, mask, types):
-        out = compiled(ids, mask, types)
+        out = compiled(ids, mask, types, return_dict=True)
         return [v for v in out.values() if isinstance(v, np.ndarray)]
 
     return run

@@ -96,8 +96,8 @@ def _check_and_time(compiled, model, length, repeats, tolerance, settle, log):
     mask[..., length - length // 4 :] = 0  # padding at the end
     types[..., length // 2 :] = 1  # two segments
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    out = compiled(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types, return_dict=True)
+    out = compiled(input_ids=ids, attention_mask=mask, token_type_ids=types, return_dict=True)
     errors = {name: _max_abs(out[name], ref[name]) for name in out.keys()}  # noqa: SIM118 - ModelOutput iterates its values
     log(f"{length} tokens (runs the {compiled.signature.fitting_length(length)}-token program):")
     for name, err in errors.items():

@@ -128,10 +128,13 @@ class MBCPreTrainedModel(PreTrainedModel):
             input_ids=_numpy(input_ids),
             attention_mask=_numpy(attention_mask),
             token_type_ids=_numpy(token_type_ids),
+            return_dict=True,
         )
         fields = {name: _torch(value) for name, value in out.items()}
         result = _OUTPUTS[self.head](**{k: v for k, v in fields.items() if not _empty(v)})
-        return result.to_tuple() if return_dict is False else result
+        if return_dict is None:  # as transformers' models: the config decides
+            return_dict = self.config.return_dict is not False
+        return result if return_dict else result.to_tuple()
 
     def _init_weights(self, module) -> None:  # no weights of our own
         pass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from helpers import assert_matches_eager, make_model, random_inputs, tiny_config
 
 import mbcompile
@@ -75,3 +77,32 @@ def test_multiple_choice_takes_any_number_of_choices(three_choices, choices):
     ids, mask, types = random_inputs(model.config, (2, choices, 7), pad=2)
     out = assert_matches_eager(compiled, model, ids, mask, types)
     assert out.logits.shape == (2, choices)
+
+
+def test_a_config_with_return_dict_false_gives_tuples_as_its_model_does(tmp_path):
+    """Some checkpoints (and users tracing models) set ``return_dict: false``: the model then
+    returns tuples; the compiled model follows the config as HF's does (saved and loaded too),
+    ``return_dict=`` on the call wins, and the compile's own check still runs."""
+    config = tiny_config(return_dict=False)
+    model = make_model("question-answering", config)
+    compiled = mbcompile.compile(model, max_seq_len=32)
+    assert compiled.metadata.report["accuracy"]["outputs"]["start_logits"]["max_abs_error"] <= 1e-4
+    ids, mask, types = random_inputs(config, (2, 9), pad=2)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    assert isinstance(ref, tuple)
+    for run in (compiled, mbcompile.load(compiled.save(tmp_path / "qa.mbc"))):
+        out = run(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        assert isinstance(out, tuple) and len(out) == len(ref) == 2
+        start, end = out  # unpacks to arrays, as HF's tuple does
+        assert max(np.abs(start - ref[0].numpy()).max(), np.abs(end - ref[1].numpy()).max()) <= 1e-4
+        named = run(input_ids=ids, attention_mask=mask, token_type_ids=types, return_dict=True)
+        assert list(named.keys()) == ["start_logits", "end_logits"]
+    from mbcompile.transformers import MBCModelForQuestionAnswering
+
+    model.save_pretrained(tmp_path / "checkpoint")
+    wrapped = MBCModelForQuestionAnswering.from_pretrained(tmp_path / "checkpoint", seq_len=16)
+    assert isinstance(wrapped(input_ids=ids, attention_mask=mask), tuple)
+    assert not isinstance(wrapped(input_ids=ids, attention_mask=mask, return_dict=True), tuple)
+    default = make_model("question-answering", tiny_config())
+    assert not isinstance(mbcompile.compile(default, seq_len=16)(input_ids=ids), tuple)

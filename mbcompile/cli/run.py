@@ -120,7 +120,7 @@ def _run(args: RunArgs) -> int:
     else:
         rng = np.random.default_rng(0)
         ids = rng.integers(0, sig.vocab_size, size=sig.input_shape, dtype=np.int64)
-    out = compiled(input_ids=ids)
+    out = compiled(input_ids=ids, return_dict=True)
     for name, value in out.items():
         if isinstance(value, tuple):
             print(f"{name}: {len(value)} arrays of shape {value[0].shape}")

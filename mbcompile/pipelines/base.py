@@ -250,7 +250,8 @@ class Pipeline:
                 types[i, :n] = r["token_type_ids"]
         lengths = self._lengths([len(r["input_ids"]) for r in rows])
         return self.model(
-            input_ids=ids, attention_mask=mask, token_type_ids=types, **lengths, **kwargs
+            input_ids=ids, attention_mask=mask, token_type_ids=types, **lengths, return_dict=True,
+            **kwargs,
         )
 
     def _lengths(self, lengths) -> dict:

@@ -33,7 +33,7 @@ class MultipleChoicePipeline(Pipeline):
                     arr[0, i, : len(r[key])] = r[key]
             arrays[key] = arr
         arrays.update(self._lengths([[len(r["input_ids"]) for r in rows]]))
-        probs = _softmax(self.model(**arrays).logits[0])
+        probs = _softmax(self.model(**arrays, return_dict=True).logits[0])
         ranked = [
             {"choice": c, "index": i, "score": float(p)}
             for i, (c, p) in enumerate(zip(choices, probs))

@@ -86,7 +86,8 @@ def reference_outputs(reference, batch: dict) -> dict[str, np.ndarray]:
     import torch
 
     with torch.no_grad():
-        out = reference(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()})
+        out = reference(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()},
+                        return_dict=True)
     return {k: v.detach().float().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
 
@@ -147,7 +148,7 @@ def compare(compiled, reference, batches: list[dict], mask_token_id: int) -> dic
     totals: dict[str, Totals] = {}
     rows = 0
     for batch in batches:
-        got = dict(compiled(**batch))
+        got = dict(compiled(**batch, return_dict=True))
         ref = reference_outputs(reference, batch)
         positions = got.pop("masked_positions", None)
         rows += int(batch["input_ids"].shape[0])

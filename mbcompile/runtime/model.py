@@ -240,7 +240,9 @@ class CompiledModel:
         return_dict: bool | None = None,
         **kwargs,
     ) -> ModelOutput | tuple:
-        """Run on numpy arrays or torch tensors; ``return_dict=False`` gives a tuple, as HF's.
+        """Run on numpy arrays or torch tensors. Returns HF's ModelOutput (fields by name or
+        index); a tuple with ``return_dict=False``, or when the model's config says
+        ``return_dict: false`` and the call does not say, as HF's model does.
 
         ``lengths`` (optional, the input's shape without its last axis): each row's real length,
         when the caller padded rows of different lengths together (as the pipelines do); the
@@ -285,7 +287,9 @@ class CompiledModel:
         out = self._assemble(flat, inp.as_torch)
         if positions is not None:
             out["masked_positions"] = _like_input(positions, inp.as_torch)
-        return out.to_tuple() if return_dict is False else out
+        if return_dict is None:
+            return_dict = (self.metadata.config or {}).get("return_dict", True) is not False
+        return out if return_dict else out.to_tuple()
 
     def program_inputs(
         self, input_ids, attention_mask=None, token_type_ids=None, *, lengths=None,
