@@ -73,6 +73,19 @@ class FastTokenizer:
         # tokenizer_config.json may ask for the old whole-text clean-up
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
 
+    # -- pickling (a pipeline sent to worker processes) ------------------------------------
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tokenizer")}
+        state["_tokenizer"] = self._tokenizer.to_str()  # added tokens included
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        from tokenizers import Tokenizer
+
+        self.__dict__.update(state)
+        self._tokenizer = Tokenizer.from_str(state["_tokenizer"])
+        self._lock = threading.Lock()
+
     # -- special tokens ---------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         if name.endswith("_token_id") and name[: -len("_id")] in BERT_SPECIAL:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mbcompile import artifact
 from mbcompile.artifact import Artifact, Metadata
-from mbcompile.errors import InputError, InputTypeError, ModelClosedError
+from mbcompile.errors import InputError, InputTypeError, ModelClosedError, RemoteError
 from mbcompile.options import DEFAULT_MASK_TOKEN_ID
 from mbcompile.runtime.inputs import Prepared, find_masked_positions, pad_to, prepare, real_lengths
 from mbcompile.runtime.library import Library
@@ -193,6 +193,19 @@ class CompiledModel:
             "threads": threads,
             "compiled_length": None if length is None else self.signature.fitting_length(length),
         }
+
+    def __reduce__(self):
+        """Pickled as its artifact (metadata, library, tokenizer files) and its threads per
+        call, so that the model goes to worker processes (multiprocessing, joblib, Ray) and is
+        loaded there on its first call; the PyTorch ``reference`` stays behind."""
+        if self._program is None:
+            raise ModelClosedError(f"{self!r} is closed: load the artifact again to pickle it")
+        if not isinstance(self._program, LocalProgram):
+            raise RemoteError(
+                f"{self!r} runs on a remote device and cannot be pickled: pickle the artifact's "
+                "path and load it where it is needed"
+            )
+        return _unpickle, (self.artifact, self._program.num_threads)
 
     def with_program(self, program) -> CompiledModel:
         """The same model (signature, checks, outputs) with ``main`` run by ``program``."""
@@ -382,6 +395,11 @@ def check_threads(num_threads) -> None:
         not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1
     ):
         raise InputError(f"num_threads must be a positive integer or None, got {num_threads!r}")
+
+
+def _unpickle(art: Artifact, num_threads: int | None) -> CompiledModel:
+    model = CompiledModel(art)
+    return model if num_threads is None else model.with_threads(num_threads)
 
 
 def load(
