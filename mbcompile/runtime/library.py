@@ -24,6 +24,15 @@ _LOADED: dict[str, Any] = {}
 _LOADED_LOCK = threading.Lock()
 
 
+def _new_lock_after_fork() -> None:  # another thread of the parent may have held it
+    global _LOADED_LOCK
+    _LOADED_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 class Library:
     """A linked shared library (``lib.so``) as bytes; :meth:`module` loads it into this process
     the first time it is asked for (only for a library this machine can run)."""

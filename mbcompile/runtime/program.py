@@ -127,6 +127,41 @@ def _batch_workers(count: int) -> ThreadPoolExecutor:
         return _batch_pool[1]
 
 
+# -- after fork -----------------------------------------------------------------------------
+# A process forked (multiprocessing's default on Linux, gunicorn --preload, Celery, DataLoader
+# workers) keeps only the thread that forked. If that thread ran kernels before, its TVM pool
+# still counts on worker threads that the child does not have, and the next parallel kernel
+# waits for them forever (TVM's ResetThreadPool would join them: a hang too). So in the child
+# that thread's calls run on a thread of the child's own, whose pool is new; and the runtime's
+# locks and pools, which the parent's other threads may have held, start afresh.
+_stale_pool_thread: int | None = None
+_after_fork: ThreadPoolExecutor | None = None
+
+
+def _reset_after_fork() -> None:
+    global _VMS, _batch_pool, _batch_pool_lock, _stale_pool_thread, _after_fork
+    _VMS = _RunsOrOneChange()
+    _batch_pool, _batch_pool_lock = None, threading.Lock()
+    _after_fork = None
+    if getattr(_configured, "threads", None) is not None:  # use_threads ran on this thread
+        _stale_pool_thread = threading.get_ident()
+
+
+def _forked_thread_runs(function, *args):
+    """``function(*args)``, on a thread with a usable TVM pool (see ``_reset_after_fork``)."""
+    global _after_fork
+    if _stale_pool_thread != threading.get_ident():
+        return function(*args)
+    with _batch_pool_lock:
+        if _after_fork is None:
+            _after_fork = ThreadPoolExecutor(1, thread_name_prefix="mbcompile-after-fork")
+    return _after_fork.submit(function, *args).result()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 class LocalProgram:
     """Runs the compiled functions on this machine's CPU with the Relax VM: for inputs of ``n``
     tokens, the function compiled for ``n`` (``Signature.function_for``).
@@ -214,6 +249,9 @@ class LocalProgram:
         return self._run(arrays, self.num_threads)
 
     def _run(self, arrays: list[np.ndarray], threads: int | None) -> list[np.ndarray]:
+        return _forked_thread_runs(self._run_here, arrays, threads)
+
+    def _run_here(self, arrays: list[np.ndarray], threads: int | None) -> list[np.ndarray]:
         import tvm
 
         use_threads(threads)

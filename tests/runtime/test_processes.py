@@ -1,7 +1,9 @@
-"""Models and pipelines sent to worker processes (multiprocessing, joblib, Ray pickle them):
-a compiled model pickles as its artifact and threads per call, a pipeline with the tokenizer
-saved in its artifact pickles too, and a worker process started with ``spawn`` gets the same
-outputs. What cannot travel (a closed model, one bound to a remote device) says so."""
+"""Models in worker processes. Sent to them (multiprocessing, joblib, Ray pickle them): a
+compiled model pickles as its artifact and threads per call, a pipeline with the tokenizer saved
+in its artifact pickles too, and a worker process started with ``spawn`` gets the same outputs;
+what cannot travel (a closed model, one bound to a remote device) says so. Inherited by
+``fork`` (Linux's default, gunicorn --preload, Celery): a model that ran on several threads in
+the parent runs in the children too, instead of waiting forever for the parent's TVM workers."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import concurrent.futures
 import copy
 import multiprocessing
 import pickle
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -78,3 +83,34 @@ def test_a_closed_or_remote_model_says_why_it_cannot_be_pickled(tiny_qa_artifact
     loaded.close()
     with pytest.raises(ModelClosedError, match="is closed"):
         pickle.dumps(loaded)
+
+
+FORKED = textwrap.dedent("""
+    import multiprocessing, sys
+    import numpy as np
+    import mbcompile
+
+    model = mbcompile.load(sys.argv[1]).with_threads(2)
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 200, size=(b, n)) for b, n in ((1, 16), (1, 5), (3, 11), (2, 16))]
+
+    def run(ids):
+        return model(input_ids=ids, return_dict=False)
+
+    parent = [run(ids) for ids in inputs]  # the parent's TVM pool has its worker threads now
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        children = pool.map_async(run, inputs).get(timeout=120)
+    for mine, theirs in zip(parent, children):
+        for a, b in zip(mine, theirs):
+            np.testing.assert_array_equal(a, b)
+    print("forked children agree", len(children))
+""")
+
+
+def test_forked_children_run_a_model_the_parent_ran_on_two_threads(tiny_qa_artifact, tmp_path):
+    script = tmp_path / "forked.py"
+    script.write_text(FORKED)
+    done = subprocess.run([sys.executable, str(script), str(tiny_qa_artifact)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "forked children agree 4" in done.stdout
