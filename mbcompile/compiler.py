@@ -156,7 +156,7 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     check_precision(options.precision, tvm_target, spec.name)
     passes = listed_passes(options.passes, tvm_target)  # checked before the slow work
     check_model(model)
-    model = float32(model, log)
+    model = as_float32(model, log)
     fixed = getattr(model, "fixed_seq_len", None)  # an ONNX file exported at one length
     if fixed is not None and options.seq_len is None and options.max_seq_len is None:
         options = dataclasses.replace(options, seq_len=fixed)
@@ -275,7 +275,7 @@ def compile(
     log = log or _quiet
     if isinstance(model, (str, os.PathLike)):
         log(f"loading {os.fspath(model)} ...")
-    model = float32(resolve_model(model, head), log)  # the accuracy reference too
+    model = as_float32(resolve_model(model, head), log)  # the accuracy reference too
     return _compile(model, options, tuning_db, tokenizer, log)
 
 
@@ -296,7 +296,7 @@ def resolve_model(model, head: str | None):
     return model
 
 
-def float32(model, log: Callable[[str], None] = _quiet):
+def as_float32(model, log: Callable[[str], None] = _quiet):
     """A PyTorch ``model`` with float16/bfloat16/float64 weights → a float32 copy
     (``capture.float32_model``), said in ``log``; anything else as it is."""
     from mbcompile.capture import OnnxModel, float32_model
