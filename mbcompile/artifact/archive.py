@@ -164,7 +164,7 @@ def write(
     ``tokenizer`` maps file names ("vocab.txt", "tokenizer.json", ...) to their contents; they are
     stored under ``tokenizer/`` with their SHA-256 in the metadata, like the library.
     """
-    path = Path(path)
+    path = _writable(path)
     files = _check_tokenizer_files(tokenizer or {})
     meta = metadata.to_dict()
     meta["format"] = FORMAT
@@ -173,11 +173,39 @@ def write(
     members.update({TOKENIZER_PREFIX + name: data for name, data in sorted(files.items())})
     meta["members"] = {m: {"sha256": sha256(d), "bytes": len(d)} for m, d in members.items()}
     text = json.dumps(meta, indent=2, sort_keys=True)
-    (path.parent if str(path.parent) else Path(".")).mkdir(parents=True, exist_ok=True)
-    with _new_file(path) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr(META_MEMBER, text)
-        for member, data in members.items():
-            zf.writestr(member, data)
+    try:
+        (path.parent if str(path.parent) else Path(".")).mkdir(parents=True, exist_ok=True)
+        with _new_file(path) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr(META_MEMBER, text)
+            for member, data in members.items():
+                zf.writestr(member, data)
+    except OSError as err:  # the reason only: the temporary file's name means nothing to a user
+        raise ArtifactError(
+            f"{path}: cannot write the artifact ({err.strerror or type(err).__name__})"
+        ) from None
+    return path
+
+
+def _writable(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or ArtifactError when it cannot name an artifact file: empty, a
+    folder, or anything but a regular file already there (a device such as /dev/null, a pipe,
+    a socket), which the atomic rename would replace."""
+    text = os.fspath(path)
+    if not text or text.endswith(os.sep) or Path(text).name in ("", ".", ".."):
+        raise ArtifactError(f"{text!r}: not a file name to save an artifact as")
+    path = Path(text)
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a folder: give the artifact's file path in it")
+    if os.path.lexists(path) and not path.is_file():
+        raise ArtifactError(
+            f"{path}: is not a regular file (a device, pipe or socket), which saving would "
+            "replace: give a file path"
+        )
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ArtifactError(f"{path}: {parent} is a file, not a folder")
+            break
     return path
 
 

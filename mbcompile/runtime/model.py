@@ -141,6 +141,8 @@ class CompiledModel:
         """The same model running its kernels on ``num_threads`` threads per call (None: every
         CPU this process may use, or ``TVM_NUM_THREADS``). Models share the loaded library."""
         check_threads(num_threads)
+        if self._program is None:
+            raise ModelClosedError(f"{self!r} is closed; load the artifact again to run it")
         if not isinstance(self._program, LocalProgram):
             raise InputError("num_threads applies to a model run on this machine's CPU")
         program = LocalProgram(

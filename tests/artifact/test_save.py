@@ -14,6 +14,7 @@ import zipfile
 import pytest
 
 from mbcompile import artifact
+from mbcompile.errors import ArtifactError
 
 
 def _has_o_tmpfile(folder) -> bool:
@@ -105,9 +106,32 @@ def test_failed_save_leaves_the_folder_as_it_was(small_artifact, tmp_path, monke
         return write(self, name, data, *args, **kwargs)
 
     monkeypatch.setattr(zipfile.ZipFile, "writestr", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ArtifactError, match=r"model.mbc: cannot write the artifact \(No space left"):
         artifact.write(dest, metadata, b"new library")
     assert _snapshot(folder) == before
+
+
+def test_save_refuses_what_it_would_destroy_or_cannot_name(small_artifact, tmp_path, save_mode):
+    """A rename over a device (/dev/null as root), a pipe or a folder would replace it: refused,
+    naming the path given (never the temporary file's), as is a path it cannot create."""
+    metadata = artifact.read(small_artifact).metadata
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = [
+        (pipe, "pipe: is not a regular file"),
+        (tmp_path / "folder", "folder: is a folder"),
+        ("", "'': not a file name"),
+        (str(tmp_path) + os.sep, "not a file name"),
+        (tmp_path / "file" / "model.mbc", "file is a file, not a folder"),
+        ("/proc/model.mbc", "/proc/model.mbc: cannot write the artifact"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ArtifactError, match=message) as caught:
+            artifact.write(path, metadata, b"library")
+        assert ".tmp" not in str(caught.value)
+    assert (tmp_path / "pipe").is_fifo() and (tmp_path / "file").read_text() == "x"
 
 
 def test_save_replaces_the_previous_artifact_and_leaves_nothing_else(

@@ -83,6 +83,8 @@ def test_a_closed_or_remote_model_says_why_it_cannot_be_pickled(tiny_qa_artifact
     loaded.close()
     with pytest.raises(ModelClosedError, match="is closed"):
         pickle.dumps(loaded)
+    with pytest.raises(ModelClosedError, match="is closed"):
+        loaded.with_threads(1)
 
 
 FORKED = textwrap.dedent("""
