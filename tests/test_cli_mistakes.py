@@ -59,6 +59,14 @@ def files(tiny_qa_artifact, tmp_path_factory) -> dict[str, Path]:
     artifact.write(tagger, dataclasses.replace(qa.metadata, signature=tagger_sig), qa.lib)
 
     data = Path(tiny_qa_artifact).read_bytes()
+    qa_copy = root / "qa-copy.mbc"  # add-tokenizer's mistakes must leave it as it is
+    qa_copy.write_bytes(data)
+    big_vocab = root / "big-vocab"
+    big_vocab.mkdir()
+    (big_vocab / "vocab.txt").write_text("\n".join(WORDS + [f"w{i}" for i in range(300)]) + "\n")
+    no_unk = root / "no-unk"
+    no_unk.mkdir()
+    (no_unk / "vocab.txt").write_text("\n".join(w for w in WORDS if w != "[UNK]") + "\n")
     truncated = root / "truncated.mbc"
     truncated.write_bytes(data[: len(data) // 2])
     text = root / "notes.mbc"
@@ -67,6 +75,7 @@ def files(tiny_qa_artifact, tmp_path_factory) -> dict[str, Path]:
         "qa": Path(tiny_qa_artifact), "qa_tok": qa_with_tokenizer, "tagger": tagger,
         "truncated": truncated, "text": text, "missing": root / "missing.mbc",
         "checkpoint": checkpoint, "vocab": vocab, "bad_tokenizer": bad_tokenizer,
+        "qa_copy": qa_copy, "big_vocab": big_vocab, "no_unk": no_unk,
         "out": root / "out.mbc", "work": root / "tuning",
     }
 
@@ -83,7 +92,8 @@ MISTAKES = [
      "logits_for"),
     (["compile", "{checkpoint}", "--seq-len", "16", "--max-masked", "0", "--logits-for", "masked",
       "-o", "{out}"], "max_masked"),
-    (["compile", "{checkpoint}", "--seq-len", "16", "--mask-token-id", "-1", "-o", "{out}"],
+    (["compile", "{checkpoint}", "--seq-len", "16", "--mask-token-id", "-1", "--logits-for",
+      "masked", "-o", "{out}"],
      "mask_token_id"),
     (["compile", "{checkpoint}", "--seq-len", "16", "--target", "arm", "-o", "{out}"], "'arm'"),
     (["compile", "{checkpoint}", "--seq-len", "16", "--tuning-db", "/nonexistent", "-o", "{out}"],
@@ -91,12 +101,20 @@ MISTAKES = [
     (["compile", "{checkpoint}", "--config", "mobilebert-tiny", "-o", "{out}"], "not both"),
     (["compile", "--config", "mobilebert-tiny", "-o", "{out}"], "--random-init"),
     (["compile", "--config", "nosuch", "--random-init", "-o", "{out}"], "'nosuch'"),
+    (["compile", "{checkpoint}", "--random-init", "-o", "{out}"], "--random-init applies"),
+    (["compile", "{checkpoint}", "--max-masked", "3", "-o", "{out}"],
+     "--max-masked apply with --logits-for masked"),
+    (["compile", "{checkpoint}", "--mask-token-id", "4", "-o", "{out}"], "--mask-token-id apply"),
+    (["tune", "{checkpoint}", "--max-masked", "3", "-o", "{work}"], "--logits-for masked"),
+    (["token-classification", "{tagger}", "john", "--top-k", "1"], "--top-k"),
     (["run", "{qa}", "--ids", "abc"], "--ids"),
     (["run", "{qa}", "--ids", ""], "--ids"),
     (["run", "{qa}", "--ids", "1,,2"], "--ids"),
     (["run", "{qa}", "--ids=--1"], "--ids"),
     (["run", "{qa}", "--ids", "\u00b2"], "--ids"),  # a digit to str.isdigit, not to int()
     (["run", "{qa}", "--ids", "99999999"], "99999999"),
+    (["run", "{qa}", "--ids", "99999999999999999999999,3"], "99999999999999999999999"),
+    (["run", "{qa}", "--ids", "9223372036854775808"], "9223372036854775808"),
     (["run", "{qa}", "--repeats", "0"], "--repeats"),
     (["run", "{qa}", "--sha256", "xyz"], "'xyz'"),
     (["run", "{qa}", "--sha256", "0" * 64], "0" * 64),
@@ -113,6 +131,9 @@ MISTAKES = [
     (["question-answering", "{qa_tok}", "--question", "where ?", "--context", ""], "context"),
     (["question-answering", "{qa}", "--tokenizer", "{bad_tokenizer}", "--question", "where ?",
       "--context", "the cat sat ."], "tokenizer.json"),
+    (["add-tokenizer", "{qa_copy}", "{bad_tokenizer}"], "tokenizer.json"),
+    (["add-tokenizer", "{qa_copy}", "{big_vocab}"], "vocab_size is 211"),
+    (["add-tokenizer", "{qa_copy}", "{no_unk}"], "[UNK]"),
     (["run", "{qa}", "--remote", "localhost"], "'localhost'"),
     (["run", "{qa}", "--remote", "127.0.0.1:1"], "127.0.0.1:1"),
     (["emulator", "serve", "--port", "70000"], "--port"),
@@ -136,6 +157,7 @@ def test_a_plain_mistake_is_one_error_line_and_exit_status_2(files, capsys, args
     assert code == 2, f"exit status {code}; stderr:\n{err}"
     assert_one_error_line(err, fragment)
     assert not files["out"].exists()
+    assert files["qa_copy"].read_bytes() == files["qa"].read_bytes()
 
 
 def _command() -> list[str]:

@@ -143,6 +143,8 @@ def _model(args: ModelArgs):
         raise ModelError("give a checkpoint folder or --config, not both")
     if args.checkpoint and is_onnx_path(args.checkpoint):
         return load_onnx(args.checkpoint, head=args.head)
+    if args.checkpoint and args.random_init:
+        raise ModelError("--random-init applies with --config NAME; a checkpoint has its weights")
     if args.checkpoint:
         return load_checkpoint(args.checkpoint, head=args.head)
     if args.config:
@@ -188,7 +190,7 @@ def _tune(ns: argparse.Namespace) -> int:
     from mbcompile.tuner import check_budget, tune
 
     # A named config is an architecture: tuning needs no trained weights.
-    model_args = parsed(ModelArgs, ns, random_init=True)
+    model_args = parsed(ModelArgs, ns, random_init=ns.config is not None)
     args = parsed(TuneArgs, ns, model=model_args, options=options_from_args(ns))
     check_budget(args.trials, args.minutes, args.max_tasks)  # before the model loads
     summary = tune(
@@ -290,6 +292,13 @@ def _add_tokenizer(args: AddTokenizerArgs) -> int:
     from mbcompile.artifact.tokenizer_json import with_tokenizer_json
 
     files = with_tokenizer_json(files)  # the pipelines then need the tokenizers library only
+    # checked as a pipeline will use them: damaged files or another model's vocabulary refused
+    from mbcompile.pipelines.base import check_vocabulary
+    from mbcompile.pipelines.tokenizer import _tokenizer_from_files
+
+    metadata = artifact.read(args.artifact).metadata
+    tokenizer = _tokenizer_from_files(files, metadata.config, str(args.folder))
+    check_vocabulary(tokenizer, metadata.signature.vocab_size)
     artifact.add_tokenizer(args.artifact, files)
     print(f"{args.artifact}: saved tokenizer files {sorted(files)}")
     return 0

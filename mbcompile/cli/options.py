@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 from typing import Any, TypeVar
 
+from mbcompile.errors import OptionError
 from mbcompile.options import CompileOptions
 
 T = TypeVar("T")
@@ -60,11 +61,17 @@ def port_number(text: str) -> int:
     return value
 
 
+# Flags that apply with --logits-for masked only: not given (None) unless the user gives them,
+# so that giving one without it is refused instead of ignored.
+MASKED_ONLY = ("max_masked", "mask_token_id")
+
+
 def add_option_flags(parser: argparse.ArgumentParser, cls: type = CompileOptions) -> None:
     """One flag per field of the options dataclass ``cls``."""
     for field in dataclasses.fields(cls):
         meta = field.metadata
-        kwargs: dict[str, Any] = {"default": field.default, "help": meta.get("help")}
+        default = None if field.name in MASKED_ONLY else field.default
+        kwargs: dict[str, Any] = {"default": default, "help": meta.get("help")}
         if "choices" in meta:
             kwargs["choices"] = list(meta["choices"])
         if "metavar" in meta:
@@ -76,8 +83,16 @@ def add_option_flags(parser: argparse.ArgumentParser, cls: type = CompileOptions
 
 
 def options_from_args(ns: argparse.Namespace, cls: type = CompileOptions):
-    """The options object from parsed flags (``add_option_flags``' fields)."""
-    return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+    """The options object from parsed flags (``add_option_flags``' fields); OptionError for a
+    ``MASKED_ONLY`` flag given without ``--logits-for masked``."""
+    given = [_flag(name) for name in MASKED_ONLY if getattr(ns, name, None) is not None]
+    if given and getattr(ns, "logits_for", None) != "masked":
+        raise OptionError(f"{' and '.join(given)} apply with --logits-for masked only")
+    values = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(ns, field.name)
+        values[field.name] = field.default if value is None and field.name in MASKED_ONLY else value
+    return cls(**values)
 
 
 def parsed(cls: type[T], ns: argparse.Namespace, **extra: Any) -> T:

@@ -76,7 +76,7 @@ def register(sub) -> None:
                        help="tokenizer folder (default: the one saved in the artifact)")
         if task in ("text-classification", "next-sentence-prediction"):
             s.add_argument("--pair", default=None, help="second text of a pair")
-        if task != "next-sentence-prediction":
+        if task not in ("next-sentence-prediction", "token-classification"):
             s.add_argument("--top-k", type=positive_int, default=None)
         if task in ("text-classification", "fill-mask", "next-sentence-prediction"):
             s.add_argument("--truncation", action="store_true",
@@ -96,7 +96,11 @@ def parse_ids(text: str) -> list[int]:
         raise InputError(
             f"--ids: expected comma-separated token ids, e.g. 101,2023,102; got {text!r}"
         )
-    return [int(p) for p in parts]
+    ids = [int(p) for p in parts]
+    huge = [i for i in ids if not -(2**63) <= i < 2**63]
+    if huge:
+        raise InputError(f"--ids: token id {huge[0]} is outside any vocabulary")
+    return ids
 
 
 def _run(args: RunArgs) -> int:
@@ -159,7 +163,8 @@ def _pipeline(args: PipelineArgs) -> int:
     if args.task == "question-answering":
         out = run(question=args.question, context=args.context, **options)
     elif args.task == "text-classification":
-        inputs = [{"text": t, "text_pair": args.pair} if args.pair else t for t in args.texts]
+        inputs = [{"text": t, "text_pair": args.pair} if args.pair is not None else t
+                  for t in args.texts]
         out = run(inputs[0] if one else inputs, **options)
     elif args.task == "next-sentence-prediction":
         if args.pair is None:

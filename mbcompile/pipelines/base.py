@@ -121,6 +121,15 @@ def _tasks_for_head(head: str) -> list[str]:
     return sorted(set(found))
 
 
+def check_vocabulary(tokenizer, vocab_size: int) -> None:
+    """PipelineError when ``tokenizer`` has more tokens than the model has embeddings."""
+    if len(tokenizer) > vocab_size:
+        raise PipelineError(
+            f"tokenizer: its vocabulary has {len(tokenizer)} tokens, the model's vocab_size "
+            f"is {vocab_size}: this tokenizer does not belong to this model"
+        )
+
+
 # -- the base class ---------------------------------------------------------------------------
 
 
@@ -140,12 +149,7 @@ class Pipeline:
                 f"tokenizer: expected a transformers tokenizer or a local folder path, got "
                 f"{type(tokenizer).__name__}"
             )
-        sig = model.signature
-        if len(tokenizer) > sig.vocab_size:
-            raise PipelineError(
-                f"tokenizer: its vocabulary has {len(tokenizer)} tokens, the model's vocab_size "
-                f"is {sig.vocab_size}: this tokenizer does not belong to this model"
-            )
+        check_vocabulary(tokenizer, model.signature.vocab_size)
         if self.needs_fast_tokenizer and not getattr(tokenizer, "is_fast", False):
             raise PipelineError(
                 f"{self.task}: needs a fast tokenizer (character offsets), got "

@@ -125,6 +125,8 @@ class FastTokenizer:
         return_token_type_ids: bool = True,
         return_attention_mask: bool = True,
     ) -> Encoded:
+        if not text_pair:  # as transformers: an empty second text is no second text
+            text_pair = None
         with self._lock:
             tok = self._tokenizer
             if truncation:

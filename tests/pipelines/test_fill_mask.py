@@ -57,3 +57,25 @@ def test_fill_mask_input_errors_name_the_problem(mlm, tok):
         fill(too_long)
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         fill("the [MASK] .", top_k=0)
+
+
+def test_a_checkpoint_compiled_for_fill_mask_prunes_at_its_own_tokenizers_mask(tmp_path, tok):
+    """``pipeline("fill-mask", FOLDER)`` compiles the pruned head (logits at [MASK] only) at the
+    [MASK] id of the checkpoint's tokenizer (4 here, in a vocabulary of fewer than 103 words),
+    not the uncased default 103; a tokenizer given to the pipeline decides instead."""
+    from pipeline_helpers import VOCAB, write_vocab
+
+    folder = write_vocab(tmp_path / "checkpoint")
+    model = make_model("masked-lm", config(), seed=6)
+    model.save_pretrained(folder)
+    assert VOCAB.index("[MASK]") == 4 < len(VOCAB) < 103
+    fill = mbcompile.pipeline("fill-mask", folder, max_seq_len=32)
+    assert fill.model.signature.mask_token_id == 4
+    text = "the cat [MASK] on the mat ."
+    assert_same(fill(text), hf_pipeline("fill-mask", model=model, tokenizer=tok)(text))
+    ids = tok(text, return_tensors="np")["input_ids"]
+    assert fill.model(input_ids=ids, return_dict=True).masked_positions[0, 0] == 3
+
+    other = write_vocab(tmp_path / "other", ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "w", "[MASK]"])
+    again = mbcompile.pipeline("fill-mask", folder, tokenizer=other, max_seq_len=32)
+    assert again.model.signature.mask_token_id == 5

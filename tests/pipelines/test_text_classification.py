@@ -59,3 +59,21 @@ def test_multi_label_classifier_from_a_checkpoint_folder_uses_sigmoid_and_its_to
     )
     assert_same(ours, ref)
     assert abs(sum(d["score"] for d in ours[0]) - 1.0) > 1e-3  # sigmoid: not a distribution
+
+
+def test_an_empty_pair_is_read_as_transformers_reads_it(classifier, tok, tmp_path, capsys):
+    """``{"text_pair": ""}`` (and ``--pair ""``): transformers' tokenizer reads an empty second
+    text as none; the tokenizer saved in the artifact does too."""
+    import json
+
+    from mbcompile.cli import main
+
+    model, compiled = classifier
+    pair = {"text": "the cat sat .", "text_pair": ""}
+    ref = hf_pipeline("text-classification", model=model, tokenizer=tok)(pair)
+    path = mbcompile.pipeline("text-classification", compiled, tokenizer=tok).save(tmp_path / "tc.mbc")
+    saved = mbcompile.pipeline("text-classification", path)
+    assert_same(saved(pair), ref)
+    assert saved.tokenizer("the cat sat .", "")["input_ids"] == tok("the cat sat .", "")["input_ids"]
+    assert main(["text-classification", str(path), "the cat sat .", "--pair", ""]) == 0
+    assert_same(json.loads(capsys.readouterr().out), ref)
