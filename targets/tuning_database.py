@@ -140,7 +140,7 @@ class Database:
         if why is not None:
             raise TargetError(
                 f"tuning database {self.path} was made for another target or TVM version "
-                f"({why}); tune again for this target with `mbcompile tune`"
+                f"({why}); tune for this target into another folder (`mbcompile tune -o DIR`)"
             )
 
     def ms_database(self, *, repair: bool = False):
