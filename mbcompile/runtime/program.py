@@ -143,8 +143,9 @@ def _reset_after_fork() -> None:
     _VMS = _RunsOrOneChange()
     _batch_pool, _batch_pool_lock = None, threading.Lock()
     _after_fork = None
-    if getattr(_configured, "threads", None) is not None:  # use_threads ran on this thread
-        _stale_pool_thread = threading.get_ident()
+    # Whatever ran TVM code on this thread before (a model, compile's constant folding), its
+    # pool is not to be trusted: the hand-over costs microseconds against a forward's ms.
+    _stale_pool_thread = threading.get_ident()
 
 
 def _forked_thread_runs(function, *args):
