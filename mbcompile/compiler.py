@@ -249,7 +249,8 @@ def compile(
     names), or ``()`` for none. Weights become compile-time constants of the linked library.
 
     ``logits_for="masked"`` (MaskedLM, PreTraining): vocabulary logits only at the positions of
-    ``mask_token_id`` (default 103, [MASK] of the uncased vocabulary), at most ``max_masked`` per
+    ``mask_token_id`` (default: the [MASK] of the tokenizer saved with the model, else 103,
+    [MASK] of the uncased vocabulary), at most ``max_masked`` per
     sequence; the output gains ``masked_positions`` (batch, n; -1 where a row has fewer, whose
     logits are NaN). It runs the ``PruneMaskedLMHead`` pass first, before and independently of
     ``passes`` (also with ``passes=()``): the pass sets the compiled function's inputs and
@@ -276,7 +277,19 @@ def compile(
     if isinstance(model, (str, os.PathLike)):
         log(f"loading {os.fspath(model)} ...")
     model = as_float32(resolve_model(model, head), log)  # the accuracy reference too
+    if options.logits_for == "masked" and options.mask_token_id is None:
+        options = dataclasses.replace(options, mask_token_id=_tokenizer_mask_id(model, tokenizer))
     return _compile(model, options, tuning_db, tokenizer, log)
+
+
+def _tokenizer_mask_id(model, tokenizer: str | os.PathLike | None) -> int | None:
+    """The [MASK] id of the tokenizer files that will be saved with the model (``tokenizer``,
+    else the checkpoint's folder), None without any (then the uncased default, 103)."""
+    from mbcompile.capture import checkpoint_folder
+    from mbcompile.runtime.accuracy import saved_mask_token_id
+
+    source = tokenizer if tokenizer is not None else checkpoint_folder(model.config)
+    return saved_mask_token_id(artifact.tokenizer_files(source)) if source else None
 
 
 def resolve_model(model, head: str | None):

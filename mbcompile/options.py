@@ -83,7 +83,8 @@ class CompileOptions:
     )
     mask_token_id: int | None = field(
         default=None,
-        metadata=_help("with logits_for='masked': the [MASK] token id (default 103, uncased)"),
+        metadata=_help("with logits_for='masked': the [MASK] token id (default: the saved "
+                       "tokenizer's, else 103, uncased)"),
     )
     precision: str = field(
         default="fp32",

@@ -50,6 +50,9 @@ def tokenizer_json_from_vocab(vocab: bytes, config: dict | None = None) -> bytes
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     cls, sep = special["cls_token"], special["sep_token"]
+    missing = [t for t in (cls, sep) if t not in table]
+    if missing:  # every text would start and end with another token's id
+        raise ValueError(f"vocab.txt has no {' or '.join(missing)} (the classifier/separator token)")
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls}:0 $A:0 {sep}:0",
         pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
@@ -62,15 +65,28 @@ def tokenizer_json_from_vocab(vocab: bytes, config: dict | None = None) -> bytes
 
 
 
+def tokenizer_settings(files: dict[str, bytes]) -> dict:
+    """tokenizer_config.json's settings with special_tokens_map.json's tokens over them, as
+    transformers reads a folder without tokenizer.json ({} for files that are not JSON
+    objects: refused where the tokenizer is loaded)."""
+    merged: dict = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            values = json.loads(files.get(name, b"{}") or b"{}")
+        except ValueError:
+            values = {}
+        if isinstance(values, dict):
+            if name == "special_tokens_map.json":
+                values = {k: v for k, v in values.items() if k in BERT_SPECIAL}
+            merged.update(values)
+    return merged
+
+
 def with_tokenizer_json(files: dict[str, bytes]) -> dict[str, bytes]:
     """``files`` with a ``tokenizer.json`` made from ``vocab.txt`` when it has none."""
     if "tokenizer.json" in files or "vocab.txt" not in files:
         return dict(files)
-    try:
-        settings = json.loads(files.get("tokenizer_config.json", b"{}") or b"{}")
-    except ValueError:
-        settings = {}
-    settings = settings if isinstance(settings, dict) else {}
+    settings = tokenizer_settings(files)
     try:
         converted = tokenizer_json_from_vocab(files["vocab.txt"], settings)
     except Exception:  # noqa: BLE001 - a damaged vocabulary: stored as given, refused when loaded

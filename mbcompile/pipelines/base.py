@@ -211,8 +211,9 @@ class Pipeline:
 
     def _truncation(self, truncation: bool | str | None, max_length: int | None) -> dict:
         """The tokenizer arguments for transformers' ``truncation=`` and ``max_length=``: an
-        input longer than ``max_length`` tokens (default: the longest compiled length) is cut
-        to it as transformers' tokenizers cut (``True`` is ``"longest_first"``; a pair may name
+        input longer than ``max_length`` tokens (default: the tokenizer's ``model_max_length``
+        as in transformers, or the longest compiled length if shorter) is cut to it as
+        transformers' tokenizers cut (``True`` is ``"longest_first"``; a pair may name
         ``"only_first"`` or ``"only_second"``). Without truncation a longer input is refused."""
         if truncation is None or truncation is False or truncation == "do_not_truncate":
             if max_length is not None:
@@ -225,7 +226,10 @@ class Pipeline:
                 f"{self.task}: truncation must be True, False or one of {list(TRUNCATIONS)}, "
                 f"got {truncation!r}"
             )
-        limit = self.seq_len if max_length is None else _check_positive("max_length", max_length)
+        if max_length is None:
+            limit = min(self.seq_len, getattr(self.tokenizer, "model_max_length", None) or self.seq_len)
+        else:
+            limit = _check_positive("max_length", max_length)
         return {"truncation": truncation, "max_length": limit}
 
     def _tokenize(self, *args, **kwargs):

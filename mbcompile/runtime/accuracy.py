@@ -78,6 +78,20 @@ def _encode(texts: list[str], tokenizer_json: bytes | None, pad_id: int) -> dict
     }
 
 
+def saved_mask_token_id(tokenizer_files: dict[str, bytes]) -> int | None:
+    """The [MASK] id of the tokenizer saved with an artifact, or None (no tokenizer, no mask
+    token, or files that cannot be read: the pipelines say why when they load them)."""
+    if not tokenizer_files:
+        return None
+    from mbcompile.errors import PipelineError
+    from mbcompile.pipelines.tokenizer import _tokenizer_from_files
+
+    try:
+        return _tokenizer_from_files(tokenizer_files, None).mask_token_id
+    except PipelineError:
+        return None
+
+
 def reference_outputs(reference, batch: dict) -> dict[str, np.ndarray]:
     """The PyTorch model's outputs on ``batch``, as numpy arrays by name (an ONNX model's,
     computed by ONNX Runtime, when ``reference`` is one: ``mbcompile.capture.OnnxModel``)."""

@@ -239,6 +239,8 @@ class CompiledModel:
             inputs, self.tokenizer_files.get("tokenizer.json"), int(config.get("pad_token_id") or 0)
         )
         mask_token_id = self.metadata.options.get("mask_token_id")
+        if mask_token_id is None:  # the saved tokenizer's [MASK], else uncased BERT's
+            mask_token_id = accuracy.saved_mask_token_id(self.tokenizer_files)
         if mask_token_id is None:
             mask_token_id = DEFAULT_MASK_TOKEN_ID
         report = accuracy.compare(self, reference, batches, mask_token_id)
