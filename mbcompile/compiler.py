@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from mbcompile import artifact
-from mbcompile.artifact import Artifact, Metadata
+from mbcompile.artifact import Artifact, Metadata, tokenizer_json
 from mbcompile.artifact.tokenizer_json import with_tokenizer_json
 from mbcompile.errors import ModelError, OptionError
 from mbcompile.options import DEFAULT_MASK_TOKEN_ID, CompileOptions
 from mbcompile.report import kernel_calls, module_stats
 from mbcompile.runtime import CompiledModel
 from mbcompile.signature import OutputSpec
-from mbcompile.version import __version__
+from mbcompile.version import compile_versions
 
 # Heads with vocabulary logits, which ``logits_for="masked"`` prunes.
 PRUNABLE_HEADS = ("masked-lm", "pretraining")
@@ -39,20 +38,6 @@ class Prepared:
     mod: Any  # the Relax module after the passes
     report: dict[str, Any]
     timings: dict[str, float]
-
-
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-    import tvm
-
-    return {
-        "mbcompile": __version__,
-        "tvm": tvm.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _run_pass(p, mod) -> tuple[Any, dict]:
@@ -145,7 +130,7 @@ def _quiet(_message: str) -> None:
 def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet) -> Prepared:
     """Capture ``model`` and run the MobileBERT passes for ``options.target``; ``log`` gets a
     line as each stage starts and ends."""
-    from mbcompile.capture import OnnxModel, capture, capture_onnx, check_model
+    from mbcompile.capture import OnnxModel, capture, capture_onnx, check_model, float32_model
     from mbcompile.cpu import check_precision
     from mbcompile.passes.base import forget_graphs
     from mbcompile.targets.metaschedule import sigint_held
@@ -156,7 +141,7 @@ def prepare(model, options: CompileOptions, log: Callable[[str], None] = _quiet)
     check_precision(options.precision, tvm_target, spec.name)
     passes = listed_passes(options.passes, tvm_target)  # checked before the slow work
     check_model(model)
-    model = as_float32(model, log)
+    model = float32_model(model, log)
     fixed = getattr(model, "fixed_seq_len", None)  # an ONNX file exported at one length
     if fixed is not None and options.seq_len is None and options.max_seq_len is None:
         options = dataclasses.replace(options, seq_len=fixed)
@@ -272,24 +257,21 @@ def compile(
     The library is linked (cross-compiled for an ARM target) before this returns. ``log``: a
     function given a line as each stage (capture, each pass, build, link) starts and ends.
     """
+    from mbcompile.capture import checkpoint_folder, float32_model
+
     options = CompileOptions.pick(locals())
     log = log or _quiet
     if isinstance(model, (str, os.PathLike)):
         log(f"loading {os.fspath(model)} ...")
-    model = as_float32(resolve_model(model, head), log)  # the accuracy reference too
+    model = float32_model(resolve_model(model, head), log)  # the accuracy reference too
     if options.logits_for == "masked" and options.mask_token_id is None:
-        options = dataclasses.replace(options, mask_token_id=_tokenizer_mask_id(model, tokenizer))
+        # the [MASK] of the tokenizer saved with the model, else the uncased 103
+        source = tokenizer if tokenizer is not None else checkpoint_folder(model.config)
+        if source:
+            mask_token_id = tokenizer_json.mask_token_id(artifact.tokenizer_files(source))
+            options = dataclasses.replace(options, mask_token_id=mask_token_id)
     return _compile(model, options, tuning_db, tokenizer, log)
 
-
-def _tokenizer_mask_id(model, tokenizer: str | os.PathLike | None) -> int | None:
-    """The [MASK] id of the tokenizer files that will be saved with the model (``tokenizer``,
-    else the checkpoint's folder), None without any (then the uncased default, 103)."""
-    from mbcompile.capture import checkpoint_folder
-    from mbcompile.runtime.accuracy import saved_mask_token_id
-
-    source = tokenizer if tokenizer is not None else checkpoint_folder(model.config)
-    return saved_mask_token_id(artifact.tokenizer_files(source)) if source else None
 
 
 def resolve_model(model, head: str | None):
@@ -307,21 +289,6 @@ def resolve_model(model, head: str | None):
             f"{type(model).__name__} (head {check_model(model)!r})"
         )
     return model
-
-
-def as_float32(model, log: Callable[[str], None] = _quiet):
-    """A PyTorch ``model`` with float16/bfloat16/float64 weights → a float32 copy
-    (``capture.float32_model``), said in ``log``; anything else as it is."""
-    from mbcompile.capture import OnnxModel, float32_model
-    from mbcompile.capture.models import weights_dtype
-
-    if isinstance(model, OnnxModel):
-        return model
-    converted = float32_model(model)
-    if converted is not model:
-        log(f"capture: the model's weights are {weights_dtype(model)}; compiling a float32 "
-            "copy of it (precision= picks the matmuls' dtype)")
-    return converted
 
 
 def _compile(
@@ -383,7 +350,7 @@ def _compile(
         tvm_target=str(tvm_target),
         tuning_db=None if database is None else str(database.path),
         tuned_kernels=fused.get("tuned_kernels", 0),
-        versions=_versions(),
+        versions=compile_versions(),
         report=report,
         compile_seconds={k: round(v, 2) for k, v in timings.items()},
         options=options.to_dict(),

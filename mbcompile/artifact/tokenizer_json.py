@@ -82,6 +82,25 @@ def tokenizer_settings(files: dict[str, bytes]) -> dict:
     return merged
 
 
+def mask_token_id(files: dict[str, bytes]) -> int | None:
+    """The [MASK] id of tokenizer files (their mask token, as ``tokenizer_settings`` names
+    it, looked up in tokenizer.json or vocab.txt); None when there is none or the files
+    cannot be read (the pipelines say why when they load them)."""
+    mask = tokenizer_settings(files).get("mask_token", BERT_SPECIAL["mask_token"])
+    mask = mask.get("content") if isinstance(mask, dict) else mask
+    try:
+        if "tokenizer.json" in files:
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_str(files["tokenizer.json"].decode("utf-8")).token_to_id(mask)
+        if "vocab.txt" in files:
+            words = files["vocab.txt"].decode("utf-8").split("\n")
+            return len(words) - 1 - words[::-1].index(mask) if mask in words else None
+    except Exception:  # noqa: BLE001 - tokenizers raises bare Exception on a damaged file
+        return None
+    return None
+
+
 def with_tokenizer_json(files: dict[str, bytes]) -> dict[str, bytes]:
     """``files`` with a ``tokenizer.json`` made from ``vocab.txt`` when it has none."""
     if "tokenizer.json" in files or "vocab.txt" not in files:

@@ -49,9 +49,10 @@ def random_model(config, head: str = "base", seed: int = 0):
     return _head_class(head)(config).eval()
 
 
-def float32_model(model):
+def float32_model(model, log=None):
     """``model`` with float32 weights: ``model`` itself when every floating parameter and
-    buffer is float32, else a converted copy (the caller's model is left as it is).
+    buffer is float32 (or it is an ONNX model), else a converted copy, said in ``log`` (the
+    caller's model is left as it is).
 
     Checkpoints on the hub are often stored in float16 or bfloat16, and transformers 5 loads
     them in the stored dtype; a model may also have been ``.half()``-ed by its user. mbcompile
@@ -61,17 +62,17 @@ def float32_model(model):
 
     import torch
 
+    if not hasattr(model, "parameters"):  # an ONNX model (capture.onnx_model checks its own)
+        return model
     tensors = [*model.parameters(), *model.buffers()]
     if all(t.dtype == torch.float32 for t in tensors if t.is_floating_point()):
         return model
+    if log is not None:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors
+                         if t.is_floating_point()})
+        log(f"capture: the model's weights are {'+'.join(dtypes)}; compiling a float32 copy "
+            "of it (precision= picks the matmuls' dtype)")
     return copy.deepcopy(model).float()
-
-
-def weights_dtype(model) -> str:
-    """The dtype(s) of ``model``'s floating parameters, e.g. ``"float16"``."""
-    names = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                    if p.is_floating_point()})
-    return "+".join(names) or "none"
 
 
 def load_checkpoint(path: str | os.PathLike, head: str | None = None, revision: str | None = None):

@@ -18,12 +18,15 @@ compiled ``masked_positions``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from mbcompile.artifact import tokenizer_json
 from mbcompile.errors import InputError, InputTypeError
+from mbcompile.options import DEFAULT_MASK_TOKEN_ID
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -78,18 +81,30 @@ def _encode(texts: list[str], tokenizer_json: bytes | None, pad_id: int) -> dict
     }
 
 
-def saved_mask_token_id(tokenizer_files: dict[str, bytes]) -> int | None:
-    """The [MASK] id of the tokenizer saved with an artifact, or None (no tokenizer, no mask
-    token, or files that cannot be read: the pipelines say why when they load them)."""
-    if not tokenizer_files:
-        return None
-    from mbcompile.errors import PipelineError
-    from mbcompile.pipelines.tokenizer import _tokenizer_from_files
+def report(compiled, inputs: Any, reference: Any) -> dict:
+    """``CompiledModel.accuracy``: ``compiled`` against ``reference`` (a PyTorch model, a
+    checkpoint folder or hub id, an ONNX file) on ``inputs``, with the precision."""
+    if reference is None:
+        raise InputError(
+            "accuracy needs the PyTorch model to compare with: pass reference=MODEL (or a "
+            "checkpoint folder or hub id); only a model compile() returned keeps its own"
+        )
+    metadata = compiled.metadata
+    if isinstance(reference, (str, os.PathLike)):
+        from mbcompile.capture import is_onnx_path, load_checkpoint, load_onnx
 
-    try:
-        return _tokenizer_from_files(tokenizer_files, None).mask_token_id
-    except PipelineError:
-        return None
+        loader = load_onnx if is_onnx_path(reference) else load_checkpoint
+        reference = loader(reference, head=metadata.head)
+    files = compiled.tokenizer_files
+    batches = input_batches(
+        inputs, files.get("tokenizer.json"), int(metadata.config.get("pad_token_id") or 0)
+    )
+    mask_token_id = metadata.options.get("mask_token_id")
+    if mask_token_id is None:  # the saved tokenizer's [MASK], else uncased BERT's
+        mask_token_id = tokenizer_json.mask_token_id(files)
+    if mask_token_id is None:
+        mask_token_id = DEFAULT_MASK_TOKEN_ID
+    return {"precision": metadata.precision, **compare(compiled, reference, batches, mask_token_id)}
 
 
 def reference_outputs(reference, batch: dict) -> dict[str, np.ndarray]:

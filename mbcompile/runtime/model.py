@@ -6,21 +6,19 @@ them (and so is already using torch).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mbcompile import artifact
 from mbcompile.artifact import Artifact, Metadata
 from mbcompile.errors import InputError, InputTypeError, ModelClosedError, RemoteError
-from mbcompile.options import DEFAULT_MASK_TOKEN_ID
-from mbcompile.runtime.inputs import Prepared, find_masked_positions, pad_to, prepare, real_lengths
+from mbcompile.runtime.inputs import find_masked_positions, pad_to, prepare, real_lengths
 from mbcompile.runtime.library import Library
 from mbcompile.runtime.outputs import ModelOutput
 from mbcompile.runtime.program import LocalProgram, default_threads
+from mbcompile.runtime.shaping import blank_unused, cut, group_choices, ungroup_choices
 from mbcompile.signature import Signature
 
 
@@ -30,62 +28,6 @@ def _like_input(arr: np.ndarray, as_torch: bool):
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(arr))
-
-
-def _cut(arr: np.ndarray, spec, batch: int, per_row: int, length: int, positions) -> np.ndarray:
-    """Drop batch padding, sequence padding and unused masked-position slots.
-
-    ``per_row``: rows of axis 0 per input row (``num_choices`` for the multiple-choice head's
-    hidden states and attentions, which HF returns flattened to batch·choices; else 1)."""
-    index: list[Any] = [slice(None)] * arr.ndim
-    index[0] = slice(0, batch * per_row)
-    for axis in spec.seq_axes:
-        index[axis] = slice(0, length)
-    if spec.masked_axis is not None:
-        index[spec.masked_axis] = slice(0, positions.shape[1])
-    return arr[tuple(index)]
-
-
-def _group_choices(inp: Prepared, real: np.ndarray, k: int) -> tuple[Prepared, np.ndarray]:
-    """(B, C, S) inputs as (B·G, k, S): the compiled ``num_choices`` = k per row, C padded up to
-    G·k with dummy choices. HF scores each choice on its own (they are rows of one batch inside
-    the model), so grouping them differently changes no score."""
-    batch, choices, seq = inp.input_ids.shape
-    groups = -(-choices // k)
-
-    def regroup(arr: np.ndarray, fill: int) -> np.ndarray:
-        out = np.full((batch, groups * k) + arr.shape[2:], fill, dtype=arr.dtype)
-        out[:, :choices] = arr
-        return out.reshape((batch * groups, k) + arr.shape[2:])
-
-    grouped = dataclasses.replace(
-        inp,
-        input_ids=regroup(inp.input_ids, 0),
-        attention_mask=regroup(inp.attention_mask, 1),
-        token_type_ids=regroup(inp.token_type_ids, 0),
-    )
-    return grouped, regroup(real, seq)
-
-
-def _ungroup_choices(arr: np.ndarray, spec, sig: Signature, choices: int) -> np.ndarray:
-    """An output of the grouped call (see ``_group_choices``) for the caller's ``choices``."""
-    k = sig.num_choices
-    groups = -(-choices // k)
-    if spec.name == "logits":  # (B·G, k): one score per choice
-        return arr.reshape((arr.shape[0] // groups, groups * k))[:, :choices]
-    # hidden states and attentions: HF flattens them to (batch · choices, ...)
-    batch = arr.shape[0] // (groups * k)
-    by_row = arr.reshape((batch, groups * k) + arr.shape[1:])[:, :choices]
-    return by_row.reshape((batch * choices,) + arr.shape[1:])
-
-
-def _blank_unused(arr: np.ndarray, spec, positions: np.ndarray) -> np.ndarray:
-    """NaN where a row has fewer masked tokens than the batch's largest count (position -1)."""
-    if spec.masked_axis is None or (positions >= 0).all():
-        return arr
-    arr = arr.copy()
-    arr[positions < 0] = np.nan
-    return arr
 
 
 class CompiledModel:
@@ -223,28 +165,7 @@ class CompiledModel:
         relative error, cosine similarity, top-1 agreement of logits (``runtime/accuracy.py``)."""
         from mbcompile.runtime import accuracy
 
-        reference = self.reference if reference is None else reference
-        if reference is None:
-            raise InputError(
-                "accuracy needs the PyTorch model to compare with: pass reference=MODEL (or a "
-                "checkpoint folder or hub id); only a model compile() returned keeps its own"
-            )
-        if isinstance(reference, (str, os.PathLike)):
-            from mbcompile.capture import is_onnx_path, load_checkpoint, load_onnx
-
-            loader = load_onnx if is_onnx_path(reference) else load_checkpoint
-            reference = loader(reference, head=self.metadata.head)
-        config = self.metadata.config
-        batches = accuracy.input_batches(
-            inputs, self.tokenizer_files.get("tokenizer.json"), int(config.get("pad_token_id") or 0)
-        )
-        mask_token_id = self.metadata.options.get("mask_token_id")
-        if mask_token_id is None:  # the saved tokenizer's [MASK], else uncased BERT's
-            mask_token_id = accuracy.saved_mask_token_id(self.tokenizer_files)
-        if mask_token_id is None:
-            mask_token_id = DEFAULT_MASK_TOKEN_ID
-        report = accuracy.compare(self, reference, batches, mask_token_id)
-        return {"precision": self.metadata.precision, **report}
+        return accuracy.report(self, inputs, self.reference if reference is None else reference)
 
     def __call__(
         self,
@@ -290,7 +211,7 @@ class CompiledModel:
             results = [program.run(arrays) for arrays in calls]
         chunks: list[list[np.ndarray]] = [
             [
-                _cut(o, spec, stop - start, spec.shape[0] // sig.batch_size, length, positions)
+                cut(o, spec, stop - start, spec.shape[0] // sig.batch_size, length, positions)
                 for o, spec in zip(outs, sig.outputs)
             ]
             for (start, stop, _), outs in zip(parts, results)
@@ -298,9 +219,9 @@ class CompiledModel:
 
         flat = [np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0] for parts in zip(*chunks)]
         if choices is not None:
-            flat = [_ungroup_choices(a, spec, sig, choices) for a, spec in zip(flat, sig.outputs)]
+            flat = [ungroup_choices(a, spec, sig, choices) for a, spec in zip(flat, sig.outputs)]
         if positions is not None:
-            flat = [_blank_unused(a, spec, positions) for a, spec in zip(flat, sig.outputs)]
+            flat = [blank_unused(a, spec, positions) for a, spec in zip(flat, sig.outputs)]
         out = self._assemble(flat, inp.as_torch)
         if positions is not None:
             out["masked_positions"] = _like_input(positions, inp.as_torch)
@@ -323,7 +244,7 @@ class CompiledModel:
     def _checked(self, input_ids, attention_mask, token_type_ids, lengths, masked_positions):
         """The checked inputs, each row's real length, the masked positions (or None), and the
         caller's number of choices when it differs from the compiled one (the inputs are then
-        regrouped by ``_group_choices``; else None)."""
+        regrouped by ``group_choices``; else None)."""
         sig = self.signature
         inp = prepare(sig, input_ids, attention_mask, token_type_ids)
         positions = None
@@ -338,7 +259,7 @@ class CompiledModel:
         choices = None
         if sig.num_choices is not None and inp.input_ids.shape[1] != sig.num_choices:
             choices = inp.input_ids.shape[1]
-            inp, real = _group_choices(inp, real, sig.num_choices)
+            inp, real = group_choices(inp, real, sig.num_choices)
         return inp, real, positions, choices
 
     def _chunks(self, inp, real: np.ndarray, positions):
