@@ -145,38 +145,20 @@ def _compile_checkpoint(
     name: str | os.PathLike, cls: type[Pipeline], compile_options: dict[str, Any], tokenizer: Any
 ) -> CompiledModel:
     """The checkpoint compiled for ``cls``'s head; for fill-mask, the pruned head
-    (``logits_for="masked"``) at the [MASK] id of the tokenizer the pipeline will use."""
+    (``logits_for="masked"``) at the [MASK] of the tokenizer the pipeline will use (compile
+    reads the checkpoint's own, or the folder given as ``tokenizer``)."""
     from mbcompile.compiler import compile as compile_model
-    from mbcompile.compiler import resolve_model
 
     # An ONNX file's graph has its head (its outputs say which): check_head then judges it.
     head = None if Path(name).suffix == ".onnx" else cls.heads[0]
-    if cls.task != "fill-mask":
-        return compile_model(name, head=head, **compile_options)
-    model = resolve_model(name, head)
-    options = {"logits_for": "masked", **compile_options}
-    if "mask_token_id" not in compile_options:
-        mask_token_id = _mask_token_id(model, tokenizer)
-        if mask_token_id is not None:
-            options["mask_token_id"] = mask_token_id
-    return compile_model(model, **options)
-
-
-def _mask_token_id(model, tokenizer: Any) -> int | None:
-    """The [MASK] id of ``tokenizer`` (an object or a folder), or of the tokenizer files beside
-    the checkpoint ``model`` was loaded from; None when there are none."""
-    if tokenizer is None:
-        from mbcompile.capture import checkpoint_folder
-
-        folder = checkpoint_folder(model.config)
-        files = artifact.tokenizer_files(folder) if folder is not None else {}
-        if not files:
-            return None
-        tokenizer = _tokenizer_from_files(files, None, str(folder))
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer_folder(Path(tokenizer))
-    mask_token_id = getattr(tokenizer, "mask_token_id", None)
-    return int(mask_token_id) if mask_token_id is not None else None
+    options = dict(compile_options)
+    if cls.task == "fill-mask":
+        options.setdefault("logits_for", "masked")
+        if isinstance(tokenizer, (str, os.PathLike)):
+            options.setdefault("tokenizer", tokenizer)
+        elif getattr(tokenizer, "mask_token_id", None) is not None:
+            options.setdefault("mask_token_id", int(tokenizer.mask_token_id))
+    return compile_model(name, head=head, **options)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from mbcompile import artifact
-from mbcompile.artifact.tokenizer_json import BERT_SPECIAL, tokenizer_json_from_vocab
+from mbcompile.artifact.tokenizer_json import tokenizer_json_from_vocab, tokenizer_settings
 from mbcompile.errors import PipelineError
 from mbcompile.pipelines.fast_tokenizer import FastTokenizer
 
@@ -43,8 +43,7 @@ def _tokenizer_from_files(files: dict[str, bytes], config: dict | None, where: s
                 "tokenizer_config.json, special_tokens_map.json and added_tokens.json must be "
                 "JSON objects"
             )
-        # special_tokens_map.json's tokens over tokenizer_config.json's, as transformers reads
-        settings = {**settings, **{k: v for k, v in special.items() if k in BERT_SPECIAL}}
+        settings = tokenizer_settings(files)  # special_tokens_map.json's tokens over them
         # tokens added in tokenizer_config.json (transformers 5 writes them there)
         decoder = settings.get("added_tokens_decoder") or {}
         if isinstance(decoder, dict):
