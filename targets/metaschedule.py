@@ -17,23 +17,33 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 
+from mbcompile import interrupts
+
 
 @contextlib.contextmanager
 def sigint_held() -> Iterator[None]:
     """Ctrl-C inside the block takes effect at its end (KeyboardInterrupt), for TVM code that
     calls back into Python: raised in such a callback, a KeyboardInterrupt crosses C++, where it
     has been seen to vanish or to come out as a bare RuntimeError. Only in the main thread, and
-    only while SIGINT has Python's own handler."""
+    only while SIGINT has Python's own handler (or the CLI's, :mod:`mbcompile.interrupts`). A
+    Ctrl-C that the CLI's handler saw but a finalizer swallowed is raised as the block begins."""
+    current = signal.getsignal(signal.SIGINT)
     if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            or not interrupts.is_python_handler(current)):
         yield
         return
+    interrupts.raise_if_received()
     caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+
+    def hold(signum, frame) -> None:
+        caught.append(signum)
+        interrupts.remember()
+
+    signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, current)
     if caught:
         raise KeyboardInterrupt
 

@@ -31,6 +31,7 @@ STAGES = {
     "mbcompile.tvmscript": 0,
     "mbcompile.heads": 0,
     "mbcompile.hub": 0,
+    "mbcompile.interrupts": 0,
     "mbcompile.signature": 0,
     "mbcompile.capture": 1,
     "mbcompile.passes": 2,

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
+from mbcompile import interrupts
 from mbcompile.cli import build, devices, run
 from mbcompile.errors import MbcompileError
 
@@ -29,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     mistake in what was asked (bad option, input, file, device), 130 for Ctrl-C, 1 for anything
     else (``MBCOMPILE_DEBUG=1`` shows its traceback)."""
     ns = parser().parse_args(argv)
+    previous = signal.getsignal(signal.SIGINT)
+    interrupts.clear()
+    interrupts.install()
     try:
-        return ns.handler(ns)
+        code = ns.handler(ns)
+        interrupts.raise_if_received()  # a Ctrl-C that a finalizer swallowed still ends it: 130
+        return code
     except MbcompileError as err:
         return _fail(err, 2)
     except KeyboardInterrupt as err:  # tune says where it stopped and how to resume
@@ -49,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
 
 
 def _one_line(err: BaseException) -> str:
