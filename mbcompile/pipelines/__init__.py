@@ -69,6 +69,7 @@ def pipeline(
     tokenizer: Any = None,
     *,
     num_threads: int | None = None,
+    batch_size: int | None = None,
     **compile_options: Any,
 ) -> Pipeline:
     """A pipeline for ``task`` over a compiled model, the path of a saved artifact, or a
@@ -81,8 +82,10 @@ def pipeline(
     (vocab.txt, tokenizer.json, ...), or None: the tokenizer saved in the artifact (see
     ``Pipeline.save``), else the one beside the checkpoint the model was compiled from.
     ``num_threads``: kernel threads per call (default: every CPU the process may use, or
-    ``TVM_NUM_THREADS``). ``compile_options`` (e.g. ``precision="int8"``): those of
-    ``mbcompile.compile``, for a checkpoint compiled here; refused with anything else.
+    ``TVM_NUM_THREADS``). ``batch_size``: inputs per model call, as in transformers (each call
+    may give its own; default: the compiled batch size). ``compile_options`` (e.g.
+    ``precision="int8"``): those of ``mbcompile.compile``, for a checkpoint compiled here (for the
+    compiled batch size, compile first and pass the compiled model); refused with anything else.
     """
     name = ALIASES.get(task, task)
     if name not in TASKS:
@@ -125,7 +128,7 @@ def pipeline(
             raise PipelineError(f"tokenizer: {folder} is not a folder (give a local folder path)")
         tokenizer = _load_tokenizer_folder(folder)
         files = with_tokenizer_json(artifact.tokenizer_files(folder))
-    return cls(model, tokenizer, tokenizer_files=files or None)
+    return cls(model, tokenizer, tokenizer_files=files or None, batch_size=batch_size)
 
 
 def _is_checkpoint(name: str | os.PathLike) -> bool:

@@ -12,8 +12,9 @@ The model runs with numpy and TVM (no torch); scores are computed in float64 as 
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,12 @@ def _truncation_args(task: str, name: str, kwargs: dict | None, truncation, max_
     if both:
         raise PipelineError(f"{task}: {both[0]} is given both in {name} and on its own")
     return kwargs.get("truncation", truncation), kwargs.get("max_length", max_length)
+
+
+def _is_stream(inputs) -> bool:
+    """An iterator of inputs (a generator, ``map``, ``iter(...)``): transformers' pipelines answer
+    a generator with a generator of results, computed ``batch_size`` inputs at a time."""
+    return isinstance(inputs, Iterator)
 
 
 def _config_of(model: CompiledModel) -> dict:
@@ -140,7 +147,8 @@ class Pipeline:
     heads: tuple[str, ...] = ()  # the compiled heads this task can use
     needs_fast_tokenizer = False  # character offsets come from a fast (Rust) tokenizer only
 
-    def __init__(self, model: CompiledModel, tokenizer, *, tokenizer_files: dict | None = None):
+    def __init__(self, model: CompiledModel, tokenizer, *, tokenizer_files: dict | None = None,
+                 batch_size: int | None = None):
         self.check_head(model)
         if tokenizer is None:
             raise PipelineError(f"{self.task}: a tokenizer is required")
@@ -159,6 +167,9 @@ class Pipeline:
         self.tokenizer = tokenizer
         self._tokenizer_files = tokenizer_files
         self._config: dict = _config_of(model)
+        # inputs per model call unless a call says otherwise (see _group_size)
+        self.batch_size: int = (model.signature.batch_size if batch_size is None
+                                else _check_positive("batch_size", batch_size))
 
     @classmethod
     def check_head(cls, model: CompiledModel) -> None:
@@ -273,7 +284,27 @@ class Pipeline:
         """The last dimension of an output field (e.g. the number of labels of ``logits``)."""
         return next(o.shape[-1] for o in self.model.signature.outputs if o.name == field)
 
-    def _batches(self, items: list) -> list[list]:
-        """Groups of the compiled batch size: one compiled call each."""
-        size = self.model.signature.batch_size
+    def _group_size(self, batch_size: int | None) -> int:
+        """Inputs per model call: ``batch_size`` as transformers' pipelines take it (on the call or
+        the pipeline), else the compiled batch size. A group is padded to its longest row (which
+        cannot change any row's outputs) and run in chunks of the compiled batch size, side by
+        side on the model's threads."""
+        return self.batch_size if batch_size is None else _check_positive("batch_size", batch_size)
+
+    def _batches(self, items: list, batch_size: int | None = None) -> list[list]:
+        """Groups of ``_group_size(batch_size)`` items: one model call each."""
+        size = self._group_size(batch_size)
         return [items[i : i + size] for i in range(0, len(items), size)]
+
+    def _stream(self, inputs: Iterator, batch_size: int | None,
+                run: Callable[[list], list]) -> Iterator:
+        """Results one input at a time for an iterator of inputs, as transformers' pipelines
+        give for a generator: ``run`` takes a list of up to ``batch_size`` inputs at a time and
+        returns one result per input. Nothing runs before the first result is asked for."""
+        size = self._group_size(batch_size)
+
+        def results() -> Iterator:
+            while chunk := list(itertools.islice(inputs, size)):
+                yield from run(chunk)
+
+        return results()

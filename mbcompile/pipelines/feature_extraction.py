@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _texts, _truncation_args
+from mbcompile.pipelines.base import Pipeline, _is_stream, _texts, _truncation_args
 
 POOLINGS = ("mean", "cls")
 
@@ -37,7 +37,13 @@ class FeatureExtractionPipeline(Pipeline):
         tokenize_kwargs: dict | None = None,
         truncation: bool | str | None = None,
         max_length: int | None = None,
+        batch_size: int | None = None,
     ):
+        if _is_stream(inputs):
+            return self._stream(inputs, batch_size, lambda chunk: self(
+                chunk, pooling=pooling, normalize=normalize, return_tensors=return_tensors,
+                tokenize_kwargs=tokenize_kwargs, truncation=truncation, max_length=max_length,
+                batch_size=batch_size))
         pooling = self.default_pooling if pooling == "default" else pooling
         if pooling is not None and pooling not in POOLINGS:
             raise PipelineError(
@@ -52,7 +58,7 @@ class FeatureExtractionPipeline(Pipeline):
         texts = _texts(inputs, self.task)
         rows = [self._encode(t, what=f"input {i}", **cut) for i, t in enumerate(texts)]
         results = []
-        for batch in self._batches(rows):
+        for batch in self._batches(rows, batch_size):
             hidden = self._run(batch).last_hidden_state
             for row, states in zip(batch, hidden):
                 n = len(row["input_ids"])

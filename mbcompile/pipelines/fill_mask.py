@@ -10,6 +10,7 @@ floats), computed the same way.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from mbcompile.pipelines.base import (
     Pipeline,
     _check_positive,
     _check_unicode,
+    _is_stream,
     _softmax,
     _texts,
     _truncation_args,
@@ -56,7 +58,15 @@ class FillMaskPipeline(Pipeline):
         tokenizer_kwargs: dict | None = None,
         truncation: bool | str | None = None,
         max_length: int | None = None,
-    ) -> list[dict[str, Any]] | list[list]:
+        batch_size: int | None = None,
+    ) -> list[dict[str, Any]] | list[list] | Iterator:
+        if _is_stream(inputs):
+            def run(chunk: list) -> list:
+                out = self(chunk, top_k=top_k, targets=targets, tokenizer_kwargs=tokenizer_kwargs,
+                           truncation=truncation, max_length=max_length, batch_size=batch_size)
+                return [out] if len(chunk) == 1 else out  # one input's result comes unwrapped
+
+            return self._stream(inputs, batch_size, run)
         top_k = _check_positive("top_k", top_k)
         cut = self._truncation(*_truncation_args(self.task, "tokenizer_kwargs", tokenizer_kwargs,
                                                  truncation, max_length))
@@ -82,7 +92,7 @@ class FillMaskPipeline(Pipeline):
             positions.append(pos)
 
         results = []
-        for batch in self._batches(list(zip(rows, positions))):
+        for batch in self._batches(list(zip(rows, positions)), batch_size):
             if sig.max_masked is None:
                 out = self._run([r for r, _ in batch])
                 logits = [out[self._logits][b, pos] for b, (_, pos) in enumerate(batch)]

@@ -25,6 +25,7 @@ class NextSentencePredictionPipeline(Pipeline):
         *,
         truncation: bool | str | None = None,
         max_length: int | None = None,
+        batch_size: int | None = None,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         cut = self._truncation(truncation, max_length)
         single = isinstance(text, str)
@@ -38,7 +39,9 @@ class NextSentencePredictionPipeline(Pipeline):
         ]
         pretraining = self.model.signature.head == "pretraining"
         field = "seq_relationship_logits" if pretraining else "logits"
-        logits = np.concatenate([self._run(b)[field] for b in self._batches(rows)], axis=0)
+        logits = np.concatenate(
+            [self._run(b)[field] for b in self._batches(rows, batch_size)], axis=0
+        )
         probs = _softmax(logits)
         results = [
             {"label": "is_next", "score": float(p[0])}

@@ -10,12 +10,19 @@ stride windows over contexts longer than the compiled ``seq_len``; the span math
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _check_positive, _check_unicode, _is_int
+from mbcompile.pipelines.base import (
+    Pipeline,
+    _check_positive,
+    _check_unicode,
+    _is_int,
+    _is_stream,
+)
 from mbcompile.pipelines.spans import _char_span, _select_starts_ends
 
 
@@ -43,7 +50,13 @@ class QuestionAnsweringPipeline(Pipeline):
         max_seq_len: int | None = None,
         handle_impossible_answer: bool = False,
         align_to_words: bool = True,
-    ) -> dict[str, Any] | list:
+        batch_size: int | None = None,
+    ) -> dict[str, Any] | list | Iterator:
+        if _is_stream(question):  # of {"question", "context"} dicts
+            return self._stream(question, batch_size, lambda chunk: self(
+                list(chunk), top_k=top_k, doc_stride=doc_stride, max_answer_len=max_answer_len,
+                max_seq_len=max_seq_len, handle_impossible_answer=handle_impossible_answer,
+                align_to_words=align_to_words, batch_size=batch_size))
         top_k = _check_positive("top_k", top_k)
         # no answer is longer than the context: a larger bound changes nothing (and numpy's
         # span mask cannot be built for 2**70)
@@ -61,7 +74,7 @@ class QuestionAnsweringPipeline(Pipeline):
         examples, single = self._examples(question, context)
         results = [
             self._answer(q, c, top_k, doc_stride, max_answer_len, max_seq_len,
-                         handle_impossible_answer, align_to_words)
+                         handle_impossible_answer, align_to_words, batch_size)
             for q, c in examples
         ]
         return results[0] if single else results
@@ -100,7 +113,7 @@ class QuestionAnsweringPipeline(Pipeline):
         return pairs, single
 
     def _answer(self, question, context, top_k, doc_stride, max_answer_len, max_seq_len,
-                handle_impossible_answer, align_to_words):
+                handle_impossible_answer, align_to_words, batch_size=None):
         tok = self.tokenizer
         question_first = tok.padding_side == "right"
         q_len = len(self._tokenize(question, add_special_tokens=False)["input_ids"])
@@ -149,7 +162,7 @@ class QuestionAnsweringPipeline(Pipeline):
         min_null_score = 1000000.0  # large and positive, as transformers starts it
         answers = []
         done = 0
-        for batch in self._batches(rows):
+        for batch in self._batches(rows, batch_size):
             out = self._run(batch)
             for b, row in enumerate(batch):
                 n = len(row["input_ids"])

@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _check_positive, _id2label, _sigmoid, _softmax
+from mbcompile.pipelines.base import (
+    Pipeline,
+    _check_positive,
+    _id2label,
+    _is_stream,
+    _sigmoid,
+    _softmax,
+)
 
 _LEGACY = object()  # top_k not given: transformers' single-best output shape
 
@@ -36,7 +44,12 @@ class TextClassificationPipeline(Pipeline):
         function_to_apply: str | None = None,
         truncation: bool | str | None = None,
         max_length: int | None = None,
-    ) -> list | dict:
+        batch_size: int | None = None,
+    ) -> list | dict | Iterator:
+        if _is_stream(inputs):
+            return self._stream(inputs, batch_size, lambda chunk: self(
+                chunk, top_k=top_k, function_to_apply=function_to_apply, truncation=truncation,
+                max_length=max_length, batch_size=batch_size))
         legacy = top_k is _LEGACY
         if not legacy and top_k is not None:
             top_k = _check_positive("top_k", top_k)
@@ -63,7 +76,9 @@ class TextClassificationPipeline(Pipeline):
                 rows.append(self._encode(item["text"], item.get("text_pair"), what=what, **cut))
             else:
                 rows.append(self._encode(item, what=what, **cut))
-        logits = np.concatenate([self._run(b).logits for b in self._batches(rows)], axis=0)
+        logits = np.concatenate(
+            [self._run(b).logits for b in self._batches(rows, batch_size)], axis=0
+        )
         labels = _id2label(self._config, logits.shape[-1])
         scores = {"sigmoid": _sigmoid, "softmax": _softmax, "none": np.asarray}[function](logits)
         results = []

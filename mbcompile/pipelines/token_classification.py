@@ -7,12 +7,20 @@ windows (``stride=n``) whose overlapping entities are merged as transformers mer
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from mbcompile.errors import PipelineError, PipelineTypeError
-from mbcompile.pipelines.base import Pipeline, _id2label, _is_int, _softmax, _texts
+from mbcompile.pipelines.base import (
+    Pipeline,
+    _id2label,
+    _is_int,
+    _is_stream,
+    _softmax,
+    _texts,
+)
 from mbcompile.pipelines.entity_grouping import _AGGREGATIONS, _aggregate, _merge_overlapping
 
 
@@ -37,7 +45,12 @@ class TokenClassificationPipeline(Pipeline):
         aggregation_strategy: str = "none",
         ignore_labels: list[str] | None = None,
         stride: int | None = None,
-    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
+        batch_size: int | None = None,
+    ) -> list[dict[str, Any]] | list[list[dict[str, Any]]] | Iterator:
+        if _is_stream(inputs):
+            return self._stream(inputs, batch_size, lambda chunk: self(
+                chunk, aggregation_strategy=aggregation_strategy, ignore_labels=ignore_labels,
+                stride=stride, batch_size=batch_size))
         strategy = str(aggregation_strategy).lower()
         if strategy not in _AGGREGATIONS:
             raise PipelineError(
@@ -93,7 +106,7 @@ class TokenClassificationPipeline(Pipeline):
         entities: list[list[dict]] = [[] for _ in texts]
         windows_of = [owner.count(i) for i in range(len(texts))]
         done = 0
-        for batch in self._batches(rows):
+        for batch in self._batches(rows, batch_size):
             logits = self._run(batch).logits
             for b, row in enumerate(batch):
                 i = owner[done + b]
