@@ -15,7 +15,9 @@ time (``mbcompile.artifact.tokenizer_json``).
 from __future__ import annotations
 
 import json
+import os
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,21 @@ from mbcompile.artifact.tokenizer_json import BERT_SPECIAL
 VERY_LARGE_INTEGER = int(1e30)
 TRUNCATION = {True: "longest_first", "longest_first": "longest_first",
               "only_first": "only_first", "only_second": "only_second"}
+
+# Every FastTokenizer, for _new_locks_after_fork.
+_instances: weakref.WeakSet = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    """In a forked child, each tokenizer's lock afresh: one that another thread of the parent
+    held at the fork would stay held in the child (that thread does not exist there), and the
+    child's first text would wait for it forever."""
+    for tokenizer in list(_instances):
+        tokenizer._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 class Encoded(dict):
@@ -59,6 +76,7 @@ class FastTokenizer:
                 self._tokenizer.add_tokens([token])
         self._json = tokenizer_json
         self._lock = threading.Lock()  # truncation is state of the Rust tokenizer
+        _instances.add(self)
         config = dict(config or {})
         self.config = config
         special = {**BERT_SPECIAL, **(special_tokens_map or {})}
@@ -85,6 +103,7 @@ class FastTokenizer:
         self.__dict__.update(state)
         self._tokenizer = Tokenizer.from_str(state["_tokenizer"])
         self._lock = threading.Lock()
+        _instances.add(self)
 
     # -- special tokens ---------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:

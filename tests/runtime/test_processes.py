@@ -116,3 +116,39 @@ def test_forked_children_run_a_model_the_parent_ran_on_two_threads(tiny_qa_artif
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "forked children agree 4" in done.stdout
+
+
+TOKENIZER_HELD = textwrap.dedent("""
+    import os, signal, sys, threading
+    from mbcompile.artifact.tokenizer_json import tokenizer_json_from_vocab
+    from mbcompile.pipelines.fast_tokenizer import FastTokenizer
+
+    words = sys.argv[1].split()
+    tok = FastTokenizer(tokenizer_json_from_vocab("\\n".join(words).encode()))
+    expected = tok("w1 w2")["input_ids"]
+    held, release = threading.Event(), threading.Event()
+
+    def hold():  # another thread of the parent is tokenizing at the moment of the fork
+        with tok._lock:
+            held.set()
+            release.wait()
+
+    threading.Thread(target=hold).start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(20)  # a child that hangs ends (SIGALRM) instead of staying behind
+        os._exit(0 if tok("w1 w2")["input_ids"] == expected else 3)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    print("child exit", os.waitstatus_to_exitcode(status))  # -14: it hung (SIGALRM)
+""")
+
+
+def test_a_forked_child_tokenizes_while_a_parent_thread_held_the_tokenizer(tmp_path):
+    script = tmp_path / "held.py"
+    script.write_text(TOKENIZER_HELD)
+    done = subprocess.run([sys.executable, str(script), " ".join(WORDS)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "child exit 0" in done.stdout
