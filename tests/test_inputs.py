@@ -41,6 +41,12 @@ def _ids(n=10, value=5):
         ({"input_ids": "hello"}, "input_ids: expected a numpy array or torch tensor"),
         ({"input_ids": None}, "input_ids is required"),
         ({"input_ids": np.zeros((1, 0), dtype=np.int64)}, "empty batch or sequence"),
+        ({"input_ids": []}, "input_ids: empty batch or sequence, shape (0,)"),
+        ({"input_ids": [[]]}, "input_ids: empty batch or sequence, shape (1, 0)"),
+        (
+            {"input_ids": _ids(), "attention_mask": np.full((1, 10), 1 + 1e-9)},
+            "attention_mask: values must be 0 or 1, got 1.000000001",
+        ),
     ],
 )
 def test_bad_input_raises_input_error_naming_it(tiny_qa, kwargs, message):

@@ -61,6 +61,12 @@ def test_rows_padded_together_with_lengths_equal_each_row_alone(compiled_head):
         types[i, ..., n:] = 0
         real[i] = n
     out = compiled(input_ids=ids, attention_mask=mask, token_type_ids=types, lengths=real)
+    # lengths alone: the mask is taken from them (it was all ones: past a row's length too)
+    without_mask = compiled(input_ids=ids, token_type_ids=types, lengths=real)
+    for name, value in out.items():
+        for a, b in zip(*(v if isinstance(v, tuple) else (v,) for v in
+                          (value, without_mask[name]))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     for i, n in enumerate(lengths):
         with torch.no_grad():
             ref = model(
@@ -108,3 +114,13 @@ def test_lengths_are_checked(compiled_head):
         compiled(input_ids=ids, lengths=np.full(ids.shape[:-1], 7))
     with pytest.raises(mbcompile.InputError, match="lengths: expected an integer dtype"):
         compiled(input_ids=ids, lengths=np.full(ids.shape[:-1], 2.0))
+    # a mask that says a position past its row's length is real contradicts the lengths
+    with pytest.raises(mbcompile.InputError,
+                       match=r"attention_mask: row .*marks position 4 real \(1\), past its "
+                             r"length 4 in lengths"):
+        compiled(input_ids=ids, attention_mask=np.ones_like(ids),
+                 lengths=np.full(ids.shape[:-1], 4))
+    # zeros within a row's length (left padding, holes) are the mask's to say
+    left = np.ones_like(ids)
+    left[..., :2] = 0
+    compiled(input_ids=ids, attention_mask=left, lengths=np.full(ids.shape[:-1], 6))

@@ -6,7 +6,7 @@ token and type ids are range-checked here: unchecked, an out-of-range id would r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -45,9 +45,11 @@ def _to_numpy(name: str, value) -> np.ndarray:
         return np.asarray(value)  # subclasses (np.matrix, ...) as plain arrays
     if isinstance(value, (list, tuple)):
         try:
-            return np.asarray(value)
+            arr = np.asarray(value)
         except (ValueError, TypeError, OverflowError) as err:
             raise InputError(f"{name}: nested lists must be rectangular numbers ({err})") from None
+        # numpy makes [] float64: an empty list is empty, not of the wrong type
+        return arr.astype(np.int64) if arr.size == 0 and arr.dtype.kind == "f" else arr
     raise InputError(
         f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}"
     )
@@ -117,6 +119,8 @@ def prepare(
 
     rank = 3 if sig.num_choices is not None else 2
     layout = "(batch, num_choices, seq)" if rank == 3 else "(batch, seq)"
+    if ids.size == 0:
+        raise InputError(f"input_ids: empty batch or sequence, shape {tuple(ids.shape)}")
     if ids.ndim != rank:
         hint = " (add a batch axis, e.g. ids[None])" if ids.ndim == rank - 1 else ""
         raise InputError(
@@ -144,7 +148,8 @@ def prepare(
         values = np.unique(mask)
         wrong = values[~np.isin(values, (0, 1))]
         if wrong.size:
-            raise InputError(f"attention_mask: values must be 0 or 1, got {wrong[:5]}")
+            shown = ", ".join(repr(v.item()) for v in wrong[:5])
+            raise InputError(f"attention_mask: values must be 0 or 1, got {shown}")
 
     if token_type_ids is None:
         types = np.zeros(ids.shape, dtype=np.int64)
@@ -183,6 +188,25 @@ def real_lengths(sig: Signature, ids: np.ndarray, lengths=None) -> np.ndarray:
         bad = int(arr.min()) if int(arr.min()) < 1 else int(arr.max())
         raise InputError(f"lengths: {bad} is outside [1, {ids.shape[-1]}] (the input's length)")
     return arr.astype(np.int64, copy=False)
+
+
+def mask_within_lengths(inp: Prepared, real: np.ndarray, mask_given: bool) -> Prepared:
+    """The attention mask that goes with ``lengths=``: without a mask, the positions before each
+    row's length (as Hugging Face's mask of right-padded rows); with one, it is checked to mark
+    no position past its row's length real (a left-padded row's mask, zeros first, is fine)."""
+    past = np.arange(inp.input_ids.shape[-1]) >= real[..., None]
+    if not mask_given:
+        return replace(inp, attention_mask=(~past).astype(np.int64))
+    wrong = np.argwhere(past & (inp.attention_mask != 0))
+    if wrong.size:
+        *row, position = (int(i) for i in wrong[0])
+        where = f"row {row[0]}" if len(row) == 1 else f"row {tuple(row)}"
+        raise InputError(
+            f"attention_mask: {where} marks position {position} real (1), past its length "
+            f"{int(real[tuple(row)])} in lengths; give lengths that cover every real position, "
+            f"or leave out attention_mask to take it from lengths"
+        )
+    return inp
 
 
 def pad_to(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

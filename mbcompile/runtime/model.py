@@ -14,7 +14,13 @@ import numpy as np
 from mbcompile import artifact
 from mbcompile.artifact import Artifact, Metadata
 from mbcompile.errors import InputError, InputTypeError, ModelClosedError, RemoteError
-from mbcompile.runtime.inputs import find_masked_positions, pad_to, prepare, real_lengths
+from mbcompile.runtime.inputs import (
+    find_masked_positions,
+    mask_within_lengths,
+    pad_to,
+    prepare,
+    real_lengths,
+)
 from mbcompile.runtime.library import Library
 from mbcompile.runtime.outputs import ModelOutput
 from mbcompile.runtime.program import LocalProgram, default_threads
@@ -184,8 +190,9 @@ class CompiledModel:
 
         ``lengths`` (optional, the input's shape without its last axis): each row's real length,
         when the caller padded rows of different lengths together (as the pipelines do); the
-        outputs at the real positions are then those of each row alone, whatever the padding.
-        Without it every given position is real, as in Hugging Face. The runtime's own padding
+        outputs at the real positions are then those of each row alone, whatever the padding
+        (without ``attention_mask``, the mask is the positions before each length). Without it
+        every given position is real, as in Hugging Face. The runtime's own padding
         (up to the compiled ``seq_len`` and ``batch_size``) never changes the outputs.
         """
         unsupported = sorted(k for k, v in kwargs.items() if v is not None)
@@ -256,6 +263,8 @@ class CompiledModel:
                 "compile with logits_for='masked' to request positions"
             )
         real = real_lengths(sig, inp.input_ids, lengths)
+        if lengths is not None:
+            inp = mask_within_lengths(inp, real, mask_given=attention_mask is not None)
         choices = None
         if sig.num_choices is not None and inp.input_ids.shape[1] != sig.num_choices:
             choices = inp.input_ids.shape[1]
