@@ -221,6 +221,9 @@ def valid_calls(draw) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndar
     mask = draw(hnp.arrays(np.int64, (batch, length), elements=st.integers(0, 1)))
     types = draw(hnp.arrays(np.int64, (batch, length), elements=st.integers(0, 1)))
     real = draw(hnp.arrays(np.int64, (batch,), elements=st.integers(1, length)))
+    with_lengths = draw(st.booleans())
+    if with_lengths:  # a mask marks no position past its row's length real (else InputError)
+        mask[np.arange(length) >= real[:, None]] = 0
     kwargs = {"input_ids": draw(_valid_container(ids, TORCH_INT_DTYPES, ID_DTYPES))}
     if draw(st.booleans()):
         kwargs["attention_mask"] = draw(_valid_container(
@@ -233,7 +236,7 @@ def valid_calls(draw) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndar
         kwargs["token_type_ids"] = draw(_valid_container(types, TORCH_INT_DTYPES, INT_DTYPES))
     else:
         types = np.zeros_like(ids)
-    if draw(st.booleans()):
+    if with_lengths:
         kwargs["lengths"] = draw(_valid_container(real, TORCH_INT_DTYPES, INT_DTYPES))
     else:
         real = np.full((batch,), length, dtype=np.int64)
